@@ -1,0 +1,17 @@
+"""FastIF: influence functions for text classifiers, made fast.
+
+kNN candidates (faiss) + LiSSA inverse HVPs + scoring by batched JVPs on the
+fine-tuned top of a Hugging Face classifier. No Celery, Redis or HTTP in here.
+"""
+
+from .config import CGConfig, DataSpec, IndexConfig, InfluenceSpec, LissaConfig
+from .data import Example, load_examples
+from .engine import Influence, InfluenceEngine, Query
+from .errors import CancelledError, DataError, FastIFError, LabelError, LissaDivergedError, ModelLoadError, ParamSelectionError
+from .modeling import Classifier, load_classifier
+
+__all__ = [
+    "CGConfig", "CancelledError", "Classifier", "DataError", "DataSpec", "Example", "FastIFError", "IndexConfig",
+    "Influence", "InfluenceEngine", "InfluenceSpec", "LabelError", "LissaConfig", "LissaDivergedError",
+    "ModelLoadError", "ParamSelectionError", "Query", "load_classifier", "load_examples",
+]

@@ -1,0 +1,410 @@
+"""The engine's facade: one model, its training set, and FastIF's influence query.
+
+Each step is its own method so that a worker can cache or distribute them
+(test gradients, s_test, candidates, scores); ``analyze`` runs them in order.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from . import knn
+from .config import CGConfig, DataSpec, IndexConfig, InfluenceSpec, LissaConfig
+from .data import Example, load_examples, resolve_label, texts_of
+from .encoding import Batch, Tokenized, collate, length_batches, tokenize
+from .errors import CancelledError
+from .first_token import FirstTokenLastBlock
+from .fingerprint import combine, file_digest, model_digest
+from .modeling import Classifier, load_classifier
+from .objective import InfluenceObjective
+from .params import find_layer_stack, first_influence_layer, freeze_all_but, select_influence_params
+from .prefix import FrozenPrefix, PrefixStore, write_meta
+from .progress import ProgressCallback
+from .solvers import Solution, conjugate_gradient, lissa
+
+Solver = LissaConfig | CGConfig
+ARTEFACT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Query:
+    """A test input; ``label`` None means the model's own prediction."""
+
+    text: str
+    text_pair: str | None = None
+    label: int | str | None = None
+
+
+@dataclass
+class EncodedQueries:
+    """What one forward pass over the test inputs gives."""
+
+    probs: np.ndarray  # [q, C]
+    labels_used: list[int]
+    features: np.ndarray  # [q, H]
+    tokens: Tokenized
+
+
+@dataclass
+class Candidates:
+    indices: np.ndarray  # train indices, nearest first
+    distances: np.ndarray | None  # L2 feature distances, None when every example is scored
+
+
+@dataclass
+class Influence:
+    """The influence result of one query (or one group of queries)."""
+
+    indices: np.ndarray
+    scores: np.ndarray  # I(z_i, z_t) = -⟨∇L(z_i), s_test⟩; negative = helpful
+    distances: np.ndarray | None
+    converged: bool
+    s_test_norm: float
+    cached: bool = False
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def ranked(self, top: int) -> tuple[list[int], list[int]]:
+        """Positions into ``indices``: most helpful first (negative), most harmful first (positive)."""
+        order = np.argsort(self.scores, kind="stable")
+        helpful = [int(i) for i in order[:top] if self.scores[i] < 0]
+        harmful = [int(i) for i in order[::-1][:top] if self.scores[i] > 0]
+        return helpful, harmful
+
+
+class TensorCache(Protocol):
+    """Where the caller keeps per-test gradients and s_test between queries (the workers: Redis)."""
+
+    def get(self, kind: str, payload: dict) -> torch.Tensor | None: ...
+
+    def put(self, kind: str, payload: dict, tensor: torch.Tensor) -> None: ...
+
+
+def _stage(on_progress: ProgressCallback | None, stage: str):
+    def on_step(done: int, total: int) -> bool:
+        return bool(on_progress(stage, done, total)) if on_progress else False
+
+    return on_step
+
+
+class InfluenceEngine:
+    def __init__(
+        self,
+        classifier: Classifier,
+        train: Sequence[Example],
+        spec: InfluenceSpec = InfluenceSpec(),
+        index_config: IndexConfig = IndexConfig(),
+        artefact_dir: Path | None = None,
+        data_digest: str = "",
+    ):
+        self.classifier = classifier
+        self.model = classifier.model
+        self.train = list(train)
+        self.spec = spec
+        self.index_config = index_config
+        self.names = select_influence_params(self.model, spec.params)
+        freeze_all_but(self.model, self.names)
+        stack = find_layer_stack(self.model)
+        first = first_influence_layer(self.model, stack, self.names)
+        # Installed before the bypass, so that a bypassed last block returns its cache.
+        self.first_token = FirstTokenLastBlock(stack.layers[len(stack.layers) - 1])
+        self.prefix = FrozenPrefix(stack.layers, first) if first is not None and first >= 1 else None
+        self.objective = InfluenceObjective(classifier, self.names, self.prefix, spec.weight_decay, spec.weight_decay_ignores)
+        texts, pairs = texts_of(self.train)
+        self.tokens = tokenize(classifier.tokenizer, texts, pairs, [ex.label for ex in self.train], spec.max_length)
+        self.pad_id = classifier.tokenizer.pad_token_id or 0
+        self.fingerprint = combine(
+            model=model_digest(classifier.path),
+            params=self.names,
+            weight_decay=spec.weight_decay,
+            max_length=spec.max_length,
+            data=data_digest or combine(texts=texts, pairs=pairs, labels=[ex.label for ex in self.train]),
+        )
+        self.artefact_dir = Path(artefact_dir) / self.fingerprint if artefact_dir else None
+        self.features: np.ndarray | None = None
+        self.prefix_store: PrefixStore | None = None
+        self.index = None
+        if self.prefix is not None:
+            self._learn_block_outputs()
+        self._check_first_token()
+
+    @classmethod
+    def from_paths(
+        cls,
+        model_dir: str | Path,
+        data: DataSpec,
+        spec: InfluenceSpec = InfluenceSpec(),
+        index_config: IndexConfig = IndexConfig(),
+        artefact_dir: Path | None = None,
+        device: str | None = None,
+    ) -> InfluenceEngine:
+        classifier = load_classifier(model_dir, device)
+        train = load_examples(data, classifier.label2id)
+        digest = combine(file=file_digest(Path(data.path)), spec=data.__dict__)
+        return cls(classifier, train, spec, index_config, artefact_dir, data_digest=digest)
+
+    # -- set-up ---------------------------------------------------------------------
+    @property
+    def num_train(self) -> int:
+        return len(self.train)
+
+    @property
+    def num_params(self) -> int:
+        return self.objective.num_params
+
+    def _learn_block_outputs(self) -> None:
+        """One tiny forward so the bypass knows whether blocks return tuples."""
+        sink: list[torch.Tensor] = []
+        batch = collate(self.tokens, [0], self.pad_id, self.classifier.device)
+        with torch.no_grad(), self.prefix.capturing(sink):
+            self.model(**batch.model_inputs())
+
+    def _check_first_token(self) -> None:
+        """Keep the first-token last block only if the head really reads nothing else."""
+        if not self.first_token.supported:
+            return
+        indices = sorted(range(min(self.num_train, 8)), key=lambda i: -len(self.tokens.input_ids[i]))[:2]
+        batch = collate(self.tokens, indices, self.pad_id, self.classifier.device)
+        with torch.no_grad():
+            fast = self.model(**batch.model_inputs()).logits
+            self.first_token.enabled = False
+            full = self.model(**batch.model_inputs()).logits
+        self.first_token.enabled = bool(torch.allclose(fast, full, rtol=1e-4, atol=1e-5))
+
+    def _forward_capture(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Logits, first-token final-layer features and (if cached) the frozen prefix's output."""
+        sink: list[torch.Tensor] = []
+        stack = find_layer_stack(self.model)
+        features: list[torch.Tensor] = []
+        handle = stack.layers[len(stack.layers) - 1].register_forward_hook(
+            lambda _m, _a, out: features.append((out[0] if isinstance(out, tuple) else out)[:, 0].detach())
+        )
+        try:
+            with torch.no_grad():
+                if self.prefix is not None:
+                    with self.prefix.capturing(sink):
+                        logits = self.model(**batch.model_inputs()).logits
+                else:
+                    logits = self.model(**batch.model_inputs()).logits
+        finally:
+            handle.remove()
+        return logits, features[0], (sink[0] if sink else None)
+
+    def prepare(self, on_progress: ProgressCallback | None = None, batch_size: int = 64) -> None:
+        """Features, cached prefix activations and the faiss index; loaded from disk when present."""
+        if self.index is not None:
+            return
+        if self.artefact_dir is not None and (self.artefact_dir / "meta.json").is_file():
+            self._load_artefacts()
+            return
+        features = np.zeros((self.num_train, self.model.config.hidden_size), dtype=np.float32)
+        rows: list[np.ndarray | None] = [None] * self.num_train
+        batches = length_batches(self.tokens.lengths, batch_size)
+        done = 0
+        for indices in batches:
+            batch = collate(self.tokens, indices, self.pad_id, self.classifier.device)
+            _, feats, hidden = self._forward_capture(batch)
+            features[indices] = feats.float().cpu().numpy()
+            if hidden is not None:
+                for row, i in enumerate(indices):
+                    rows[i] = hidden[row, : len(self.tokens.input_ids[i])].float().cpu().numpy()
+            done += len(indices)
+            if on_progress and on_progress("features", done, self.num_train):
+                raise CancelledError("cancelled while computing features")
+        self.features = features
+        self.prefix_store = PrefixStore.from_rows(rows) if self.prefix is not None else None
+        self.index = knn.build_index(features, self.index_config)
+        if self.artefact_dir is not None:
+            self._save_artefacts()
+
+    def _save_artefacts(self) -> None:
+        folder = self.artefact_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        np.save(folder / "features.npy", self.features)
+        if self.prefix_store is not None:
+            self.prefix_store.save(folder)
+        knn.save_index(self.index, folder / "index.faiss")
+        # meta.json last: its presence marks a complete set of artefacts.
+        write_meta(folder, {"version": ARTEFACT_VERSION, "fingerprint": self.fingerprint, "num_train": self.num_train,
+                            "params": self.names, "index": self.index_config.kind})
+
+    def _load_artefacts(self) -> None:
+        folder = self.artefact_dir
+        meta = json.loads((folder / "meta.json").read_text())
+        if meta.get("version") != ARTEFACT_VERSION or meta.get("fingerprint") != self.fingerprint:
+            raise ValueError(f"{folder}: artefacts of another model or data set")
+        self.features = np.load(folder / "features.npy")
+        self.prefix_store = PrefixStore.load(folder) if self.prefix is not None else None
+        self.index = knn.load_index(folder / "index.faiss")
+
+    # -- the query, step by step ------------------------------------------------------
+    def encode(self, queries: Sequence[Query]) -> EncodedQueries:
+        """Predictions, the labels the gradients use, and kNN features of the test inputs."""
+        label2id = self.classifier.label2id
+        given = [None if q.label is None else resolve_label(q.label, label2id, f"input {i}") for i, q in enumerate(queries)]
+        pairs = [q.text_pair or "" for q in queries] if any(q.text_pair for q in queries) else None
+        tokens = tokenize(self.classifier.tokenizer, [q.text for q in queries], pairs, [-1] * len(queries), self.spec.max_length)
+        batch = collate(tokens, list(range(len(queries))), self.pad_id, self.classifier.device)
+        logits, features, _ = self._forward_capture(batch)
+        probs = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+        labels_used = [g if g is not None else int(p.argmax()) for g, p in zip(given, probs)]
+        tokens.labels = torch.as_tensor(labels_used, dtype=torch.long)
+        return EncodedQueries(probs=probs, labels_used=labels_used, features=features.float().cpu().numpy(), tokens=tokens)
+
+    def test_gradients(self, encoded: EncodedQueries) -> torch.Tensor:
+        """∇θ L(z_t) of each test input with its label used, [q, P]."""
+        rows = []
+        for i in range(len(encoded.labels_used)):
+            batch = collate(encoded.tokens, [i], self.pad_id, self.classifier.device)
+            rows.append(self.objective.gradient(batch))
+        return torch.stack(rows)
+
+    def _batch(self, indices: Sequence[int]) -> tuple[Batch, torch.Tensor | None]:
+        batch = collate(self.tokens, indices, self.pad_id, self.classifier.device)
+        hidden = self.prefix_store.gather_batch(indices, batch) if self.prefix_store is not None else None
+        return batch, hidden
+
+    def hvp(self, indices: Sequence[int], vectors: torch.Tensor) -> torch.Tensor:
+        """H·v with H the Hessian of the mean loss over training examples ``indices``."""
+        batch, hidden = self._batch(indices)
+        return self.objective.hvp(batch, hidden, vectors)
+
+    def full_hvp(self, vectors: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """H·v with H the Hessian of the mean loss over the whole training set."""
+        total = torch.zeros_like(vectors)
+        for indices in length_batches(self.tokens.lengths, batch_size):
+            total += self.hvp(indices, vectors) * (len(indices) / self.num_train)
+        return total
+
+    def solve(self, vectors: torch.Tensor, solver: Solver, on_progress: ProgressCallback | None = None) -> Solution:
+        """s_test = (H + λI)⁻¹ v for each row of ``vectors``."""
+        self._require_prepared()
+        vectors = vectors.to(self.classifier.device)
+        if isinstance(solver, LissaConfig):
+            return lissa(self.hvp, vectors, self.num_train, solver, _stage(on_progress, "s_test"))
+        return conjugate_gradient(lambda v: self.full_hvp(v, solver.batch_size), vectors, solver, _stage(on_progress, "s_test"))
+
+    def candidates(self, features: np.ndarray, k: int | None) -> Candidates:
+        """The k nearest training examples to ``features`` [H]; every example when k is None or 0."""
+        self._require_prepared()
+        if not k or k >= self.num_train:
+            return Candidates(indices=np.arange(self.num_train), distances=None)
+        distances, indices = knn.search(self.index, features.reshape(1, -1), k)
+        keep = indices[0] >= 0
+        return Candidates(indices=indices[0][keep], distances=distances[0][keep])
+
+    def score(
+        self,
+        s_test: torch.Tensor,
+        indices: Sequence[int],
+        batch_size: int = 64,
+        on_progress: ProgressCallback | None = None,
+    ) -> np.ndarray:
+        """I(z_i, z_t) = -⟨∇L(z_i), s_test⟩ for each training index, by batched JVPs."""
+        self._require_prepared()
+        indices = [int(i) for i in indices]
+        scores = np.zeros(len(indices), dtype=np.float64)
+        position = {train_index: pos for pos, train_index in enumerate(indices)}
+        lengths = [len(self.tokens.input_ids[i]) for i in indices]
+        done = 0
+        s_test = s_test.to(self.classifier.device)
+        for chunk in length_batches(lengths, batch_size):
+            train_indices = [indices[c] for c in chunk]
+            batch, hidden = self._batch(train_indices)
+            derivatives = self.objective.directional_derivatives(batch, hidden, s_test)
+            for train_index, value in zip(train_indices, derivatives.tolist()):
+                scores[position[train_index]] = -value
+            done += len(chunk)
+            if on_progress and on_progress("scoring", done, len(indices)):
+                raise CancelledError("cancelled while scoring")
+        return scores
+
+    def _require_prepared(self) -> None:
+        if self.index is None:
+            raise RuntimeError("call prepare() before querying")
+
+    # -- everything at once -------------------------------------------------------------
+    def analyze(
+        self,
+        queries: Sequence[Query],
+        k: int | None = 1000,
+        solver: Solver = LissaConfig(),
+        group: bool = False,
+        cache: TensorCache | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> tuple[EncodedQueries, list[Influence]]:
+        """FastIF's query: kNN candidates, s_test, scores; one Influence per query (one for a group)."""
+        self.prepare(on_progress)
+        clock = time.perf_counter()
+        encoded = self.encode(queries)
+        grads = self._cached_gradients(queries, encoded, cache)
+        gradient_seconds = time.perf_counter() - clock
+        if group:
+            vectors, features = grads.mean(dim=0, keepdim=True), encoded.features.mean(axis=0, keepdims=True)
+            keys = [self._group_key(queries, encoded)]
+        else:
+            vectors, features = grads, encoded.features
+            keys = [self._query_key(q, label) for q, label in zip(queries, encoded.labels_used)]
+
+        clock = time.perf_counter()
+        s_tests, converged, cached = self._cached_s_test(vectors, keys, solver, cache, on_progress)
+        s_test_seconds = time.perf_counter() - clock
+
+        results = []
+        for row in range(len(vectors)):
+            clock = time.perf_counter()
+            found = self.candidates(features[row], k)
+            knn_seconds = time.perf_counter() - clock
+            clock = time.perf_counter()
+            scores = self.score(s_tests[row], found.indices, on_progress=on_progress)
+            results.append(Influence(
+                indices=found.indices, scores=scores, distances=found.distances,
+                converged=converged, s_test_norm=float(s_tests[row].norm()), cached=cached[row],
+                seconds={"gradients": gradient_seconds, "knn": knn_seconds, "s_test": s_test_seconds,
+                         "scoring": time.perf_counter() - clock},
+            ))
+        return encoded, results
+
+    @staticmethod
+    def _query_key(query: Query, label: int) -> dict:
+        return {"text": query.text, "text_pair": query.text_pair, "label": label}
+
+    def _group_key(self, queries: Sequence[Query], encoded: EncodedQueries) -> dict:
+        return {"group": [self._query_key(q, l) for q, l in zip(queries, encoded.labels_used)]}
+
+    def _cached_gradients(self, queries: Sequence[Query], encoded: EncodedQueries, cache: TensorCache | None) -> torch.Tensor:
+        if cache is None:
+            return self.test_gradients(encoded)
+        keys = [self._query_key(q, l) for q, l in zip(queries, encoded.labels_used)]
+        found = [cache.get("grad", key) for key in keys]
+        missing = [i for i, g in enumerate(found) if g is None]
+        if missing:
+            sub = EncodedQueries(encoded.probs[missing], [encoded.labels_used[i] for i in missing], encoded.features[missing],
+                                 Tokenized([encoded.tokens.input_ids[i] for i in missing],
+                                           [encoded.tokens.token_type_ids[i] for i in missing] if encoded.tokens.token_type_ids else None,
+                                           encoded.tokens.labels[missing]))
+            for i, grad in zip(missing, self.test_gradients(sub)):
+                found[i] = grad
+                cache.put("grad", keys[i], grad)
+        return torch.stack([g.to(self.classifier.device) for g in found])
+
+    def _cached_s_test(self, vectors, keys, solver, cache, on_progress) -> tuple[torch.Tensor, bool, list[bool]]:
+        solver_key = {"solver": type(solver).__name__, **solver.__dict__}
+        found = [cache.get("s_test", {**key, **solver_key}) if cache else None for key in keys]
+        missing = [i for i, s in enumerate(found) if s is None]
+        converged = True
+        if missing:
+            solution = self.solve(vectors[missing], solver, on_progress)
+            converged = solution.converged
+            for i, s in zip(missing, solution.vectors):
+                found[i] = s
+                if cache is not None:
+                    cache.put("s_test", {**keys[i], **solver_key}, s)
+        return torch.stack([s.to(self.classifier.device) for s in found]), converged, [i not in missing for i in range(len(keys))]

@@ -1,0 +1,115 @@
+"""The training objective as a function of the influence parameters alone.
+
+``L(z; θ) = CE(f(x; θ), y) + (wd / 2) · ||θ_decay||²`` where θ_decay excludes
+biases and LayerNorm weights, as FastIF does. Every gradient, HVP and JVP in the
+engine goes through this one adapter, so they all differentiate the same thing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, jvp
+
+from .encoding import Batch
+from .modeling import Classifier
+from .params import decay_mask, flatten
+from .prefix import FrozenPrefix
+
+
+class InfluenceObjective:
+    def __init__(
+        self,
+        classifier: Classifier,
+        names: Sequence[str],
+        prefix: FrozenPrefix | None,
+        weight_decay: float,
+        decay_ignores: Sequence[str],
+    ):
+        self.classifier = classifier
+        self.model = classifier.model
+        self.names = list(names)
+        self.prefix = prefix
+        self.weight_decay = float(weight_decay)
+        all_params = dict(self.model.named_parameters())
+        self.params = [all_params[n] for n in self.names]
+        self.decay = decay_mask(self.names, decay_ignores)
+        self.shapes = [p.shape for p in self.params]
+        self.sizes = [p.numel() for p in self.params]
+        self.num_params = sum(self.sizes)
+        # A flat 0/1 mask of the decayed entries: the L2 term's gradient is wd * mask * θ.
+        self.decay_flat = flatten([torch.full_like(p, float(d)) for p, d in zip(self.params, self.decay)]).detach()
+
+    # -- vectors ---------------------------------------------------------
+    def unflatten(self, vector: torch.Tensor) -> list[torch.Tensor]:
+        return [chunk.view(shape) for chunk, shape in zip(torch.split(vector, self.sizes), self.shapes)]
+
+    def theta(self) -> torch.Tensor:
+        return flatten([p.detach() for p in self.params])
+
+    # -- forward -----------------------------------------------------------
+    def _forward(self, batch: Batch, hidden: torch.Tensor | None, params: dict | None = None) -> torch.Tensor:
+        inputs = batch.model_inputs()
+        if hidden is not None and self.prefix is not None:
+            with self.prefix.injected(hidden):
+                return self._call(inputs, params)
+        return self._call(inputs, params)
+
+    def _call(self, inputs: dict, params: dict | None) -> torch.Tensor:
+        if params is None:
+            return self.model(**inputs).logits
+        return functional_call(self.model, params, args=(), kwargs=inputs, strict=False).logits
+
+    def logits(self, batch: Batch, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        return self._forward(batch, hidden)
+
+    def regularizer(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
+        if self.weight_decay == 0.0:
+            return torch.zeros((), device=self.classifier.device)
+        total = sum((p * p).sum() for p, d in zip(params, self.decay) if d)
+        return 0.5 * self.weight_decay * total
+
+    def mean_loss(self, batch: Batch, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean cross-entropy of the batch plus the L2 term, on the live parameters."""
+        logits = self._forward(batch, hidden)
+        return F.cross_entropy(logits, batch.labels) + self.regularizer(self.params)
+
+    # -- derivatives -------------------------------------------------------------
+    def gradient(self, batch: Batch, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """∇θ of the mean loss over ``batch``, flat [P]."""
+        loss = self.mean_loss(batch, hidden)
+        return flatten(torch.autograd.grad(loss, self.params))
+
+    def hvp(self, batch: Batch, hidden: torch.Tensor | None, vectors: torch.Tensor) -> torch.Tensor:
+        """H·v for each row of ``vectors`` [m, P], H the Hessian of the batch's mean loss.
+
+        Double backward: the first gradient's graph is built once per batch and
+        reused for every vector, so m vectors cost one forward and m backwards.
+        """
+        loss = self.mean_loss(batch, hidden)
+        grads = torch.autograd.grad(loss, self.params, create_graph=True)
+        rows = []
+        for row, v in enumerate(vectors):
+            retain = row < len(vectors) - 1
+            rows.append(flatten(torch.autograd.grad(grads, self.params, grad_outputs=self.unflatten(v), retain_graph=retain)))
+        return torch.stack(rows) if len(rows) > 1 else rows[0].unsqueeze(0)
+
+    def directional_derivatives(self, batch: Batch, hidden: torch.Tensor | None, direction: torch.Tensor) -> torch.Tensor:
+        """⟨∇θ L(z_i), d⟩ for every example z_i of ``batch`` in one forward-mode pass, [len(batch)]."""
+        primals = {n: p.detach() for n, p in zip(self.names, self.params)}
+        tangents = dict(zip(self.names, self.unflatten(direction)))
+
+        def per_example_losses(params: dict) -> torch.Tensor:
+            if hidden is not None and self.prefix is not None:
+                with self.prefix.injected(hidden):
+                    logits = self._call(batch.model_inputs(), params)
+            else:
+                logits = self._call(batch.model_inputs(), params)
+            return F.cross_entropy(logits, batch.labels, reduction="none")
+
+        _, derivative = jvp(per_example_losses, (primals,), (tangents,))
+        if self.weight_decay:
+            derivative = derivative + self.weight_decay * torch.dot(self.decay_flat * self.theta(), direction)
+        return derivative

@@ -1,0 +1,78 @@
+"""``fastif analyze``: the engine on one machine, printed as a table or as JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"fastif: error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def run(**opts) -> None:
+    import torch  # noqa: F401  (imported here so --help stays fast)
+
+    from fastif import CGConfig, DataSpec, FastIFError, InfluenceEngine, InfluenceSpec, LissaConfig, Query
+    from fastif.progress import rich_progress
+    from fastif.report import result_items
+
+    texts, pairs, labels = opts["text"], opts["text_pair"] or [], opts["label"] or []
+    if pairs and len(pairs) != len(texts):
+        _fail(f"--text-pair given {len(pairs)} times for {len(texts)} --text inputs")
+    if labels and len(labels) != len(texts):
+        _fail(f"--label given {len(labels)} times for {len(texts)} --text inputs")
+    if opts["solver"] not in ("lissa", "cg"):
+        _fail(f"--solver must be lissa or cg, not {opts['solver']!r}")
+    if opts["quoting"] not in ("minimal", "none"):
+        _fail(f"--quoting must be minimal or none, not {opts['quoting']!r}")
+    if opts["k"] < 0 or opts["top"] < 1:
+        _fail("--k must be >= 0 and --top >= 1")
+    try:
+        lissa = LissaConfig(damp=opts["damp"], scale=opts["scale"], depth=opts["depth"], batch_size=opts["batch_size"],
+                            repeats=opts["repeats"], seed=opts["seed"])
+        solver = lissa if opts["solver"] == "lissa" else CGConfig(damping=lissa.damping)
+        spec = InfluenceSpec(params=tuple(opts["params"]) if opts["params"] else "auto",
+                             weight_decay=opts["weight_decay"], max_length=opts["max_length"])
+    except ValueError as err:
+        _fail(str(err))
+    queries = [
+        Query(text=t, text_pair=pairs[i] if pairs else None, label=(int(labels[i]) if labels and labels[i].isdigit() else (labels[i] if labels else None)))
+        for i, t in enumerate(texts)
+    ]
+    data = DataSpec(path=str(opts["train"]), text_field=opts["text_field"], text_pair_field=opts["text_pair_field"],
+                    label_field=opts["label_field"], quoting=opts["quoting"])
+    try:
+        engine = InfluenceEngine.from_paths(opts["model"], data, spec, artefact_dir=opts["artefacts"], device=opts["device"])
+        with rich_progress(enabled=sys.stderr.isatty()) as on_progress:
+            encoded, influences = engine.analyze(queries, k=opts["k"] or None, solver=solver, group=opts["group"],
+                                                 on_progress=on_progress)
+    except FastIFError as err:
+        _fail(str(err))
+    items = result_items(engine, encoded, influences, opts["top"], with_scores=opts["as_json"])
+    if opts["as_json"]:
+        for item in items:
+            item.pop("input_index", None)
+        typer.echo(json.dumps({"inputs": items}))
+        return
+    _print_tables(items)
+
+
+def _print_tables(items: list[dict]) -> None:
+    console = Console()
+    for index, item in enumerate(items):
+        pred = item["prediction"]
+        console.print(f"\n[bold]input {index}[/]: predicted [bold]{pred['label']}[/] "
+                      f"({pred['probs'][pred['label']]:.2f}), influence w.r.t. label [bold]{item['label_used']}[/]")
+        for title, rows, colour in (("most helpful", item["helpful"], "green"), ("most harmful", item["harmful"], "red")):
+            table = Table(title=title, title_style=colour, show_lines=False)
+            for column in ("train #", "score", "label", "text"):
+                table.add_column(column, overflow="fold")
+            for row in rows:
+                table.add_row(str(row["train_index"]), f"{row['score']:+.4g}", row["label"], row["text"][:120])
+            console.print(table)

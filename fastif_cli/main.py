@@ -1,0 +1,117 @@
+"""``fastif``: analyze locally, serve the API, run workers or the whole stack, demo, bench."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="FastIF: which training examples made a text classifier predict what it predicted.")
+
+
+def fail(message: str, code: int = 2) -> None:
+    """A one-line error on stderr and a non-zero exit, never a traceback."""
+    typer.echo(f"fastif: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def analyze(
+    model: Annotated[Path, typer.Option(help="Hugging Face classifier directory (safetensors)")],
+    train: Annotated[Path, typer.Option(help="training data: .jsonl, .csv, .tsv or a saved HF dataset")],
+    text: Annotated[list[str], typer.Option(help="test input text (repeat for several inputs)")],
+    text_pair: Annotated[Optional[list[str]], typer.Option(help="second text of each input (NLI)")] = None,
+    label: Annotated[Optional[list[str]], typer.Option(help="label of each input; default: the prediction")] = None,
+    text_field: Annotated[str, typer.Option(help="field of the training text")] = "text",
+    text_pair_field: Annotated[Optional[str], typer.Option(help="field of the training pair text")] = None,
+    label_field: Annotated[str, typer.Option(help="field of the training label")] = "label",
+    quoting: Annotated[str, typer.Option(help="CSV/TSV quoting: minimal or none (SST-2 needs none)")] = "minimal",
+    params: Annotated[Optional[list[str]], typer.Option(help="influence parameter-name prefix (repeat); default auto")] = None,
+    weight_decay: Annotated[float, typer.Option(help="explicit L2 term (biases and LayerNorm excluded)")] = 0.0,
+    max_length: Annotated[int, typer.Option(help="tokens per input")] = 128,
+    k: Annotated[int, typer.Option(help="kNN candidates; 0 scores every training example")] = 1000,
+    top: Annotated[int, typer.Option(help="helpful and harmful examples to show")] = 10,
+    solver: Annotated[str, typer.Option(help="lissa or cg")] = "lissa",
+    damp: Annotated[float, typer.Option()] = 5e-3,
+    scale: Annotated[float, typer.Option()] = 1e4,
+    depth: Annotated[int, typer.Option(help="LiSSA steps J")] = 1000,
+    batch_size: Annotated[int, typer.Option(help="LiSSA batch B")] = 1,
+    repeats: Annotated[int, typer.Option(help="LiSSA repeats T")] = 1,
+    seed: Annotated[int, typer.Option()] = 0,
+    group: Annotated[bool, typer.Option(help="treat all inputs as one query")] = False,
+    artefacts: Annotated[Optional[Path], typer.Option(help="folder to keep features and the index between runs")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda; default: cuda when present")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object with every candidate's score")] = False,
+) -> None:
+    """Run the engine locally, without the service."""
+    from . import analyze_command
+
+    analyze_command.run(**locals())
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+) -> None:
+    """The HTTP API alone, against REDIS_URL."""
+    from .stack import serve_api
+
+    serve_api(host, port)
+
+
+@app.command()
+def worker(
+    queues: Annotated[str, typer.Option(help="comma-separated: cpu, accel")] = "cpu,accel",
+    concurrency: Annotated[int, typer.Option(help="worker processes")] = 1,
+    hostname: Annotated[Optional[str], typer.Option(help="Celery node name")] = None,
+) -> None:
+    """A Celery worker alone, against REDIS_URL."""
+    from .stack import run_worker
+
+    run_worker(queues, concurrency, hostname)
+
+
+@app.command()
+def standalone(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    workers: Annotated[int, typer.Option(help="worker processes")] = 2,
+) -> None:
+    """Redis (embedded unless REDIS_URL is set), N workers and the API, in the foreground."""
+    from .stack import run_standalone
+
+    run_standalone(host, port, workers)
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="where the demo keeps its data and model")] = Path("runs/demo"),
+    quick: Annotated[bool, typer.Option(help="tiny model and data (seconds)")] = False,
+) -> None:
+    """The README's main job end to end, on a model and data it makes itself."""
+    from .demo import run_demo
+
+    run_demo(workdir, quick)
+
+
+@app.command()
+def bench(
+    suite: Annotated[str, typer.Argument(help="speed, recall, stest, batch or service")],
+    data: Annotated[Optional[Path], typer.Option(help="training data (default: SST-2 train from ../shared/data)")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="fine-tuned classifier directory (made once if absent)")] = None,
+    quick: Annotated[bool, typer.Option(help="tiny model and data, seconds")] = False,
+    out: Annotated[Path, typer.Option(help="results folder")] = Path("bench/results"),
+) -> None:
+    """The benchmarks; writes bench/results/SUITE.md and SUITE.json."""
+    from bench.runner import run_suite
+
+    run_suite(suite, data=data, model=model, quick=quick, out=out)
+
+
+if __name__ == "__main__":
+    sys.exit(app())
