@@ -1,0 +1,35 @@
+"""The HTTP contract of the FastIF service as pydantic v2 models (imports pydantic only)."""
+
+from .common import ErrorInfo, FiniteFloat
+from .influence import InfluenceInput, InfluenceRequest, LissaConfig
+from .jobs import TERMINAL_STATUSES, Job, JobList, JobStatus, Progress
+from .models import IndexSettings, InfluenceSettings, Model, ModelCreate, ModelList, ModelStatus, TrainData
+from .problems import FieldError, Problem
+from .results import Diagnostics, Influential, Prediction, ResultItem, ResultsPage
+
+__all__ = [
+    "Diagnostics",
+    "ErrorInfo",
+    "FieldError",
+    "FiniteFloat",
+    "IndexSettings",
+    "Influential",
+    "InfluenceInput",
+    "InfluenceRequest",
+    "InfluenceSettings",
+    "Job",
+    "JobList",
+    "JobStatus",
+    "LissaConfig",
+    "Model",
+    "ModelCreate",
+    "ModelList",
+    "ModelStatus",
+    "Prediction",
+    "Problem",
+    "Progress",
+    "ResultItem",
+    "ResultsPage",
+    "TERMINAL_STATUSES",
+    "TrainData",
+]

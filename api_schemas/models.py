@@ -1,0 +1,70 @@
+"""Model registration (request) and the model resource (response)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from .common import ErrorInfo, FiniteFloat, RequestModel, ResponseModel
+
+NonEmptyStr = Annotated[str, Field(min_length=1, max_length=4096)]
+ModelStatus = Literal["building", "ready", "failed"]
+
+
+class TrainData(RequestModel):
+    """Where the training examples live (relative to the data root) and which columns to read."""
+
+    path: NonEmptyStr
+    text_field: NonEmptyStr = "text"
+    text_pair_field: NonEmptyStr | None = None
+    label_field: NonEmptyStr = "label"
+    format: Literal["auto", "jsonl", "csv", "tsv", "hf"] = "auto"
+    quoting: Literal["minimal", "none"] = "minimal"
+
+
+class InfluenceSettings(RequestModel):
+    """Which parameters the influence is taken over, and the loss's explicit L2 term."""
+
+    params: Literal["auto"] | Annotated[list[NonEmptyStr], Field(min_length=1)] = "auto"
+    weight_decay: Annotated[FiniteFloat, Field(ge=0)] = 0.0
+    max_length: Annotated[int, Field(strict=True, ge=8, le=512)] = 128
+
+
+class IndexSettings(RequestModel):
+    """The kNN index built over the training features."""
+
+    kind: Literal["flat", "ivf", "hnsw"] = "flat"
+
+
+class ModelCreate(RequestModel):
+    """Body of POST /v1/models."""
+
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    model_path: NonEmptyStr
+    train_data: TrainData
+    influence: InfluenceSettings = Field(default_factory=InfluenceSettings)
+    index: IndexSettings = Field(default_factory=IndexSettings)
+
+
+class Model(ResponseModel):
+    """A registered model and the state of its build (features, kNN index)."""
+
+    id: str
+    name: str
+    status: ModelStatus
+    created_at: datetime
+    ready_at: datetime | None = None
+    error: ErrorInfo | None = None
+    request: ModelCreate
+    num_train: int | None = None
+    labels: list[str] | None = None
+    fingerprint: str | None = None
+    build_job_id: str | None = None
+
+
+class ModelList(ResponseModel):
+    """GET /v1/models: newest first."""
+
+    items: list[Model]

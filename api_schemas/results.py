@@ -1,0 +1,61 @@
+"""Result items of influence jobs and the paginated results page."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from .common import FiniteFloat, ResponseModel
+
+
+class Prediction(ResponseModel):
+    """The model's prediction for a test input."""
+
+    label: str
+    probs: dict[str, FiniteFloat]
+
+
+class Influential(ResponseModel):
+    """One scored training example; negative score = helpful, positive = harmful."""
+
+    train_index: int
+    score: FiniteFloat
+    text: str
+    text_pair: str | None = None
+    label: str
+    knn_distance: FiniteFloat | None = None
+
+
+class Diagnostics(ResponseModel):
+    """How the result was obtained: solver convergence, cache use, seconds per stage."""
+
+    lissa_converged: bool
+    s_test_norm: FiniteFloat
+    cached: bool
+    seconds: dict[str, FiniteFloat] = Field(default_factory=dict)
+
+
+class ResultItem(ResponseModel):
+    """One result item of an influence job, per input, in input order."""
+
+    input_index: int
+    prediction: Prediction
+    label_used: str
+    helpful: list[Influential]
+    harmful: list[Influential]
+    diagnostics: Diagnostics
+
+
+class ResultsPage(ResponseModel):
+    """GET /v1/jobs/{job_id}/results: items[offset:offset+limit] of `total`.
+
+    Items are kept as stored so that every job kind can use this page; for kind
+    `influence` each item is a ResultItem.
+    """
+
+    job_id: str
+    offset: int
+    limit: int
+    total: int
+    items: list[dict[str, Any]]

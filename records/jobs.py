@@ -1,0 +1,306 @@
+"""Job records in Redis: the source of truth for a job's status, progress and results.
+
+A job is a hash `fastif:job:{id}`; `fastif:jobs` orders ids by creation time and
+`fastif:jobs:queued` holds the queued ones. Results are a list of JSON strings,
+one per input. Finished jobs and their results expire after `result_ttl_s`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+import redis
+
+from api_schemas import TERMINAL_STATUSES, ErrorInfo, Job, Progress
+
+from . import _scripts, keys
+from ._codec import optional_int, text, text_dict, timestamp
+from .errors import IdempotencyConflict, JobNotCancellable, JobNotFound, QueueFull
+
+# Fields the stores own; the generic `hset` refuses them so workers cannot break the state machine.
+RESERVED_FIELDS = frozenset(
+    {"id", "kind", "status", "model_id", "request", "request_hash", "created_at", "started_at",
+     "finished_at", "deliveries", "cancel_requested", "result_count", "error_code", "error_message",
+     "idempotency_key"}
+)
+_LIST_CHUNK = 200
+
+
+class JobStore:
+    """Create, advance, cancel and read job records and their results."""
+
+    def __init__(self, client: redis.Redis, *, result_ttl_s: int = 7 * 86400) -> None:
+        """Bind to a redis client; finished jobs and results live `result_ttl_s` seconds."""
+        self.redis = client
+        self.result_ttl_s = result_ttl_s
+        self._create = client.register_script(_scripts.CREATE_JOB)
+        self._start = client.register_script(_scripts.START_DELIVERY)
+        self._finish = client.register_script(_scripts.FINISH)
+        self._cancel = client.register_script(_scripts.REQUEST_CANCEL)
+        self._hset = client.register_script(_scripts.HSET_EXISTING)
+        self._hincr = client.register_script(_scripts.HINCR_EXISTING)
+
+    # -- creating ---------------------------------------------------------------------------
+
+    def create(
+        self,
+        kind: str,
+        model_id: str | None,
+        request: dict[str, Any],
+        idempotency_key: str | None = None,
+        *,
+        max_queued: int = 0,
+    ) -> Job:
+        """Create a queued job; with an idempotency key, return the job it already made.
+
+        Raises IdempotencyConflict when the key was used for a different request, and
+        QueueFull when `max_queued` > 0 jobs are already queued. Atomic (one Lua script).
+        """
+        return self.create_or_replay(kind, model_id, request, idempotency_key, max_queued=max_queued)[0]
+
+    def create_or_replay(
+        self,
+        kind: str,
+        model_id: str | None,
+        request: dict[str, Any],
+        idempotency_key: str | None = None,
+        *,
+        max_queued: int = 0,
+    ) -> tuple[Job, bool]:
+        """create(), also saying whether the job is new (True) or an idempotent replay (False)."""
+        request_hash = keys.sha256_hex(request)
+        # The key identifies the request kind too: the same body sent to two endpoints differs.
+        idem_hash = keys.sha256_hex({"kind": kind, "request_hash": request_hash})
+        idem_key = keys.idem(idempotency_key or "")
+        for _ in range(2):
+            job_id = uuid.uuid4().hex
+            now = repr(time.time())
+            fields = {
+                "id": job_id, "kind": kind, "status": "queued", "model_id": model_id or "",
+                "request": keys.canonical_json(request), "request_hash": request_hash,
+                "created_at": now, "deliveries": "0", "cancel_requested": "0",
+                "stage": "queued", "done": "0", "idempotency_key": idempotency_key or "",
+            }
+            idem_value = json.dumps({"job_id": job_id, "hash": idem_hash}) if idempotency_key else ""
+            flat = [item for pair in fields.items() for item in pair]
+            outcome, existing = self._create(
+                keys=[keys.job(job_id), keys.JOBS, keys.JOBS_QUEUED, idem_key],
+                args=[job_id, now, idem_value, self.result_ttl_s, max_queued, *flat],
+            )
+            outcome = text(outcome)
+            if outcome == "ok":
+                return self._require(job_id), True
+            if outcome == "full":
+                raise QueueFull(f"{max_queued} jobs are already queued; retry later")
+            previous = json.loads(text(existing) or "{}")
+            if previous.get("hash") != idem_hash:
+                raise IdempotencyConflict("this Idempotency-Key was already used with a different request")
+            job = self.get(previous["job_id"])
+            if job is not None:
+                return job, False
+            # The job the key points to is gone (expired or deleted): forget the key, create anew.
+            self.redis.delete(idem_key)
+        raise RuntimeError("could not create the job")  # pragma: no cover - needs a racing deleter
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> Job | None:
+        """The job, or None if it does not exist (or has expired)."""
+        raw = self.redis.hgetall(keys.job(job_id))
+        return _to_job(text_dict(raw)) if raw else None
+
+    def request(self, job_id: str) -> dict[str, Any]:
+        """The request the job was created with; raises JobNotFound."""
+        raw = self.redis.hget(keys.job(job_id), "request")
+        if raw is None:
+            raise JobNotFound(job_id)
+        return json.loads(text(raw) or "{}")
+
+    def cancel_requested(self, job_id: str) -> bool:
+        """Whether a cancel was asked for; workers poll this between solver iterations."""
+        return text(self.redis.hget(keys.job(job_id), "cancel_requested")) == "1"
+
+    def results(self, job_id: str, offset: int = 0, limit: int = 50) -> tuple[int, list[dict[str, Any]]]:
+        """(total, items[offset:offset+limit]) of a job's stored results."""
+        if offset < 0 or limit < 0:
+            raise ValueError("offset and limit must be >= 0")
+        if limit == 0:  # LRANGE 0 -1 would mean "everything"
+            return int(self.redis.llen(keys.results(job_id))), []
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.llen(keys.results(job_id))
+        pipe.lrange(keys.results(job_id), offset, offset + limit - 1)
+        total, raw = pipe.execute()
+        return int(total), [json.loads(text(item) or "null") for item in raw]
+
+    def list(self, status: str | None = None, limit: int = 50) -> list[Job]:
+        """The newest jobs first, optionally only those in `status`; forgets expired ids."""
+        found: list[Job] = []
+        start = 0
+        while len(found) < limit:
+            ids = [text(i) for i in self.redis.zrevrange(keys.JOBS, start, start + _LIST_CHUNK - 1)]
+            if not ids:
+                break
+            start += len(ids)
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in ids:
+                pipe.hgetall(keys.job(job_id))  # type: ignore[arg-type]
+            gone = []
+            for job_id, raw in zip(ids, pipe.execute(), strict=True):
+                if not raw:
+                    gone.append(job_id)
+                    continue
+                job = _to_job(text_dict(raw))
+                if status is None or job.status == status:
+                    found.append(job)
+            if gone:
+                self.redis.zrem(keys.JOBS, *gone)
+                start -= len(gone)
+        return found[:limit]
+
+    def count_queued(self) -> int:
+        """How many jobs are queued (not yet picked up by a worker)."""
+        return int(self.redis.scard(keys.JOBS_QUEUED))
+
+    def count_by_status(self, max_jobs: int = 100_000) -> dict[str, int]:
+        """Jobs per status over the newest `max_jobs` records (for the metrics gauge)."""
+        counts = dict.fromkeys(("queued", "running", "succeeded", "failed", "cancelled"), 0)
+        for start in range(0, max_jobs, 1000):
+            ids = [text(i) for i in self.redis.zrevrange(keys.JOBS, start, start + 999)]
+            if not ids:
+                break
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in ids:
+                pipe.hget(keys.job(job_id), "status")  # type: ignore[arg-type]
+            for status in pipe.execute():
+                status = text(status)
+                if status in counts:
+                    counts[status] += 1
+        return counts
+
+    # -- advancing (workers) ----------------------------------------------------------------
+
+    def start_delivery(self, job_id: str) -> int:
+        """Mark running (started_at set once) and return the delivery count, counting this one.
+
+        Returns 0 when the job is gone or already finished (for example cancelled while
+        queued): the worker must then drop the message without doing the work.
+        """
+        return int(self._start(keys=[keys.job(job_id), keys.JOBS_QUEUED], args=[job_id, repr(time.time())]))
+
+    def set_progress(self, job_id: str, stage: str, done: int, total: int | None) -> None:
+        """Report progress: `done` of `total` units of `stage`."""
+        self._hset(
+            keys=[keys.job(job_id)],
+            args=["stage", stage, "done", int(done), "total", "" if total is None else int(total)],
+        )
+
+    def hset(self, job_id: str, mapping: dict[str, Any]) -> bool:
+        """Write worker-owned fields (shard counters...) on an existing job; False if it is gone."""
+        reserved = RESERVED_FIELDS.intersection(mapping)
+        if reserved:
+            raise ValueError(f"fields owned by JobStore: {sorted(reserved)}")
+        if not mapping:
+            return self.redis.exists(keys.job(job_id)) == 1
+        flat = [item for pair in mapping.items() for item in pair]
+        return bool(self._hset(keys=[keys.job(job_id)], args=flat))
+
+    def hincr(self, job_id: str, field: str, by: int = 1) -> int:
+        """Atomically add `by` to an integer field of the job and return it; raises JobNotFound."""
+        if field in RESERVED_FIELDS:
+            raise ValueError(f"field owned by JobStore: {field}")
+        value = self._hincr(keys=[keys.job(job_id)], args=[field, int(by)])
+        if value is None:
+            raise JobNotFound(job_id)
+        return int(value)
+
+    def succeed(self, job_id: str, items: list[dict[str, Any]]) -> bool:
+        """Store all results and mark succeeded in one MULTI; False if the job was gone or finished.
+
+        Both the record and the results then expire after result_ttl_s.
+        """
+        encoded = [json.dumps(item, separators=(",", ":"), allow_nan=False) for item in items]
+        job_key, results_key = keys.job(job_id), keys.results(job_id)
+
+        def write(pipe: redis.client.Pipeline) -> bool:
+            # WATCH is on: a concurrent cancel between this read and EXEC aborts and retries.
+            status = text(pipe.hget(job_key, "status"))
+            if status is None or status in TERMINAL_STATUSES:
+                return False
+            pipe.multi()
+            pipe.delete(results_key)
+            if encoded:
+                pipe.rpush(results_key, *encoded)
+                pipe.expire(results_key, self.result_ttl_s)
+            pipe.hset(job_key, mapping={
+                "status": "succeeded", "finished_at": repr(time.time()), "result_count": len(encoded),
+                "stage": "done",
+            })
+            pipe.srem(keys.JOBS_QUEUED, job_id)
+            pipe.expire(job_key, self.result_ttl_s)
+            return True
+
+        return bool(self.redis.transaction(write, job_key, value_from_callable=True))
+
+    def fail(self, job_id: str, code: str, message: str) -> bool:
+        """Mark failed with an error {code, message}; False if the job was gone or finished."""
+        return self._finish_as(job_id, "failed", ["error_code", code, "error_message", message])
+
+    def mark_cancelled(self, job_id: str) -> bool:
+        """A worker saw the cancel flag and stopped; False if the job was gone or finished."""
+        return self._finish_as(job_id, "cancelled", [])
+
+    def request_cancel(self, job_id: str) -> Job:
+        """Cancel a queued job now, or flag a running one; raises JobNotCancellable or JobNotFound."""
+        outcome = text(self._cancel(
+            keys=[keys.job(job_id), keys.JOBS_QUEUED], args=[job_id, repr(time.time()), self.result_ttl_s]
+        ))
+        if outcome == "missing":
+            raise JobNotFound(job_id)
+        if outcome == "finished":
+            raise JobNotCancellable(job_id)
+        return self._require(job_id)
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _finish_as(self, job_id: str, status: str, fields: list[Any]) -> bool:
+        """Move a live job to a terminal status with extra fields; start its expiry."""
+        return bool(self._finish(
+            keys=[keys.job(job_id), keys.JOBS_QUEUED],
+            args=[job_id, status, repr(time.time()), self.result_ttl_s, *fields],
+        ))
+
+    def _require(self, job_id: str) -> Job:
+        """get() that raises JobNotFound."""
+        job = self.get(job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        return job
+
+
+def _to_job(fields: dict[str, str]) -> Job:
+    """A job hash -> the Job resource."""
+    error = None
+    if fields.get("error_code"):
+        error = ErrorInfo(code=fields["error_code"], message=fields.get("error_message", ""))
+    return Job(
+        id=fields["id"],
+        kind=fields["kind"],
+        status=fields["status"],  # type: ignore[arg-type]
+        progress=Progress(
+            stage=fields.get("stage") or None,
+            done=optional_int(fields.get("done")) or 0,
+            total=optional_int(fields.get("total")),
+        ),
+        created_at=timestamp(fields["created_at"]),  # type: ignore[arg-type]
+        started_at=timestamp(fields.get("started_at")),
+        finished_at=timestamp(fields.get("finished_at")),
+        error=error,
+        model_id=fields.get("model_id") or None,
+        request_hash=fields["request_hash"],
+        result_count=optional_int(fields.get("result_count")),
+        deliveries=optional_int(fields.get("deliveries")) or 0,
+        cancel_requested=fields.get("cancel_requested") == "1",
+    )

@@ -1,0 +1,60 @@
+"""Every Redis key of the project, built in one place, and the canonical JSON they hash."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+PREFIX = "fastif"
+
+MODELS = f"{PREFIX}:models"  # zset: model id -> created time
+JOBS = f"{PREFIX}:jobs"  # zset: job id -> created time
+JOBS_QUEUED = f"{PREFIX}:jobs:queued"  # set of queued job ids, so queue depth is O(1)
+WORKER_PATTERN = f"{PREFIX}:worker:*"
+
+
+def canonical_json(payload: Any) -> str:
+    """JSON with sorted keys and no spaces: equal payloads give equal bytes."""
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def sha256_hex(payload: Any) -> str:
+    """sha256 of the canonical JSON of `payload`."""
+    return hashlib.sha256(canonical_json(payload).encode("utf-8")).hexdigest()
+
+
+def model(model_id: str) -> str:
+    """Hash of one model record."""
+    return f"{PREFIX}:model:{model_id}"
+
+
+def job(job_id: str) -> str:
+    """Hash of one job record."""
+    return f"{PREFIX}:job:{job_id}"
+
+
+def results(job_id: str) -> str:
+    """List of a job's result items as JSON strings, in input order."""
+    return f"{PREFIX}:results:{job_id}"
+
+
+def idem(key: str) -> str:
+    """String: the job an Idempotency-Key created and the hash of its request."""
+    return f"{PREFIX}:idem:{key}"
+
+
+def worker(hostname: str) -> str:
+    """A worker's heartbeat (expires when the worker stops beating)."""
+    return f"{PREFIX}:worker:{hostname}"
+
+
+def cache_key(model_fp: str, kind: str, payload: dict[str, Any]) -> str:
+    """Content-addressed cache key `fastif:v1:{model_fp}:{kind}:{sha256(canonical payload)}`."""
+    return f"{PREFIX}:v1:{model_fp}:{kind}:{sha256_hex(payload)}"
+
+
+def cache_pattern(model_fp: str) -> str:
+    """SCAN pattern matching every cache key of one model fingerprint (glob chars escaped)."""
+    escaped = "".join("\\" + c if c in "*?[]\\" else c for c in model_fp)
+    return f"{PREFIX}:v1:{escaped}:*"

@@ -1,0 +1,75 @@
+"""Configuration shared by the API and the workers, read from the environment."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; env `FASTIF_<NAME>` except `REDIS_URL`."""
+
+    model_config = SettingsConfigDict(env_prefix="FASTIF_", populate_by_name=True, extra="ignore")
+
+    # Unset means "not configured": `fastif standalone` then starts an embedded Redis.
+    redis_url: str | None = Field(default=None, validation_alias="REDIS_URL")
+    data_root: Path = Path("./data")
+    # NoDecode: the env value is a comma-separated list, not JSON.
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    max_inputs: int = Field(default=64, ge=1)
+    max_text_chars: int = Field(default=4000, ge=1)
+    max_body_bytes: int = Field(default=1_000_000, ge=1)
+    result_ttl_s: int = Field(default=7 * 86400, ge=1)
+    cache_ttl_s: int = Field(default=86400, ge=1)
+    max_deliveries: int = Field(default=3, ge=1)
+    max_queued_jobs: int = Field(default=1000, ge=1)
+    # Where workers keep indices and features; defaults to <data_root>/.fastif.
+    state_dir: Path | None = None
+    # Longer than the longest job, or the broker redelivers a message that is still running.
+    visibility_timeout_s: int = Field(default=6 * 3600, ge=1)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        """Accept `a,b,c` from the environment; blanks are dropped, so empty means no auth."""
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _default_state_dir(self) -> Settings:
+        """Put worker state under the data root unless told otherwise."""
+        if self.state_dir is None:
+            self.state_dir = self.data_root / ".fastif"
+        return self
+
+    @property
+    def effective_redis_url(self) -> str:
+        """The Redis to talk to: REDIS_URL, or a local default when it is unset."""
+        return self.redis_url or DEFAULT_REDIS_URL
+
+
+class _InitOnlySettings(Settings):
+    """Settings that ignore the environment, so tests do not depend on the caller's shell."""
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, *args: Any, **kwargs: Any):  # type: ignore[override]
+        """Read only the keyword arguments."""
+        return (init_settings,)
+
+
+def settings_from(**overrides: Any) -> Settings:
+    """Build Settings from keyword overrides and defaults only (no environment); for tests."""
+    return _InitOnlySettings(**overrides)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide Settings read from the environment (cached)."""
+    return Settings()

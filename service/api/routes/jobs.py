@@ -1,0 +1,67 @@
+"""Jobs: read, list, page through results, cancel."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from pydantic import BeforeValidator
+
+from api_schemas import Job, JobList, JobStatus, ResultsPage
+
+from ...errors import ProblemError
+from ..deps import JobsDep
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+def _blank_is(default: object) -> BeforeValidator:
+    """An empty query value (`?status=&limit=`, as API.md writes them) means the default."""
+    return BeforeValidator(lambda value: default if value == "" else value)
+
+
+StatusFilter = Annotated[JobStatus | None, _blank_is(None)]
+Offset = Annotated[int, Query(ge=0), _blank_is(0)]
+Limit = Annotated[int, Query(ge=1, le=1000), _blank_is(50)]
+
+
+@router.get("", response_model=JobList)
+def list_jobs(
+    jobs: JobsDep,
+    status: StatusFilter = None,
+    limit: Limit = 50,
+) -> JobList:
+    """Recent jobs, newest first, optionally only those in `status`."""
+    return JobList(items=jobs.list(status=status, limit=limit))
+
+
+@router.get("/{job_id}", response_model=Job)
+def get_job(job_id: str, jobs: JobsDep) -> Job:
+    """The job's status, progress, times and error."""
+    job = jobs.get(job_id)
+    if job is None:
+        raise ProblemError("job-not-found", f"no job {job_id}")
+    return job
+
+
+@router.get("/{job_id}/results", response_model=ResultsPage)
+def get_results(
+    job_id: str,
+    jobs: JobsDep,
+    offset: Offset = 0,
+    limit: Limit = 50,
+) -> ResultsPage:
+    """Result items [offset, offset+limit) in input order; 409 until the job has succeeded."""
+    job = jobs.get(job_id)
+    if job is None:
+        raise ProblemError("job-not-found", f"no job {job_id}")
+    if job.status != "succeeded":
+        raise ProblemError("job-not-finished", f"job {job_id} is {job.status}; results exist once it succeeds")
+    total, items = jobs.results(job_id, offset, limit)
+    return ResultsPage(job_id=job_id, offset=offset, limit=limit, total=total, items=items)
+
+
+@router.post("/{job_id}/cancel", response_model=Job)
+def cancel_job(job_id: str, jobs: JobsDep) -> Job:
+    """Cancel a queued job now; flag a running one (it stops at its next check)."""
+    return jobs.request_cancel(job_id)  # JobNotFound -> 404, JobNotCancellable -> 409
