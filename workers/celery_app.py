@@ -1,0 +1,94 @@
+"""The worker side of the Celery app: task registration and the heartbeat.
+
+Run with ``fastif worker`` (or ``celery -A workers.celery_app worker -Q cpu,accel``).
+Nothing here touches CUDA: models load lazily inside each pool process, after the fork.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+
+import redis
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
+
+from records.celery_app import BUILD_MODEL, INFLUENCE, make_celery
+from records.heartbeat import beat
+from records.settings import get_settings
+
+from .build import run_build
+from .context import context
+from .influence import run_influence
+from .runner import run_job
+
+log = logging.getLogger("fastif.workers")
+celery_app = make_celery(get_settings())
+
+# A Redis outage mid-job: the message comes back after a pause instead of being dropped.
+_RETRY = {"autoretry_for": (redis.RedisError,), "retry_backoff": 2, "retry_backoff_max": 30, "max_retries": 20}
+
+
+@celery_app.task(name=BUILD_MODEL, **_RETRY)
+def build_model(model_id: str) -> str:
+    ctx = context()
+    model = ctx.models.get(model_id)
+    if model is None or not model.build_job_id:
+        return "skipped"
+    return run_job(model.build_job_id, lambda run: run_build(run, model_id),
+                   on_failure=lambda code, message: ctx.models.set_failed(model_id, code, message))
+
+
+@celery_app.task(name=INFLUENCE, **_RETRY)
+def influence(job_id: str) -> str:
+    return run_job(job_id, run_influence)
+
+
+class Heartbeat:
+    """Beats every ``interval_s`` from the worker's main process until shutdown."""
+
+    def __init__(self, hostname: str, interval_s: float = 10.0):
+        self.hostname = hostname
+        self.interval_s = interval_s
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        client = context().redis
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "queues": os.environ.get("FASTIF_QUEUES", "")}
+        while not self.stop.is_set():
+            try:
+                beat(client, self.hostname, info)
+            except redis.RedisError as err:
+                log.warning("heartbeat failed: %s", err)
+            self.stop.wait(self.interval_s)
+
+
+_heartbeat: Heartbeat | None = None
+
+
+@worker_ready.connect
+def _start_heartbeat(sender=None, **_kwargs) -> None:
+    global _heartbeat
+    _heartbeat = Heartbeat(getattr(sender, "hostname", socket.gethostname()))
+    threading.Thread(target=_heartbeat.run, name="fastif-heartbeat", daemon=True).start()
+
+
+@worker_shutdown.connect
+def _stop_heartbeat(**_kwargs) -> None:
+    if _heartbeat is not None:
+        _heartbeat.stop.set()
+        try:
+            context().redis.delete(f"fastif:worker:{_heartbeat.hostname}")
+        except redis.RedisError:
+            pass
+
+
+@worker_process_init.connect
+def _limit_threads(**_kwargs) -> None:
+    """In each pool process, after the fork: its share of the CPU threads."""
+    import torch
+
+    threads = os.environ.get("FASTIF_TORCH_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))

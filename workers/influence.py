@@ -1,0 +1,77 @@
+"""The influence job: FastIF's query for each input (or the group), cached in Redis."""
+
+from __future__ import annotations
+
+import json
+
+from api_schemas import InfluenceRequest, Model
+from fastif import CGConfig, InfluenceEngine, LissaConfig, Query
+from fastif.report import result_items
+from records.keys import cache_key
+
+from .registry import engine_for
+from .runner import JobFailed, JobRun
+from .tensor_cache import RedisTensorCache
+
+
+def ready_model(run: JobRun, model_id: str) -> Model:
+    model = run.ctx.models.get(model_id)
+    if model is None:
+        raise JobFailed("model-not-found", f"no model {model_id} (it was deleted)")
+    if model.status != "ready":
+        raise JobFailed("model-not-ready", f"model {model_id} is {model.status}")
+    return model
+
+
+def solver_of(request: InfluenceRequest) -> LissaConfig | CGConfig:
+    lissa = LissaConfig(**request.lissa.model_dump())
+    return lissa if request.solver == "lissa" else CGConfig(damping=lissa.damping)
+
+
+def queries_of(request: InfluenceRequest) -> list[Query]:
+    return [Query(text=i.text, text_pair=i.text_pair, label=i.label) for i in request.inputs]
+
+
+def result_cache_key(model: Model, request: InfluenceRequest) -> str:
+    """Everything that changes the numbers, nothing that does not (the model id is in the fingerprint)."""
+    payload = request.model_dump(mode="json", exclude={"model_id"})
+    return cache_key(model.fingerprint or model.id, "result", payload)
+
+
+def cached_results(run: JobRun, key: str) -> list[dict] | None:
+    raw = run.ctx.redis.get(key)
+    if raw is None:
+        return None
+    items = json.loads(raw)
+    for item in items:
+        item["diagnostics"]["cached"] = True
+    return items
+
+
+def store_results(run: JobRun, key: str, items: list[dict]) -> None:
+    run.ctx.redis.set(key, json.dumps(items, separators=(",", ":")), ex=run.ctx.settings.cache_ttl_s)
+
+
+def engine_and_cache(run: JobRun, model: Model) -> tuple[InfluenceEngine, RedisTensorCache]:
+    engine = engine_for(model, run.ctx.settings)
+    engine.prepare()
+    cache = RedisTensorCache(run.ctx.redis_bytes, model.fingerprint or engine.fingerprint, run.ctx.settings.cache_ttl_s)
+    return engine, cache
+
+
+def run_influence(run: JobRun) -> list[dict]:
+    request = InfluenceRequest.model_validate(run.request)
+    model = ready_model(run, request.model_id)
+    key = result_cache_key(model, request)
+    items = cached_results(run, key)
+    if items is not None:
+        return items
+    run.progress("loading", 0, 1)
+    engine, cache = engine_and_cache(run, model)
+    encoded, influences = engine.analyze(
+        queries_of(request), k=request.k, solver=solver_of(request), group=request.group,
+        cache=cache, on_progress=run.progress,
+    )
+    items = result_items(engine, encoded, influences, request.top)
+    store_results(run, key, items)
+    return items

@@ -1,0 +1,109 @@
+"""The life of a job on a worker: delivery count, progress, cancellation, outcome.
+
+Every task goes through ``run_job`` so that each job kind fails, cancels and
+reports progress the same way, and a job is never left ``running`` by an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from fastif import CancelledError, FastIFError
+from records.jobs import JobStore
+
+from .context import WorkerContext, context
+
+log = logging.getLogger("fastif.workers")
+
+
+class JobFailed(Exception):
+    """A job that cannot finish, with the code and message for its record."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class ProgressReporter:
+    """The engine's progress callback: throttled writes to the job record, cancel checks.
+
+    Writing every LiSSA step would cost a Redis round trip per step; twice a second is
+    enough for a client that polls and keeps cancellation prompt.
+    """
+
+    def __init__(self, jobs: JobStore, job_id: str, interval_s: float = 0.5):
+        self.jobs = jobs
+        self.job_id = job_id
+        self.interval_s = interval_s
+        self._last = 0.0
+        self.cancelled = False
+
+    def __call__(self, stage: str, done: int, total: int) -> bool:
+        now = time.monotonic()
+        if now - self._last >= self.interval_s or done == total:
+            self._last = now
+            self.jobs.set_progress(self.job_id, stage, done, total)
+            self.cancelled = self.cancelled or self.jobs.cancel_requested(self.job_id)
+        return self.cancelled
+
+
+@dataclass
+class JobRun:
+    job_id: str
+    request: dict[str, Any]
+    deliveries: int
+    ctx: WorkerContext
+    progress: ProgressReporter
+
+
+def run_job(
+    job_id: str,
+    work: Callable[[JobRun], list[dict] | None],
+    on_failure: Callable[[str, str], None] | None = None,
+) -> str:
+    """Run ``work`` for the job and record how it ended; returns the final status.
+
+    ``work`` returns the result items (stored with the success), or None when it
+    has handed the job on (a parallel job's shards finish it).
+    """
+    ctx = context()
+    jobs = ctx.jobs
+    deliveries = jobs.start_delivery(job_id)
+    if deliveries == 0:
+        return "skipped"  # gone, finished or cancelled while queued
+    if deliveries > ctx.settings.max_deliveries:
+        message = (f"the job was started {deliveries - 1} times and its worker died each time "
+                   f"(limit {ctx.settings.max_deliveries}); giving up")
+        return _fail(jobs, job_id, "redelivery-limit", message, on_failure)
+    run = JobRun(job_id, jobs.request(job_id), deliveries, ctx, ProgressReporter(jobs, job_id))
+    try:
+        items = work(run)
+    except CancelledError:
+        jobs.mark_cancelled(job_id)
+        return "cancelled"
+    except JobFailed as err:
+        return _fail(jobs, job_id, err.code, str(err), on_failure)
+    except FastIFError as err:
+        return _fail(jobs, job_id, err.code, str(err), on_failure)
+    except redis.RedisError:
+        raise  # Redis itself is gone: let the task's retry bring the job back
+    except Exception as err:  # a bug or an unexpected input: say so on the record, keep the worker
+        log.exception("job %s failed", job_id)
+        return _fail(jobs, job_id, "internal-error", f"{type(err).__name__}: {err}", on_failure)
+    if items is None:
+        return "handed-on"
+    jobs.succeed(job_id, items)
+    return "succeeded"
+
+
+def _fail(jobs: JobStore, job_id: str, code: str, message: str, on_failure) -> str:
+    jobs.fail(job_id, code, message)
+    if on_failure is not None:
+        on_failure(code, message)
+    return "failed"
