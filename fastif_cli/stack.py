@@ -61,7 +61,7 @@ class Stack:
     def start(self, name: str, argv: list[str], env: dict[str, str], log: Path | None = None) -> subprocess.Popen:
         out = open(log, "ab") if log else None
         proc = subprocess.Popen(argv, env=env, stdout=out or None, stderr=subprocess.STDOUT if out else None,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_die_with_parent)
         self.children.append((name, proc))
         return proc
 
@@ -81,6 +81,16 @@ class Stack:
                 pass
             _signal_group(proc, signal.SIGKILL)  # whatever is left of the group (pool children)
             proc.wait()
+
+
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGTERM if the stack's process dies, even by SIGKILL: no orphans."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -163,6 +173,7 @@ def run_standalone(host: str, port: int, workers: int) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
     try:
         stack, url, redis_url = start_stack(host, port, workers)
     except RuntimeError as err:
