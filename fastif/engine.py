@@ -54,6 +54,17 @@ class EncodedQueries:
 
 
 @dataclass
+class QueryPlan:
+    """The test side of a query: encoded inputs, the vectors to solve for, kNN query features."""
+
+    encoded: EncodedQueries
+    vectors: torch.Tensor  # [rows, P]: one per input, or one mean gradient for a group
+    features: np.ndarray  # [rows, H]
+    keys: list[dict]  # cache identity of each row
+    seconds: dict[str, float]
+
+
+@dataclass
 class Candidates:
     indices: np.ndarray  # train indices, nearest first
     distances: np.ndarray | None  # L2 feature distances, None when every example is scored
@@ -331,6 +342,59 @@ class InfluenceEngine:
             raise RuntimeError("call prepare() before querying")
 
     # -- everything at once -------------------------------------------------------------
+    def plan(self, queries: Sequence[Query], group: bool = False, cache: TensorCache | None = None) -> QueryPlan:
+        """Encode the inputs and take their test gradients: the vectors s_test is solved for."""
+        clock = time.perf_counter()
+        encoded = self.encode(queries)
+        grads = self._cached_gradients(queries, encoded, cache)
+        if group:
+            vectors, features = grads.mean(dim=0, keepdim=True), encoded.features.mean(axis=0, keepdims=True)
+            keys = [self._group_key(queries, encoded)]
+        else:
+            vectors, features = grads, encoded.features
+            keys = [self._query_key(q, label) for q, label in zip(queries, encoded.labels_used)]
+        return QueryPlan(encoded, vectors, features, keys, {"gradients": time.perf_counter() - clock})
+
+    def cached_s_test(
+        self, plan: QueryPlan, solver: Solver, cache: TensorCache | None = None,
+        on_progress: ProgressCallback | None = None, extra_key: dict | None = None,
+    ) -> tuple[torch.Tensor, bool, list[bool]]:
+        """s_test of every row of the plan, from ``cache`` where present; (s_tests, converged, cached per row)."""
+        clock = time.perf_counter()
+        solver_key = {"solver": type(solver).__name__, **solver.__dict__, **(extra_key or {})}
+        found = [cache.get("s_test", {**key, **solver_key}) if cache else None for key in plan.keys]
+        missing = [i for i, s in enumerate(found) if s is None]
+        converged = True
+        if missing:
+            solution = self.solve(plan.vectors[missing], solver, on_progress)
+            converged = solution.converged
+            for i, s in zip(missing, solution.vectors):
+                found[i] = s
+                if cache is not None:
+                    cache.put("s_test", {**plan.keys[i], **solver_key}, s)
+        plan.seconds["s_test"] = time.perf_counter() - clock
+        stacked = torch.stack([s.to(self.classifier.device) for s in found])
+        return stacked, converged, [i not in missing for i in range(len(plan.keys))]
+
+    def influences(
+        self, plan: QueryPlan, s_tests: torch.Tensor, k: int | None, converged: bool, cached: Sequence[bool],
+        on_progress: ProgressCallback | None = None,
+    ) -> list[Influence]:
+        """kNN candidates and their scores for every row of the plan."""
+        results = []
+        for row in range(len(plan.vectors)):
+            clock = time.perf_counter()
+            found = self.candidates(plan.features[row], k)
+            knn_seconds = time.perf_counter() - clock
+            clock = time.perf_counter()
+            scores = self.score(s_tests[row], found.indices, on_progress=on_progress)
+            results.append(Influence(
+                indices=found.indices, scores=scores, distances=found.distances,
+                converged=converged, s_test_norm=float(s_tests[row].norm()), cached=bool(cached[row]),
+                seconds={**plan.seconds, "knn": knn_seconds, "scoring": time.perf_counter() - clock},
+            ))
+        return results
+
     def analyze(
         self,
         queries: Sequence[Query],
@@ -342,35 +406,9 @@ class InfluenceEngine:
     ) -> tuple[EncodedQueries, list[Influence]]:
         """FastIF's query: kNN candidates, s_test, scores; one Influence per query (one for a group)."""
         self.prepare(on_progress)
-        clock = time.perf_counter()
-        encoded = self.encode(queries)
-        grads = self._cached_gradients(queries, encoded, cache)
-        gradient_seconds = time.perf_counter() - clock
-        if group:
-            vectors, features = grads.mean(dim=0, keepdim=True), encoded.features.mean(axis=0, keepdims=True)
-            keys = [self._group_key(queries, encoded)]
-        else:
-            vectors, features = grads, encoded.features
-            keys = [self._query_key(q, label) for q, label in zip(queries, encoded.labels_used)]
-
-        clock = time.perf_counter()
-        s_tests, converged, cached = self._cached_s_test(vectors, keys, solver, cache, on_progress)
-        s_test_seconds = time.perf_counter() - clock
-
-        results = []
-        for row in range(len(vectors)):
-            clock = time.perf_counter()
-            found = self.candidates(features[row], k)
-            knn_seconds = time.perf_counter() - clock
-            clock = time.perf_counter()
-            scores = self.score(s_tests[row], found.indices, on_progress=on_progress)
-            results.append(Influence(
-                indices=found.indices, scores=scores, distances=found.distances,
-                converged=converged, s_test_norm=float(s_tests[row].norm()), cached=cached[row],
-                seconds={"gradients": gradient_seconds, "knn": knn_seconds, "s_test": s_test_seconds,
-                         "scoring": time.perf_counter() - clock},
-            ))
-        return encoded, results
+        plan = self.plan(queries, group, cache)
+        s_tests, converged, cached = self.cached_s_test(plan, solver, cache, on_progress)
+        return plan.encoded, self.influences(plan, s_tests, k, converged, cached, on_progress)
 
     @staticmethod
     def _query_key(query: Query, label: int) -> dict:
@@ -394,17 +432,3 @@ class InfluenceEngine:
                 found[i] = grad
                 cache.put("grad", keys[i], grad)
         return torch.stack([g.to(self.classifier.device) for g in found])
-
-    def _cached_s_test(self, vectors, keys, solver, cache, on_progress) -> tuple[torch.Tensor, bool, list[bool]]:
-        solver_key = {"solver": type(solver).__name__, **solver.__dict__}
-        found = [cache.get("s_test", {**key, **solver_key}) if cache else None for key in keys]
-        missing = [i for i, s in enumerate(found) if s is None]
-        converged = True
-        if missing:
-            solution = self.solve(vectors[missing], solver, on_progress)
-            converged = solution.converged
-            for i, s in zip(missing, solution.vectors):
-                found[i] = s
-                if cache is not None:
-                    cache.put("s_test", {**keys[i], **solver_key}, s)
-        return torch.stack([s.to(self.classifier.device) for s in found]), converged, [i not in missing for i in range(len(keys))]
