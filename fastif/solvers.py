@@ -60,7 +60,8 @@ def lissa(
         for step in range(config.depth):
             indices = torch.randint(num_train, (config.batch_size,), generator=generator).tolist()
             # In place: at B = 1 the vector arithmetic is a visible share of a step.
-            h.mul_(1.0 - config.damp).add_(vectors).sub_(hvp(indices, h), alpha=1.0 / config.scale)
+            curvature = hvp(indices, h)  # before h changes in place
+            h.mul_(1.0 - config.damp).add_(vectors).sub_(curvature, alpha=1.0 / config.scale)
             norm = h.norm(dim=1).max().item()
             if not math.isfinite(norm) or norm > limit:
                 raise LissaDivergedError(
