@@ -44,13 +44,14 @@ def lissa(
 
     Each of the ``depth`` steps samples ``batch_size`` training examples; the
     ``repeats`` runs use independent streams and are averaged. The estimate of a
-    positive semi-definite H stays below ‖v‖ / damp in norm; past that bound (or
-    at NaN) the recursion is diverging, which happens when ``scale`` is smaller
-    than H's largest eigenvalue.
+    positive semi-definite H stays below ‖v‖ / damp in norm. Negative curvature
+    (an under-trained model) can push it higher, so the alarm sits at 1000× that:
+    past it (or at NaN) the recursion is diverging geometrically, which happens when
+    ``scale`` is smaller than H's largest eigenvalue.
     """
     total_steps = config.depth * config.repeats
     estimates = torch.zeros_like(vectors)
-    limit = 10.0 * vectors.norm(dim=1).max().item() / config.damp
+    limit = 1000.0 * vectors.norm(dim=1).max().item() / config.damp
     norms: list[float] = []
     stable = True
     for repeat in range(config.repeats):

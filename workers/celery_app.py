@@ -18,6 +18,7 @@ from records.celery_app import BUILD_MODEL, INFLUENCE, make_celery
 from records.heartbeat import beat
 from records.settings import get_settings
 
+from . import parallel
 from .build import run_build
 from .context import context
 from .influence import run_influence
@@ -40,9 +41,23 @@ def build_model(model_id: str) -> str:
                    on_failure=lambda code, message: ctx.models.set_failed(model_id, code, message))
 
 
+def _send(name: str, args: list) -> None:
+    celery_app.send_task(name, args=args, ignore_result=True)
+
+
 @celery_app.task(name=INFLUENCE, **_RETRY)
 def influence(job_id: str) -> str:
-    return run_job(job_id, run_influence)
+    return run_job(job_id, lambda run: run_influence(run, lambda r, req: parallel.start_parallel(r, req, _send)))
+
+
+@celery_app.task(name=parallel.STEST_SHARD, **_RETRY)
+def stest_shard(job_id: str, shard: int) -> str:
+    return parallel.stest_shard(job_id, shard, _send)
+
+
+@celery_app.task(name=parallel.SCORE_SHARD, **_RETRY)
+def score_shard(job_id: str, shard: int) -> str:
+    return parallel.score_shard(job_id, shard)
 
 
 class Heartbeat:

@@ -59,13 +59,17 @@ def engine_and_cache(run: JobRun, model: Model) -> tuple[InfluenceEngine, RedisT
     return engine, cache
 
 
-def run_influence(run: JobRun) -> list[dict]:
+def run_influence(run: JobRun, start_parallel=None) -> list[dict] | None:
+    """One worker does it all, or (``parallel`` > 1 with LiSSA) hands it to shard tasks."""
     request = InfluenceRequest.model_validate(run.request)
     model = ready_model(run, request.model_id)
     key = result_cache_key(model, request)
     items = cached_results(run, key)
     if items is not None:
         return items
+    if request.parallel > 1 and request.solver == "lissa" and start_parallel is not None:
+        start_parallel(run, request)
+        return None
     run.progress("loading", 0, 1)
     engine, cache = engine_and_cache(run, model)
     encoded, influences = engine.analyze(
