@@ -122,7 +122,7 @@ class InfluenceEngine:
         self.index_config = index_config
         self.names = select_influence_params(self.model, spec.params)
         freeze_all_but(self.model, self.names)
-        stack = find_layer_stack(self.model)
+        self.stack = stack = find_layer_stack(self.model)
         first = first_influence_layer(self.model, stack, self.names)
         # Installed before the bypass, so that a bypassed last block returns its cache.
         self.first_token = FirstTokenLastBlock(stack.layers[len(stack.layers) - 1])
@@ -192,9 +192,8 @@ class InfluenceEngine:
     def _forward_capture(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Logits, first-token final-layer features and (if cached) the frozen prefix's output."""
         sink: list[torch.Tensor] = []
-        stack = find_layer_stack(self.model)
         features: list[torch.Tensor] = []
-        handle = stack.layers[len(stack.layers) - 1].register_forward_hook(
+        handle = self.stack.layers[len(self.stack.layers) - 1].register_forward_hook(
             lambda _m, _a, out: features.append((out[0] if isinstance(out, tuple) else out)[:, 0].detach())
         )
         try:
