@@ -7,8 +7,8 @@ influence job, and what the answers say about the planted mislabels.
 from __future__ import annotations
 
 import json
-import random
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +20,8 @@ from rich.table import Table
 from .demo_data import LABELS, DemoData, make_demo_data, write_train
 from .stack import free_port, start_stack
 
-console = Console()
+# Piped output (CI logs, tests) gets a wide fixed width instead of rich's 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 140)
 
 
 def _build_classifier(model_dir: Path, data: DemoData, quick: bool) -> None:
