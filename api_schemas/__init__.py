@@ -1,5 +1,22 @@
 """The HTTP contract of the FastIF service as pydantic v2 models (imports pydantic only)."""
 
+from .applications import (
+    Agreement,
+    CandidateSource,
+    CorrectRequest,
+    DataRef,
+    EvaluationSet,
+    ExplainItem,
+    ExplainRequest,
+    GraphEdge,
+    GraphInput,
+    GraphNode,
+    GraphRequest,
+    GraphResult,
+    LabelledInput,
+    SelfInfluenceItem,
+    SelfInfluenceRequest,
+)
 from .common import ErrorInfo, FiniteFloat
 from .influence import InfluenceInput, InfluenceRequest, LissaConfig
 from .jobs import TERMINAL_STATUSES, Job, JobList, JobStatus, Progress
@@ -8,6 +25,21 @@ from .problems import FieldError, Problem
 from .results import Diagnostics, Influential, Prediction, ResultItem, ResultsPage
 
 __all__ = [
+    "Agreement",
+    "CandidateSource",
+    "CorrectRequest",
+    "DataRef",
+    "EvaluationSet",
+    "ExplainItem",
+    "ExplainRequest",
+    "GraphEdge",
+    "GraphInput",
+    "GraphNode",
+    "GraphRequest",
+    "GraphResult",
+    "LabelledInput",
+    "SelfInfluenceItem",
+    "SelfInfluenceRequest",
     "Diagnostics",
     "ErrorInfo",
     "FieldError",

@@ -20,6 +20,7 @@ from .api import api_router, health
 from .body_limit import BodySizeLimitMiddleware
 from .errors import install_error_handlers
 from .metrics import Metrics, MetricsMiddleware
+from .ui import router as ui_router
 
 
 @asynccontextmanager
@@ -50,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(api_router)
+    app.include_router(ui_router)  # the page is public; its API calls carry the user's key
     # Added last = outermost: metrics also see the 413s of the body limit.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)

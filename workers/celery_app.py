@@ -14,11 +14,11 @@ import threading
 import redis
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
-from records.celery_app import BUILD_MODEL, INFLUENCE, make_celery
+from records.celery_app import BUILD_MODEL, CORRECT, EXPLAIN, GRAPH, INFLUENCE, SELF_INFLUENCE, make_celery
 from records.heartbeat import beat
 from records.settings import get_settings
 
-from . import parallel
+from . import applications, parallel
 from .build import run_build
 from .context import context
 from .influence import run_influence
@@ -58,6 +58,30 @@ def stest_shard(job_id: str, shard: int) -> str:
 @celery_app.task(name=parallel.SCORE_SHARD, **_RETRY)
 def score_shard(job_id: str, shard: int) -> str:
     return parallel.score_shard(job_id, shard)
+
+
+def _send_job(name: str, args: list, task_id: str) -> None:
+    celery_app.send_task(name, args=args, task_id=task_id, ignore_result=True)
+
+
+@celery_app.task(name=EXPLAIN, **_RETRY)
+def explain(job_id: str) -> str:
+    return run_job(job_id, applications.run_explain)
+
+
+@celery_app.task(name=GRAPH, **_RETRY)
+def graph(job_id: str) -> str:
+    return run_job(job_id, applications.run_graph)
+
+
+@celery_app.task(name=CORRECT, **_RETRY)
+def correct(job_id: str) -> str:
+    return run_job(job_id, lambda run: applications.run_correct(run, _send_job))
+
+
+@celery_app.task(name=SELF_INFLUENCE, **_RETRY)
+def self_influence(job_id: str) -> str:
+    return run_job(job_id, applications.run_self_influence)
 
 
 class Heartbeat:

@@ -3,12 +3,13 @@
 from fastapi import APIRouter
 
 from .deps import Authenticated
-from .routes import health, influence, jobs, models
+from .routes import applications, health, influence, jobs, models
 
 # Everything under /v1 needs an API key when keys are configured.
 api_router = APIRouter(dependencies=[Authenticated])
 api_router.include_router(models.router)
 api_router.include_router(influence.router)
 api_router.include_router(jobs.router)
+api_router.include_router(applications.router)
 
 __all__ = ["api_router", "health"]

@@ -1,0 +1,201 @@
+"""Sets of labelled examples encoded for an engine's model, and what the applications do with them.
+
+An :class:`ExampleSet` is the training set itself (tokens, features, index and
+cached prefix activations the engine already holds) or any other examples (an
+evaluation set, a pool of never-trained candidates) encoded the same way. The
+functions below evaluate, differentiate and score over a set, always through the
+engine's one :class:`~fastif.objective.InfluenceObjective`, so every number is of
+the same loss, over the same influence parameters, as the engine's influence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import knn
+from ..config import IndexConfig
+from ..data import Example, texts_of
+from ..encoding import Batch, Tokenized, collate, length_batches, tokenize
+from ..engine import InfluenceEngine
+from ..errors import CancelledError
+from ..params import find_layer_stack
+from ..prefix import PrefixStore
+from ..progress import ProgressCallback
+
+
+@dataclass
+class ExampleSet:
+    """Examples with their token ids, kNN features, optional faiss index and prefix activations."""
+
+    examples: list[Example]
+    tokens: Tokenized
+    features: np.ndarray  # [N, H] first-token features of the last block, as the engine's index uses
+    prefix: PrefixStore | None  # activations entering the first influence block (None: run the whole model)
+    index: object | None = None  # faiss index over ``features``
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def batch(self, engine: InfluenceEngine, indices: Sequence[int]) -> tuple[Batch, torch.Tensor | None]:
+        batch = collate(self.tokens, list(indices), engine.pad_id, engine.classifier.device)
+        hidden = self.prefix.gather_batch(list(indices), batch) if self.prefix is not None and engine.prefix is not None else None
+        return batch, hidden
+
+    def nearest(self, features: np.ndarray, k: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """The k nearest examples to ``features`` [H] (indices, L2 distances); all of them when k is None or 0."""
+        if not k or k >= len(self) or self.index is None:
+            return np.arange(len(self)), None
+        distances, indices = knn.search(self.index, np.asarray(features, dtype=np.float32).reshape(1, -1), k)
+        keep = indices[0] >= 0
+        return indices[0][keep], distances[0][keep]
+
+
+def training_set(engine: InfluenceEngine) -> ExampleSet:
+    """The engine's own training set, as prepared (features, index, prefix cache)."""
+    engine.prepare()
+    return ExampleSet(engine.train, engine.tokens, engine.features, engine.prefix_store, engine.index)
+
+
+def encode_examples(
+    engine: InfluenceEngine,
+    examples: Sequence[Example],
+    *,
+    with_index: bool = False,
+    batch_size: int = 64,
+    on_progress: ProgressCallback | None = None,
+    stage: str = "encoding",
+) -> ExampleSet:
+    """Encode ``examples`` like the training set, without adding them to it.
+
+    One forward pass per length bucket gives the kNN features (first token of the
+    last block) and the frozen prefix's output; ``with_index`` also builds a
+    faiss index of the engine's kind over the features (a pool of candidates).
+    """
+    examples = list(examples)
+    texts, pairs = texts_of(examples)
+    tokens = tokenize(engine.classifier.tokenizer, texts, pairs, [ex.label for ex in examples], engine.spec.max_length)
+    features = np.zeros((len(examples), engine.model.config.hidden_size), dtype=np.float32)
+    rows: list[np.ndarray | None] = [None] * len(examples)
+    last = find_layer_stack(engine.model).layers[-1]
+    done = 0
+    for indices in length_batches(tokens.lengths, batch_size):
+        batch = collate(tokens, indices, engine.pad_id, engine.classifier.device)
+        captured: list[torch.Tensor] = []
+        sink: list[torch.Tensor] = []
+        handle = last.register_forward_hook(
+            lambda _m, _a, out: captured.append((out[0] if isinstance(out, tuple) else out)[:, 0].detach())
+        )
+        try:
+            with torch.no_grad():
+                if engine.prefix is not None:
+                    with engine.prefix.capturing(sink):
+                        engine.model(**batch.model_inputs())
+                else:
+                    engine.model(**batch.model_inputs())
+        finally:
+            handle.remove()
+        features[indices] = captured[0].float().cpu().numpy()
+        if sink:
+            for row, i in enumerate(indices):
+                rows[i] = sink[0][row, : len(tokens.input_ids[i])].float().cpu().numpy()
+        done += len(indices)
+        if on_progress and on_progress(stage, done, len(examples)):
+            raise CancelledError(f"cancelled while {stage}")
+    prefix = PrefixStore.from_rows(rows) if engine.prefix is not None else None
+    index = knn.build_index(features, IndexConfig(kind=engine.index_config.kind)) if with_index else None
+    return ExampleSet(examples, tokens, features, prefix, index)
+
+
+@dataclass
+class Evaluation:
+    accuracy: float
+    loss: float  # mean cross-entropy (no L2 term)
+    predictions: np.ndarray  # [N] label ids
+    losses: np.ndarray  # [N] per-example cross-entropy
+
+    def summary(self) -> dict:
+        return {"accuracy": self.accuracy, "loss": self.loss}
+
+
+@torch.no_grad()
+def evaluate(engine: InfluenceEngine, data: ExampleSet, batch_size: int = 64,
+             indices: Sequence[int] | None = None) -> Evaluation:
+    """Accuracy, mean loss, predictions and per-example losses of the live model on ``data``."""
+    chosen = list(range(len(data))) if indices is None else [int(i) for i in indices]
+    predictions = np.zeros(len(chosen), dtype=np.int64)
+    losses = np.zeros(len(chosen), dtype=np.float64)
+    position = {i: p for p, i in enumerate(chosen)}
+    for chunk in length_batches([len(data.tokens.input_ids[i]) for i in chosen], batch_size):
+        members = [chosen[c] for c in chunk]
+        batch, hidden = data.batch(engine, members)
+        logits = engine.objective.logits(batch, hidden).float()
+        values = F.cross_entropy(logits, batch.labels, reduction="none").cpu().numpy()
+        guesses = logits.argmax(dim=-1).cpu().numpy()
+        for member, value, guess in zip(members, values, guesses):
+            losses[position[member]] = value
+            predictions[position[member]] = guess
+    labels = np.array([data.examples[i].label for i in chosen], dtype=np.int64)
+    accuracy = float((predictions == labels).mean()) if len(chosen) else float("nan")
+    return Evaluation(accuracy=accuracy, loss=float(losses.mean()) if len(chosen) else float("nan"),
+                      predictions=predictions, losses=losses)
+
+
+def gradient(engine: InfluenceEngine, data: ExampleSet, indices: Sequence[int]) -> torch.Tensor:
+    """∇θ of the training objective's mean over ``indices`` of ``data``, flat [P]."""
+    batch, hidden = data.batch(engine, indices)
+    return engine.objective.gradient(batch, hidden)
+
+
+def per_example_gradients(engine: InfluenceEngine, data: ExampleSet, indices: Sequence[int]) -> torch.Tensor:
+    """∇θ L(z_i) of each example alone, [len(indices), P]."""
+    return torch.stack([gradient(engine, data, [int(i)]) for i in indices])
+
+
+def influence_scores(
+    engine: InfluenceEngine,
+    data: ExampleSet,
+    s_test: torch.Tensor,
+    indices: Sequence[int],
+    batch_size: int = 64,
+    on_progress: ProgressCallback | None = None,
+) -> np.ndarray:
+    """I(z_i, z_t) = -⟨∇L(z_i), s_test⟩ for ``indices`` of ``data`` by batched JVPs (as ``engine.score``)."""
+    indices = [int(i) for i in indices]
+    scores = np.zeros(len(indices), dtype=np.float64)
+    position = {i: p for p, i in enumerate(indices)}
+    s_test = s_test.to(engine.classifier.device)
+    done = 0
+    for chunk in length_batches([len(data.tokens.input_ids[i]) for i in indices], batch_size):
+        members = [indices[c] for c in chunk]
+        batch, hidden = data.batch(engine, members)
+        values = engine.objective.directional_derivatives(batch, hidden, s_test)
+        for member, value in zip(members, values.tolist()):
+            scores[position[member]] = -value
+        done += len(chunk)
+        if on_progress and on_progress("scoring", done, len(indices)):
+            raise CancelledError("cancelled while scoring")
+    return scores
+
+
+# -- changing the influence parameters, and putting them back ------------------------------
+def snapshot(engine: InfluenceEngine) -> list[torch.Tensor]:
+    """A copy of the influence parameters (the only ones the applications ever change)."""
+    return [p.detach().clone() for p in engine.objective.params]
+
+
+@torch.no_grad()
+def restore(engine: InfluenceEngine, saved: Sequence[torch.Tensor]) -> None:
+    for param, value in zip(engine.objective.params, saved):
+        param.copy_(value)
+
+
+@torch.no_grad()
+def step(engine: InfluenceEngine, direction: torch.Tensor, lr: float) -> None:
+    """θ ← θ − lr · direction on the influence parameters."""
+    for param, chunk in zip(engine.objective.params, engine.objective.unflatten(direction.to(engine.classifier.device))):
+        param.sub_(chunk, alpha=lr)

@@ -1,0 +1,198 @@
+"""The work of FastIF's application jobs: explain, graph, correct, self-influence.
+
+Each ``run_*`` takes the JobRun that ``run_job`` gives and returns the result items.
+Explanations are cached in Redis like influence results; every job reuses the cached
+per-test gradients and s_test while the model is as registered.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from api_schemas import (
+    CorrectRequest,
+    DataRef,
+    ExplainRequest,
+    GraphRequest,
+    Model,
+    ModelCreate,
+    SelfInfluenceRequest,
+)
+from fastif import CGConfig, DataSpec, Example, InfluenceEngine, LissaConfig, Query, load_examples
+from fastif.applications import CorrectionConfig, correct, explain, influence_graph, rank_self_influence, render
+from fastif.applications.correct import save_corrected
+from records.celery_app import BUILD_MODEL
+from records.keys import cache_key
+from records.keys import job as job_key
+
+from .influence import engine_and_cache, ready_model
+from .runner import JobFailed, JobRun
+
+SendTask = Callable[[str, list, str], None]
+"""``send(task_name, args, task_id)``: publish a task (the Celery app's send_task)."""
+
+
+def _solver(request) -> LissaConfig | CGConfig:
+    lissa = LissaConfig(**request.lissa.model_dump())
+    return lissa if request.solver == "lissa" else CGConfig(damping=lissa.damping)
+
+
+def _queries(inputs) -> list[Query]:
+    return [Query(text=i.text, text_pair=i.text_pair, label=i.label) for i in inputs]
+
+
+def _state_dir(run: JobRun) -> Path:
+    settings = run.ctx.settings
+    return Path(settings.state_dir or settings.data_root / ".fastif")
+
+
+def _resolve(run: JobRun, relative: str) -> Path:
+    """A path of the request, relative to the data root; refuse anything that escapes it."""
+    root = run.ctx.settings.data_root.resolve()
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root):
+        raise JobFailed("path-outside-data-root", f"{relative!r} is not inside the data root")
+    return path
+
+
+def _load(run: JobRun, engine: InfluenceEngine, model: Model, ref: DataRef) -> list[Example]:
+    """Examples of a data file, read with the model's training-data fields unless the request says otherwise."""
+    train = model.request.train_data
+    spec = DataSpec(
+        path=str(_resolve(run, ref.path)),
+        text_field=ref.text_field or train.text_field,
+        text_pair_field=ref.text_pair_field if ref.text_field else train.text_pair_field,
+        label_field=ref.label_field or train.label_field,
+        format=ref.format or "auto",
+        quoting=ref.quoting or train.quoting,
+    )
+    examples = load_examples(spec, engine.classifier.label2id)
+    return examples[: ref.limit] if ref.limit else examples
+
+
+# -- explain -------------------------------------------------------------------------------------
+def run_explain(run: JobRun) -> list[dict]:
+    request = ExplainRequest.model_validate(run.request)
+    model = ready_model(run, request.model_id)
+    key = cache_key(model.fingerprint or model.id, "explain", request.model_dump(mode="json", exclude={"model_id"}))
+    raw = run.ctx.redis.get(key)
+    if raw is not None:
+        items = json.loads(raw)
+        for item in items:
+            item["diagnostics"]["cached"] = True
+        return items
+    run.progress("loading", 0, 1)
+    engine, cache = engine_and_cache(run, model)
+    items = explain(engine, _queries(request.inputs), k=request.k, top=request.top, solver=_solver(request),
+                    cache=cache, on_progress=run.progress)
+    run.ctx.redis.set(key, json.dumps(items, separators=(",", ":")), ex=run.ctx.settings.cache_ttl_s)
+    return items
+
+
+# -- graph ---------------------------------------------------------------------------------------
+def graph_files(job_id: str) -> dict[str, str]:
+    """Where a graph job's pictures live, relative to the state dir."""
+    return {"png": f"graphs/{job_id}.png", "svg": f"graphs/{job_id}.svg"}
+
+
+def run_graph(run: JobRun) -> list[dict]:
+    request = GraphRequest.model_validate(run.request)
+    model = ready_model(run, request.model_id)
+    run.progress("loading", 0, 1)
+    engine, cache = engine_and_cache(run, model)
+    graph = influence_graph(engine, _queries(request.inputs), [i.group for i in request.inputs], k=request.k,
+                            top=request.top, threshold=request.threshold, solver=_solver(request), cache=cache,
+                            on_progress=run.progress)
+    run.progress("rendering", 0, 1)
+    files = graph_files(run.job_id)
+    state = _state_dir(run)
+    render(graph, png_path=state / files["png"], svg_path=state / files["svg"],
+           title=f"{model.name}: influence of training examples on {len(request.inputs)} input(s)")
+    graph["files"] = files
+    graph["images"] = {fmt: f"/v1/jobs/{run.job_id}/graph.{fmt}" for fmt in files}
+    return [graph]
+
+
+# -- correct -------------------------------------------------------------------------------------
+def _evaluation(run: JobRun, engine: InfluenceEngine, model: Model, request: CorrectRequest) -> list[Example]:
+    ev = request.evaluation
+    if ev.examples is not None:
+        encoded = engine.encode(_queries(ev.examples))  # resolves the labels (names or ids)
+        return [Example(e.text, e.text_pair, label) for e, label in zip(ev.examples, encoded.labels_used)]
+    return _load(run, engine, model, DataRef(**ev.model_dump(exclude={"examples"})))
+
+
+def _register_corrected(run: JobRun, model: Model, name: str, folder: Path, send: SendTask) -> dict:
+    """A model record for the saved folder (same training data and settings) and its build job."""
+    relative = folder.resolve().relative_to(run.ctx.settings.data_root.resolve()).as_posix()
+    create = ModelCreate(name=name, model_path=relative, train_data=model.request.train_data,
+                         influence=model.request.influence, index=model.request.index)
+    new = run.ctx.models.create(create)
+    build = run.ctx.jobs.create("build_model", new.id, create.model_dump(mode="json"))
+    run.ctx.models.set_build_job(new.id, build.id)
+    send(BUILD_MODEL, [new.id], build.id)
+    return {"model_id": new.id, "name": name, "model_path": relative, "build_job_id": build.id}
+
+
+def run_correct(run: JobRun, send: SendTask) -> list[dict]:
+    request = CorrectRequest.model_validate(run.request)
+    model = ready_model(run, request.model_id)
+    run.progress("loading", 0, 1)
+    engine, cache = engine_and_cache(run, model)
+    pool = None
+    if request.candidates.pool is not None:
+        ref = request.candidates.pool
+        pool = _load(run, engine, model, DataRef(path=ref) if isinstance(ref, str) else ref)
+    evaluation = _evaluation(run, engine, model, request)
+    config = CorrectionConfig(num_points=request.num_points, lr=request.lr, steps=request.steps, trials=request.trials,
+                              seed=request.seed, k=request.candidates.k, strategies=tuple(request.strategies))
+    outcome = correct(engine, _queries(request.anchors), evaluation, config=config, solver=_solver(request), pool=pool,
+                      cache=cache, on_progress=run.progress)
+    report = outcome.report
+    report["saved_model"] = None
+    if request.save_as is not None:
+        report["saved_model"] = _save(run, engine, model, request, outcome, config, send)
+    return [report]
+
+
+def _save(run: JobRun, engine: InfluenceEngine, model: Model, request: CorrectRequest, outcome, config, send) -> dict:
+    # A redelivered job must not register the corrected model twice.
+    previous = run.ctx.redis.hget(job_key(run.job_id), "saved_model")
+    if previous:
+        return json.loads(previous)
+    helpful = outcome.points.get("helpful")
+    if not helpful:
+        raise JobFailed("invalid-request", "save_as needs the 'helpful' strategy")
+    run.progress("saving", 0, 1)
+    folder = run.ctx.settings.data_root / "corrected" / f"{request.save_as}-{run.job_id[:8]}"
+    save_corrected(engine, outcome.candidates, helpful[0], config, folder)
+    saved = _register_corrected(run, model, request.save_as, folder, send)
+    run.ctx.jobs.hset(run.job_id, {"saved_model": json.dumps(saved)})
+    return saved
+
+
+# -- self-influence ------------------------------------------------------------------------------
+def run_self_influence(run: JobRun) -> list[dict]:
+    request = SelfInfluenceRequest.model_validate(run.request)
+    model = ready_model(run, request.model_id)
+    run.progress("loading", 0, 1)
+    engine, _ = engine_and_cache(run, model)
+    if request.indices is not None:
+        bad = [i for i in request.indices if i >= engine.num_train]
+        if bad:
+            raise JobFailed("invalid-request", f"indices {bad[:5]} are not below the training set's size {engine.num_train}")
+        indices = sorted(set(request.indices))
+    elif request.sample is not None and request.sample < engine.num_train:
+        rng = np.random.default_rng(request.seed)
+        indices = sorted(int(i) for i in rng.choice(engine.num_train, size=request.sample, replace=False))
+    else:
+        indices = None
+    lissa = LissaConfig(**request.lissa.model_dump())
+    solver = {"lissa": lissa, "cg": CGConfig(damping=lissa.damping), "identity": None}[request.solver]
+    items = rank_self_influence(engine, indices, solver=solver, damping=lissa.damping, chunk=request.chunk,
+                                on_progress=run.progress)
+    return items[: request.top] if request.top else items
