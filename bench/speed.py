@@ -1,0 +1,256 @@
+"""``speed``: one query, four ways, on the same model, data and test input.
+
+(a) the original influence functions: every training example scored by a
+    per-example autograd loop, s_test by LiSSA with B = 128, J = 1000, all through
+    the whole model (``bench.reference``);
+(b) FastIF's configuration as FastIF's reference code runs it: kNN k = 1000,
+    LiSSA B = 1, J = 1000, double-backward HVPs and per-example gradients through
+    the whole model;
+(c) this engine at (b)'s configuration;
+(d) this engine at its best configuration (the ``stest`` suite's finding).
+
+(c) and (d) are run in full and timed end to end. (a) and (b) take minutes to
+hours on a CPU, so their per-step and per-example costs are measured on a sample
+and multiplied out (every LiSSA step and every candidate is the same work). Their
+quality: (b) runs exactly the algorithm of (c) on the same samples, so the sample
+is also used to check that the reference and the engine give the same numbers, and
+(b)'s scores are (c)'s; (a)'s scores are the exact (H + λI)⁻¹ solution (conjugate
+gradient over all N training examples, the value LiSSA at B = 128, J = 1000
+estimates), scored on the shared kNN candidates.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from fastif import LissaConfig, Query
+
+from .common import (Clock, bars, engine_progress, headline_block, rel_diff, setup_block, spearman, table, top_overlap,
+                     write_results)
+from .data import read_rows
+from .exact import cached_cg
+from .reference import FastIFReference
+
+
+@dataclass(frozen=True)
+class SpeedConfig:
+    k: int
+    fastif: LissaConfig  # (b) and (c)
+    original_batch: int  # (a)
+    original_depth: int
+    sample_original_steps: int
+    sample_original_examples: int
+    sample_reference_steps: int
+    sample_reference_candidates: int
+    fallback_best: LissaConfig
+    cg_tol: float = 1e-4
+
+
+DEFAULT = SpeedConfig(k=1000, fastif=LissaConfig(damp=5e-3, scale=1e4, depth=1000, batch_size=1), original_batch=128,
+                      original_depth=1000, sample_original_steps=3, sample_original_examples=100,
+                      sample_reference_steps=200, sample_reference_candidates=200,
+                      fallback_best=LissaConfig(damp=5e-3, scale=1e4, depth=100, batch_size=4))
+QUICK = SpeedConfig(k=60, fastif=LissaConfig(damp=5e-3, scale=1e4, depth=200, batch_size=1), original_batch=128,
+                    original_depth=1000, sample_original_steps=2, sample_original_examples=20,
+                    sample_reference_steps=200, sample_reference_candidates=60,
+                    fallback_best=LissaConfig(damp=5e-3, scale=1e4, depth=20, batch_size=4))
+
+
+def best_from_stest(out: Path, fallback: LissaConfig) -> tuple[LissaConfig, str]:
+    """The stest suite's chosen configuration (from ``out/stest.json``), else the fallback."""
+    path = out / "stest.json"
+    if path.is_file():
+        try:
+            best = json.loads(path.read_text())["best"]
+            config = replace(fallback, depth=int(best["J"]), batch_size=int(best["B"]), repeats=int(best["T"]))
+            reached = "reached" if best.get("reached_threshold") else "did NOT reach"
+            return config, (f"from {path.name}: the fastest configuration that {reached} 0.95 Spearman with CG "
+                            f"({best['spearman_mean']:.3f})")
+        except (KeyError, ValueError, TypeError):
+            pass
+    return fallback, f"{path.name} not found: a default configuration (run `fastif bench stest` first)"
+
+
+def _run_engine(engine, query: Query, lissa: LissaConfig, k: int) -> dict:
+    """One query through the engine's steps, timed end to end (gradients, s_test, kNN, scoring)."""
+    clock = Clock()
+    plan = engine.plan([query])
+    s_tests, converged, cached = engine.cached_s_test(plan, lissa)
+    influence = engine.influences(plan, s_tests, k, converged, cached)[0]
+    seconds = clock.seconds
+    return {"seconds": seconds, "stages": {k: float(v) for k, v in influence.seconds.items()},
+            "indices": influence.indices, "scores": influence.scores, "s_test": s_tests[0], "plan": plan,
+            "converged": converged}
+
+
+def run(setup, out: Path, config: SpeedConfig | None = None) -> dict:
+    config = config or (QUICK if setup.quick else DEFAULT)
+    clock = Clock()
+    best, best_note = best_from_stest(out, config.fallback_best)
+    train_rows = read_rows(setup.train_path)
+    row = setup.test_rows[0]
+    query = Query(row.text, label=row.label)
+    damping = config.fastif.damping
+    with bars() as progress:
+        engine = setup.engine(on_progress=engine_progress(progress))
+        if len(train_rows) != engine.num_train:
+            raise RuntimeError(f"{setup.train_path}: {len(train_rows)} rows read here, {engine.num_train} by the engine")
+        n, k = engine.num_train, min(config.k, engine.num_train)
+        # Warm-up: first-call allocations and forward-mode set-up stay out of the timings.
+        engine.analyze([query], k=10, solver=replace(config.fastif, depth=2))
+
+        task = progress.add_task("(c) engine, FastIF config", total=1)
+        c = _run_engine(engine, query, config.fastif, k)
+        progress.update(task, completed=1)
+        task = progress.add_task("(d) engine, best config", total=1)
+        d = _run_engine(engine, query, best, k)
+        progress.update(task, completed=1)
+        candidates = c["indices"]
+        assert np.array_equal(candidates, d["indices"])
+
+        task = progress.add_task("(a) exact s_test: CG, full Hessian", total=None)
+        exact, cg_info = cached_cg(engine, setup.workdir / "cg-cache", [f"{row.text}|{row.label}"], c["plan"].vectors,
+                                   damping, tol=config.cg_tol)
+        progress.update(task, total=1, completed=1)
+        scores_a = engine.score(exact[0], candidates)
+
+        # -- the reference (FastIF's influence_utils), timed on samples ------------------------------
+        reference = FastIFReference(setup.model_dir, engine.names, setup.max_length)
+        v = [g for g in reference.test_gradient(row, row.label)]
+        grad_clock = Clock()
+        for _ in range(3):
+            reference.test_gradient(row, row.label)
+        t_test_grad = grad_clock.seconds / 3
+        knn_clock = Clock()
+        reference.predict(row)
+        engine.candidates(c["plan"].features[0], k)
+        t_knn = knn_clock.seconds
+
+        # (b): LiSSA at B = 1 on the engine's sampling stream, then per-candidate gradients.
+        steps_b = min(config.sample_reference_steps, config.fastif.depth)
+        task = progress.add_task(f"(b) reference LiSSA B=1, {steps_b} steps", total=steps_b)
+        step_clock = Clock()
+        s_ref, _ = reference.s_test(v, train_rows, steps_b, 1, config.fastif.damp, config.fastif.scale,
+                                    seed=config.fastif.seed, on_step=lambda done: progress.update(task, completed=done))
+        step_b = step_clock.seconds / steps_b
+        engine_partial = engine.solve(c["plan"].vectors,
+                                      replace(config.fastif, depth=steps_b)).vectors[0] if steps_b < config.fastif.depth else c["s_test"]
+        lissa_check = rel_diff(reference.flat(s_ref), engine_partial)
+        cands_b = min(config.sample_reference_candidates, len(candidates))
+        task = progress.add_task(f"(b) reference scoring, {cands_b} candidates", total=cands_b)
+        s_for_scoring = reference.unflat(c["s_test"]) if steps_b < config.fastif.depth else s_ref
+        cand_clock = Clock()
+        sample_scores = reference.influences(s_for_scoring, [train_rows[i] for i in candidates[:cands_b]],
+                                             on_step=lambda done: progress.update(task, completed=done))
+        cand_b = cand_clock.seconds / cands_b
+        scoring_check = rel_diff(sample_scores, c["scores"][:cands_b])
+        b_full = steps_b >= config.fastif.depth and cands_b >= len(candidates)
+        scores_b = sample_scores if b_full else c["scores"]
+
+        # (a): LiSSA at B = 128 and the per-example loop over all N, both sampled.
+        steps_a = config.sample_original_steps
+        task = progress.add_task(f"(a) reference LiSSA B={config.original_batch}, {steps_a} steps", total=steps_a)
+        step_clock = Clock()
+        reference.s_test(v, train_rows, steps_a, config.original_batch, config.fastif.damp, config.fastif.scale, seed=7,
+                         on_step=lambda done: progress.update(task, completed=done))
+        step_a = step_clock.seconds / steps_a
+        examples_a = min(config.sample_original_examples, n)
+        sample = random.Random(0).sample(range(n), examples_a)
+        task = progress.add_task(f"(a) reference loop, {examples_a} of {n} examples", total=examples_a)
+        loop_clock = Clock()
+        reference.influences(reference.unflat(exact[0]), [train_rows[i] for i in sample],
+                             on_step=lambda done: progress.update(task, completed=done))
+        example_a = loop_clock.seconds / examples_a
+
+    t_a = t_test_grad + config.original_depth * step_a + n * example_a
+    t_b = t_test_grad + t_knn + config.fastif.depth * config.fastif.repeats * step_b + len(candidates) * cand_b
+    t_c, t_d = c["seconds"], d["seconds"]
+
+    def quality(scores) -> dict:
+        return {"spearman": spearman(scores, scores_a), "top10_helpful": top_overlap(scores_a, scores, 10),
+                "top10_harmful": top_overlap(scores_a, scores, 10, harmful=True)}
+
+    qualities = {"b": quality(scores_b), "c": quality(c["scores"]), "d": quality(d["scores"])}
+    headline = {"speedup_c_vs_b": round(t_b / t_c, 2), "speedup_d_vs_a": round(t_a / t_d, 1),
+                "spearman_d_vs_a": round(qualities["d"]["spearman"], 4)}
+    data = {
+        "config": {**asdict(config), "fastif": asdict(config.fastif), "fallback_best": asdict(config.fallback_best)},
+        "best": asdict(best), "best_note": best_note, "num_train": n, "k": len(candidates), "damping": damping,
+        "seconds": {"a": t_a, "b": t_b, "c": t_c, "d": t_d},
+        "measured": {"a": False, "b": b_full, "c": True, "d": True},
+        "speedups": {"c_vs_b": t_b / t_c, "d_vs_a": t_a / t_d, "d_vs_b": t_b / t_d, "c_vs_a": t_a / t_c, "b_vs_a": t_a / t_b},
+        "quality_vs_a": qualities,
+        "parts": {"test_gradient_reference": t_test_grad, "knn_reference": t_knn,
+                  "a_seconds_per_lissa_step_b128": step_a, "a_seconds_per_example": example_a,
+                  "a_samples": {"lissa_steps": steps_a, "examples": examples_a},
+                  "b_seconds_per_lissa_step_b1": step_b, "b_seconds_per_candidate": cand_b,
+                  "b_samples": {"lissa_steps": steps_b, "candidates": cands_b},
+                  "c_stages": c["stages"], "d_stages": d["stages"]},
+        "checks": {"reference_vs_engine_s_test_rel_diff": lissa_check,
+                   "reference_vs_engine_scores_rel_diff": scoring_check,
+                   "c_lissa_converged": c["converged"], "d_lissa_converged": d["converged"]},
+        "cg": cg_info, "suite_seconds": clock.seconds,
+    }
+    write_results(out, "speed", headline, data, _markdown(setup, config, best, headline, data))
+    return headline
+
+
+def _markdown(setup, config, best, headline, data) -> str:
+    s, q, p, m = data["seconds"], data["quality_vs_a"], data["parts"], data["measured"]
+    fastif = config.fastif
+    rows = [
+        ("(a) original IF", f"all N = {data['num_train']:,}", f"B={config.original_batch}, J={config.original_depth}",
+         s["a"], "extrapolated", 1.0, 1.0, 1.0, 1.0),
+        ("(b) FastIF reference code", f"kNN k = {data['k']}", f"B={fastif.batch_size}, J={fastif.depth}", s["b"],
+         "measured" if m["b"] else "extrapolated", s["a"] / s["b"], q["b"]["spearman"], q["b"]["top10_helpful"],
+         q["b"]["top10_harmful"]),
+        ("(c) this engine, FastIF config", f"kNN k = {data['k']}", f"B={fastif.batch_size}, J={fastif.depth}", s["c"],
+         "measured", s["a"] / s["c"], q["c"]["spearman"], q["c"]["top10_helpful"], q["c"]["top10_harmful"]),
+        ("(d) this engine, best config", f"kNN k = {data['k']}", f"B={best.batch_size}, J={best.depth}, T={best.repeats}",
+         s["d"], "measured", s["a"] / s["d"], q["d"]["spearman"], q["d"]["top10_helpful"], q["d"]["top10_harmful"]),
+    ]
+    checks = data["checks"]
+    c_st, d_st = p["c_stages"], p["d_stages"]
+    b_note = ("(b) was run in full" if m["b"] else
+              f"(b)'s scores are (c)'s: the same algorithm on the same samples. On the sample the reference and the engine "
+              f"agree: s_test after {p['b_samples']['lissa_steps']} steps to a relative difference of "
+              f"{checks['reference_vs_engine_s_test_rel_diff']:.1e}, and the scores of {p['b_samples']['candidates']} "
+              f"candidates to {checks['reference_vs_engine_scores_rel_diff']:.1e}")
+    return f"""# speed: one query, the original influence functions against FastIF and this engine
+
+{headline_block(headline)}
+
+Speed-ups: (c) vs (b) **{data['speedups']['c_vs_b']:.1f}×** (goal ≥ 10×); (d) vs (a) **{data['speedups']['d_vs_a']:,.0f}×**
+at Spearman {q['d']['spearman']:.3f} (goal ≥ 500× at ≥ 0.9); (d) vs (b) {data['speedups']['d_vs_b']:.1f}×; (c) vs (a)
+{data['speedups']['c_vs_a']:,.0f}×.
+
+## Set-up
+{setup_block(setup, [
+    f"- one query: the first test input, with its gold label; damp {fastif.damp}, scale {fastif.scale:g} (λ = {data['damping']:g})",
+    f"- (d)'s configuration {data['best_note']}",
+    "- quality: Spearman and top-10 overlap (most helpful / most harmful) against (a) on the shared kNN candidates. "
+    f"(a)'s scores there are exact: conjugate gradient on (H + λI) over all N training examples to relative residual "
+    f"{config.cg_tol:g} — the value that (a)'s LiSSA (B = {config.original_batch}, J = {config.original_depth}) estimates",
+    f"- (a) extrapolated: {p['a_samples']['lissa_steps']} reference LiSSA steps at B = {config.original_batch} "
+    f"({p['a_seconds_per_lissa_step_b128']:.2f} s each) × {config.original_depth}, plus {p['a_samples']['examples']} sampled "
+    f"training examples of the per-example loop ({p['a_seconds_per_example'] * 1000:.1f} ms each) × N = {data['num_train']:,}, "
+    f"plus the test gradient ({p['test_gradient_reference'] * 1000:.1f} ms)",
+    f"- (b) {'measured in full' if m['b'] else 'extrapolated'}: reference LiSSA step at B = 1 "
+    f"{p['b_seconds_per_lissa_step_b1'] * 1000:.1f} ms (timed over {p['b_samples']['lissa_steps']} steps) × {fastif.depth}, "
+    f"plus per-candidate gradient and dot product {p['b_seconds_per_candidate'] * 1000:.1f} ms (timed over "
+    f"{p['b_samples']['candidates']}) × {data['k']}, plus the test gradient and the kNN query",
+    f"- {b_note}",
+    f"- (c) stages: {', '.join(f'{k} {v:.2f} s' for k, v in c_st.items())}; (d) stages: "
+    f"{', '.join(f'{k} {v:.2f} s' for k, v in d_st.items())} (the one-time features, prefix cache and faiss index are "
+    "built before, as FastIF builds its index before querying)",
+])}
+
+## Results
+
+{table(["", "scored", "LiSSA", "seconds", "how", "speed-up vs (a)", "Spearman vs (a)", "top-10 helpful", "top-10 harmful"], rows)}
+"""

@@ -1,0 +1,65 @@
+"""Smoke test of ``fastif bench``: every suite with ``--quick`` (tiny random model, toy data) through the CLI.
+
+The suites run in the order the real benchmarks do (stest first: speed, batch and
+service read its chosen configuration from the same results folder).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HEADLINES = {
+    "stest": ("best_config", "best_seconds"),
+    "recall": ("recall_at_1000_top10",),
+    "speed": ("speedup_c_vs_b", "speedup_d_vs_a", "spearman_d_vs_a"),
+    "batch": ("per_input_cost_ratio_32_vs_1",),
+    "service": ("cached_p50_ms", "throughput_ratio_2_vs_1_workers", "poll_p99_ms"),
+}
+PLOTS = {"stest": "stest.png", "recall": "recall.png"}
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bench-results")
+
+
+def run_bench(suite: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fastif_cli.main", "bench", suite, "--quick", "--out", str(out), *extra],
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.parametrize("suite", [
+    "stest", "recall", "speed", "batch", pytest.param("service", marks=pytest.mark.integration),
+])
+def test_suite_quick_writes_its_results(suite: str, out: Path) -> None:
+    done = run_bench(suite, out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    markdown, result = out / f"{suite}.md", out / f"{suite}.json"
+    assert markdown.is_file() and result.is_file()
+    assert markdown.read_text().startswith(f"# {suite}")
+    payload = json.loads(result.read_text())
+    headline = payload["headline"]
+    for key in HEADLINES[suite]:
+        assert key in headline, f"{suite}: headline lacks {key}"
+        value = headline[key]
+        if key == "best_config":
+            assert re.fullmatch(r"J=\d+, B=\d+, T=\d+", value), value
+        else:
+            assert isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), (key, value)
+    if suite in PLOTS:
+        assert (out / PLOTS[suite]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unknown_suite_and_missing_data_are_one_line_errors(tmp_path: Path) -> None:
+    done = run_bench("nonsense", tmp_path)
+    assert done.returncode == 2 and "unknown suite" in done.stderr and "Traceback" not in done.stderr
+    done = subprocess.run([sys.executable, "-m", "fastif_cli.main", "bench", "recall", "--data",
+                           str(tmp_path / "missing.tsv"), "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "not found" in done.stderr and "Traceback" not in done.stderr
