@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import random
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -16,10 +18,26 @@ VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE, *NEGATIVE, *FI
 LABELS = ["negative", "positive"]
 
 
+def wordpiece_tokenizer(vocab_path: Path, cls=BertTokenizerFast):
+    """A WordPiece tokenizer over ``vocab_path``; checks that it really holds the vocabulary.
+
+    transformers 5 takes the vocabulary as ``vocab`` and silently ignores ``vocab_file``
+    (the tokenizer then knows only the special tokens and maps every word to [UNK]);
+    transformers 4 takes ``vocab_file``.
+    """
+    if "vocab_file" in inspect.signature(cls.__init__).parameters:
+        tokenizer = cls(vocab_file=str(vocab_path), do_lower_case=True)
+    else:
+        tokenizer = cls(vocab=str(vocab_path), do_lower_case=True)
+    words = vocab_path.read_text().split()
+    assert len(tokenizer.get_vocab()) == len(words), "the tokenizer did not load its vocabulary"
+    return tokenizer
+
+
 def make_tokenizer(folder: Path) -> BertTokenizerFast:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    return BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    return wordpiece_tokenizer(folder / "vocab.txt")
 
 
 def tiny_bert_config(layers: int = 2, hidden: int = 16, heads: int = 2, intermediate: int = 32,
@@ -114,11 +132,10 @@ def make_tiny_family(folder: Path, family: str = "bert", seed: int = 0, **config
     torch.manual_seed(seed)
     model = tiny_family_model(family, **config)
     model.save_pretrained(folder)
-    make_tokenizer(folder)
-    if family == "distilbert":  # no token_type_ids: DistilBERT's forward does not take them
-        tokenizer = DistilBertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
-    else:
-        tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    # DistilBERT's forward takes no token_type_ids, and its tokenizer makes none.
+    tokenizer = make_tokenizer(folder)
+    if family == "distilbert":
+        tokenizer = wordpiece_tokenizer(folder / "vocab.txt", DistilBertTokenizerFast)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -219,3 +236,26 @@ class Reference:
             return sum(self.loss(r, params) for r in rows) / len(rows)
 
         return torch.autograd.functional.hessian(mean_loss, theta0).detach()
+
+
+@contextmanager
+def single_thread():
+    """Run torch on one intra-op thread: tiny models gain nothing from more, and on a busy
+    machine extra threads spin against other processes (a 1 s LiSSA run became 60 s)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def assert_close(actual, expected, rtol: float) -> None:
+    """Every element within ``rtol`` of the reference, relative to itself, with an absolute floor of
+    ``rtol / 10`` of the largest reference magnitude (float32 rounding of near-zero elements)."""
+    import numpy as np
+
+    actual = np.asarray(actual.detach().double() if isinstance(actual, torch.Tensor) else actual, dtype=np.float64)
+    expected = np.asarray(expected.detach().double() if isinstance(expected, torch.Tensor) else expected, dtype=np.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=0.1 * rtol * float(np.abs(expected).max()))
