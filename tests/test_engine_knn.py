@@ -1,0 +1,158 @@
+"""kNN candidates: exact neighbours with the Flat index, high recall with IVF / HNSW, and the
+mean feature and mean test gradient of a group query."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from fastif import CGConfig, DataSpec, IndexConfig, InfluenceEngine, InfluenceSpec, Query, knn
+from tiny import Reference, assert_close, make_tiny_family, sentences, single_thread, write_jsonl
+
+NUM_TRAIN = 40
+QUERIES = [Query("the film was superb and warm"), Query("boring and sad story", label="positive"),
+           Query("it was quite nice but dull")]
+# A random tiny model is far from a minimum: its Hessian over the auto parameters has
+# eigenvalues down to about -7, so λ must exceed that for CG (H + λI must be positive definite).
+CG = CGConfig(damping=10.0, tol=1e-7)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    root = tmp_path_factory.mktemp("knn")
+    model = make_tiny_family(root / "model", "bert", seed=4, initializer_range=0.3)
+    train = write_jsonl(root / "train.jsonl", sentences(NUM_TRAIN, seed=8, noise=0.1))
+    engine = InfluenceEngine.from_paths(model, DataSpec(str(train)), InfluenceSpec(), device="cpu")
+    engine.prepare()
+    return engine
+
+
+def brute_force(features: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    distances = np.sqrt(((features.astype(np.float64) - query.astype(np.float64)) ** 2).sum(axis=1))
+    order = np.argsort(distances, kind="stable")[:k]
+    return order, distances[order]
+
+
+def test_features_are_distinct(engine):
+    assert engine.features.shape == (NUM_TRAIN, engine.model.config.hidden_size)
+    distances = np.sqrt(((engine.features[:, None] - engine.features[None]) ** 2).sum(-1))
+    off_diagonal = distances[~np.eye(NUM_TRAIN, dtype=bool)]
+    assert np.median(off_diagonal) > 0.1
+
+
+def test_flat_candidates_are_the_true_nearest_neighbours(engine):
+    encoded = engine.encode(QUERIES)
+    for query in encoded.features:
+        for k in (1, 5, 17):
+            expected, distances = brute_force(engine.features, query, k)
+            found = engine.candidates(query, k)
+            assert found.indices.tolist() == expected.tolist()
+            np.testing.assert_allclose(found.distances, distances, rtol=1e-4, atol=1e-5)
+    # a training example's own feature finds itself at distance 0
+    found = engine.candidates(engine.features[7], 3)
+    assert found.indices[0] == 7 and found.distances[0] == pytest.approx(0.0, abs=1e-3)
+
+
+def test_k_zero_or_at_least_n_scores_everything(engine):
+    for k in (None, 0, NUM_TRAIN, NUM_TRAIN + 5):
+        found = engine.candidates(engine.features[0], k)
+        assert found.indices.tolist() == list(range(NUM_TRAIN)) and found.distances is None
+
+
+def test_analyze_scores_exactly_the_nearest_candidates(engine):
+    encoded, influences = engine.analyze(QUERIES, k=6, solver=CG)
+    _, all_influences = engine.analyze(QUERIES, k=0, solver=CG)
+    assert all(i.converged for i in influences + all_influences)
+    for row, influence in enumerate(influences):
+        expected, distances = brute_force(engine.features, encoded.features[row], 6)
+        assert influence.indices.tolist() == expected.tolist()
+        np.testing.assert_allclose(influence.distances, distances, rtol=1e-4, atol=1e-5)
+        # the candidates' scores are the same as when every example is scored
+        assert_close(influence.scores, all_influences[row].scores[expected], rtol=1e-5)
+
+
+def test_group_query_uses_the_mean_feature_and_the_mean_test_gradient(engine):
+    encoded = engine.encode(QUERIES)
+    mean_feature = encoded.features.mean(axis=0)
+    _, influences = engine.analyze(QUERIES, k=7, solver=CG, group=True)
+    assert len(influences) == 1
+    group = influences[0]
+    assert group.converged
+    expected, distances = brute_force(engine.features, mean_feature, 7)
+    assert group.indices.tolist() == expected.tolist()
+    np.testing.assert_allclose(group.distances, distances, rtol=1e-4, atol=1e-5)
+    # the mean feature is not simply one input's: the group's candidates differ from each input's
+    assert any(engine.candidates(f, 7).indices.tolist() != expected.tolist() for f in encoded.features)
+    # s_test of the mean gradient: by linearity the group's scores are the mean of the inputs' scores
+    _, singles = engine.analyze(QUERIES, k=0, solver=CG)
+    mean_scores = np.mean([single.scores[expected] for single in singles], axis=0)
+    assert_close(group.scores, mean_scores, rtol=1e-4)
+    # and directly: solve for the mean of the test gradients
+    mean_grad = engine.test_gradients(encoded).mean(dim=0, keepdim=True)
+    s_test = engine.solve(mean_grad, CG).vectors[0]
+    assert_close(group.scores, engine.score(s_test, expected), rtol=1e-5)
+
+
+def test_group_test_gradient_is_the_mean_of_naive_gradients(engine, tmp_path_factory):
+    """The group's vector is the mean of ∇L(z_t) with each input's label used (given or predicted)."""
+    plan = engine.plan(QUERIES, group=True)
+    assert plan.vectors.shape == (1, engine.num_params)
+    ref = Reference(engine.classifier.path, engine.names)
+    labels = [engine.classifier.labels[i] for i in plan.encoded.labels_used]
+    assert labels[1] == "positive"  # given
+    rows = [{"text": q.text, "label": label} for q, label in zip(QUERIES, labels)]
+    assert_close(plan.vectors[0], ref.gradients(rows).mean(dim=0), rtol=1e-5)
+
+
+def clustered(n: int, dim: int, centres: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    middles = rng.normal(size=(centres, dim)) * 4.0
+    return (middles[rng.integers(centres, size=n)] + rng.normal(size=(n, dim))).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_approximate_indices_have_high_recall(kind, tmp_path):
+    features = clustered(6000, 32, 64, seed=0)
+    queries = clustered(50, 32, 64, seed=1)
+    index = knn.build_index(features, IndexConfig(kind=kind))
+    assert isinstance(index, faiss.IndexIVFFlat if kind == "ivf" else faiss.IndexHNSWFlat)
+    order = np.argsort(((queries[:, None].astype(np.float64) - features[None]) ** 2).sum(-1), axis=1)
+    for k in (10, 100):
+        distances, found = knn.search(index, queries, k)
+        recall = np.mean([len(set(f) & set(t)) / k for f, t in zip(found, order[:, :k])])
+        assert recall >= 0.9, f"{kind} recall@{k} = {recall:.3f}"
+        # the distances it reports are the true L2 distances of the neighbours it returns, nearest first
+        true_distances = np.sqrt(((queries[:, None] - features[found]) ** 2).sum(-1))
+        np.testing.assert_allclose(distances, true_distances, rtol=1e-3, atol=1e-3)
+        assert (np.diff(distances, axis=1) >= -1e-4).all()
+    # saved and loaded, the index answers the same
+    knn.save_index(index, tmp_path / "index.faiss")
+    again = knn.load_index(tmp_path / "index.faiss")
+    if kind == "ivf":
+        assert again.nprobe == index.nprobe > 1  # a reloaded IVF index must not fall back to nprobe 1
+    assert (knn.search(again, queries, 10)[1] == knn.search(index, queries, 10)[1]).all()
+
+
+def test_small_ivf_request_falls_back_to_exact(engine):
+    index = knn.build_index(engine.features, IndexConfig(kind="ivf"))  # N < 256: exact
+    assert isinstance(index, faiss.IndexFlatL2)
+
+
+def test_engine_with_hnsw_index_finds_the_nearest(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hnsw")
+    model = make_tiny_family(root / "model", "bert", seed=4, initializer_range=0.3)
+    train = write_jsonl(root / "train.jsonl", sentences(NUM_TRAIN, seed=8, noise=0.1))
+    engine = InfluenceEngine.from_paths(model, DataSpec(str(train)), InfluenceSpec(), IndexConfig(kind="hnsw"), device="cpu")
+    engine.prepare()
+    assert isinstance(engine.index, faiss.IndexHNSWFlat)
+    query = engine.encode(QUERIES[:1]).features[0]
+    expected, _ = brute_force(engine.features, query, 5)
+    assert engine.candidates(query, 5).indices.tolist() == expected.tolist()  # 40 points: HNSW is exact here
