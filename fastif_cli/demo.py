@@ -69,7 +69,10 @@ def _save_tiny_bert(model_dir: Path, data: DemoData, id2label: dict, label2id: d
     words = sorted({w for row in data.train + data.test for w in re.findall(r"\w+|[^\w\s]", row["text"].lower())})
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(model_dir / "vocab.txt"), do_lower_case=True)
+    # transformers 5 takes the vocabulary as ``vocab`` (``vocab_file`` is silently ignored).
+    tokenizer = BertTokenizerFast(vocab=str(model_dir / "vocab.txt"), do_lower_case=True)
+    if len(tokenizer.get_vocab()) != len(words) + 5:
+        raise RuntimeError("the demo tokenizer did not load its vocabulary")
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=128, num_labels=2, id2label=id2label,
