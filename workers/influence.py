@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import redis
+
 from api_schemas import InfluenceRequest, Model
 from fastif import CGConfig, InfluenceEngine, LissaConfig, Query
 from fastif.report import result_items
@@ -49,7 +51,10 @@ def cached_results(run: JobRun, key: str) -> list[dict] | None:
 
 
 def store_results(run: JobRun, key: str, items: list[dict]) -> None:
-    run.ctx.redis.set(key, json.dumps(items, separators=(",", ":")), ex=run.ctx.settings.cache_ttl_s)
+    try:
+        run.ctx.redis.set(key, json.dumps(items, separators=(",", ":")), ex=run.ctx.settings.cache_ttl_s)
+    except redis.RedisError:
+        pass  # only the cache of results: the job's own results are stored by run_job
 
 
 def engine_and_cache(run: JobRun, model: Model) -> tuple[InfluenceEngine, RedisTensorCache]:

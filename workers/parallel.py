@@ -24,7 +24,7 @@ from fastif.report import result_items
 
 from .context import WorkerContext, context
 from .influence import engine_and_cache, queries_of, ready_model, result_cache_key, store_results
-from .runner import JobFailed, JobRun, ProgressReporter
+from .runner import JobFailed, JobRun, ProgressReporter, wait_for_redis
 
 STEST_SHARD = "fastif.stest_shard"
 SCORE_SHARD = "fastif.score_shard"
@@ -91,6 +91,7 @@ def _run_shard(job_id: str, shard: int, phase: str, work) -> str:
         ctx.jobs.fail(job_id, err.code, str(err))
         return "failed"
     except redis.RedisError:
+        wait_for_redis(ctx.redis)  # the task's autoretry must publish to Redis: see run_job
         raise
     except Exception as err:
         ctx.jobs.fail(job_id, "internal-error", f"{phase} shard {shard}: {type(err).__name__}: {err}")

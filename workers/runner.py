@@ -21,6 +21,39 @@ from .context import WorkerContext, context
 
 log = logging.getLogger("fastif.workers")
 
+# How long a worker holds on through a Redis outage: to store a finished job's outcome, or
+# before handing a task back to Celery for a retry (which must publish to Redis).
+REDIS_WAIT_S = 600.0
+
+
+def wait_for_redis(client: redis.Redis, limit_s: float = REDIS_WAIT_S) -> bool:
+    """Block until Redis answers PING again, at most ``limit_s``; True if it did."""
+    deadline = time.monotonic() + limit_s
+    delay = 0.2
+    while True:
+        try:
+            if client.ping():
+                return True
+        except redis.RedisError:
+            pass
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, 5.0)
+
+
+def through_outage(write: Callable[[], Any], client: redis.Redis, limit_s: float = REDIS_WAIT_S) -> Any:
+    """``write()``, waiting out a Redis outage of up to ``limit_s`` instead of losing the outcome."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        try:
+            return write()
+        except redis.RedisError as err:
+            log.warning("redis unavailable (%s); waiting for it to store the job's outcome", err)
+            if not wait_for_redis(client, deadline - time.monotonic()):
+                raise
+
 
 class JobFailed(Exception):
     """A job that cannot finish, with the code and message for its record."""
@@ -48,8 +81,13 @@ class ProgressReporter:
         now = time.monotonic()
         if now - self._last >= self.interval_s or done == total:
             self._last = now
-            self.jobs.set_progress(self.job_id, stage, done, total)
-            self.cancelled = self.cancelled or self.jobs.cancel_requested(self.job_id)
+            try:
+                self.jobs.set_progress(self.job_id, stage, done, total)
+                self.cancelled = self.cancelled or self.jobs.cancel_requested(self.job_id)
+            except redis.RedisError as err:
+                # Progress is best effort: the computation goes on through a Redis outage,
+                # and its outcome is stored once Redis is back (through_outage).
+                log.warning("job %s: progress not recorded, redis unavailable: %s", self.job_id, err)
         return self.cancelled
 
 
@@ -71,7 +109,24 @@ def run_job(
 
     ``work`` returns the result items (stored with the success), or None when it
     has handed the job on (a parallel job's shards finish it).
+
+    When Redis goes away, the error goes back to the task's autoretry, which publishes
+    the retry to Redis: so first wait for Redis to answer again. Without that wait the
+    retry could not be published, Celery rejected the message, and the job stayed
+    `running` for good.
     """
+    try:
+        return _run_job(job_id, work, on_failure)
+    except redis.RedisError:
+        wait_for_redis(context().redis)
+        raise
+
+
+def _run_job(
+    job_id: str,
+    work: Callable[[JobRun], list[dict] | None],
+    on_failure: Callable[[str, str], None] | None,
+) -> str:
     ctx = context()
     jobs = ctx.jobs
     deliveries = jobs.start_delivery(job_id)
@@ -85,7 +140,7 @@ def run_job(
     try:
         items = work(run)
     except CancelledError:
-        jobs.mark_cancelled(job_id)
+        through_outage(lambda: jobs.mark_cancelled(job_id), jobs.redis)
         return "cancelled"
     except JobFailed as err:
         return _fail(jobs, job_id, err.code, str(err), on_failure)
@@ -98,12 +153,13 @@ def run_job(
         return _fail(jobs, job_id, "internal-error", f"{type(err).__name__}: {err}", on_failure)
     if items is None:
         return "handed-on"
-    jobs.succeed(job_id, items)
+    # Hours of computation must not be thrown away by a Redis restart at the last moment.
+    through_outage(lambda: jobs.succeed(job_id, items), jobs.redis)
     return "succeeded"
 
 
 def _fail(jobs: JobStore, job_id: str, code: str, message: str, on_failure) -> str:
-    jobs.fail(job_id, code, message)
+    through_outage(lambda: jobs.fail(job_id, code, message), jobs.redis)
     if on_failure is not None:
-        on_failure(code, message)
+        through_outage(lambda: on_failure(code, message), jobs.redis)
     return "failed"

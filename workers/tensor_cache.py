@@ -22,10 +22,18 @@ class RedisTensorCache:
         self.model_fp = model_fp
         self.ttl_s = ttl_s
 
+    # A cache: while Redis is away it misses and forgets, and the job goes on computing.
+
     def get(self, kind: str, payload: dict) -> torch.Tensor | None:
-        raw = self.client.get(cache_key(self.model_fp, kind, payload))
+        try:
+            raw = self.client.get(cache_key(self.model_fp, kind, payload))
+        except redis.RedisError:
+            return None
         return None if raw is None else load_tensors(raw)["tensor"]
 
     def put(self, kind: str, payload: dict, tensor: torch.Tensor) -> None:
         data = save_tensors({"tensor": tensor.detach().to("cpu").contiguous()})
-        self.client.set(cache_key(self.model_fp, kind, payload), data, ex=self.ttl_s)
+        try:
+            self.client.set(cache_key(self.model_fp, kind, payload), data, ex=self.ttl_s)
+        except redis.RedisError:
+            pass
