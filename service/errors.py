@@ -12,9 +12,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from celery.exceptions import OperationalError as BrokerOperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 from api_schemas import Problem
 from records.errors import IdempotencyConflict, JobNotCancellable, JobNotFound, ModelNotFound, QueueFull
+
+from .openapi import document_problems
 
 log = logging.getLogger("fastif.service")
 
@@ -132,7 +135,28 @@ async def _on_http(request: Request, exc: Exception) -> ProblemResponse:
     detail = exc.detail if isinstance(exc.detail, str) else None
     if slug == "not-found":
         detail = f"no route {request.method} {request.url.path}"
-    return _respond(request, slug, detail, headers=getattr(exc, "headers", None))
+    headers = getattr(exc, "headers", None)
+    if exc.status_code == 405:
+        headers = {**(headers or {}), "Allow": _allowed_methods(request, (headers or {}).get("Allow", ""))}
+    return _respond(request, slug, detail, headers=headers)
+
+
+_HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE")
+
+
+def _allowed_methods(request: Request, starlette_allow: str) -> str:
+    """Every method the path supports (RFC 9110: Allow names the resource's methods).
+
+    Starlette's 405 lists only the methods of the first route whose path matched, so
+    `PUT /v1/models` said `Allow: POST` although GET is there too. The OpenAPI paths
+    hold every method of every API path; Starlette's own list covers the other routes.
+    """
+    path = request.scope.get("path", "")
+    methods = {m.strip().upper() for m in starlette_allow.split(",") if m.strip()}
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        if compile_path(template)[0].match(path):
+            methods.update(m.upper() for m in operations if m.upper() in _HTTP_METHODS)
+    return ", ".join(m for m in _HTTP_METHODS if m in methods)
 
 
 async def _on_redis_down(request: Request, exc: Exception) -> ProblemResponse:
@@ -161,7 +185,8 @@ async def _on_unhandled(request: Request, exc: Exception) -> ProblemResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Make every error of `app` a problem+json response."""
+    """Make every error of `app` a problem+json response, and say so in its OpenAPI document."""
+    document_problems(app)
     app.add_exception_handler(ProblemError, _on_problem)
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(StarletteHTTPException, _on_http)

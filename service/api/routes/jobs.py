@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query
-from pydantic import BeforeValidator
+from pydantic import BeforeValidator, WithJsonSchema
 
 from api_schemas import Job, JobList, JobStatus, ResultsPage
 
@@ -20,9 +20,15 @@ def _blank_is(default: object) -> BeforeValidator:
     return BeforeValidator(lambda value: default if value == "" else value)
 
 
-StatusFilter = Annotated[JobStatus | None, _blank_is(None)]
-Offset = Annotated[int, Query(ge=0), _blank_is(0)]
-Limit = Annotated[int, Query(ge=1, le=1000), _blank_is(50)]
+def _or_blank(schema: dict) -> WithJsonSchema:
+    """The OpenAPI schema of a parameter that may also be empty (then it means its default)."""
+    return WithJsonSchema({"anyOf": [schema, {"type": "string", "maxLength": 0}]})
+
+
+StatusFilter = Annotated[JobStatus | None, _blank_is(None),
+                         _or_blank({"type": "string", "enum": ["queued", "running", "succeeded", "failed", "cancelled"]})]
+Offset = Annotated[int, Query(ge=0), _blank_is(0), _or_blank({"type": "integer", "minimum": 0})]
+Limit = Annotated[int, Query(ge=1, le=1000), _blank_is(50), _or_blank({"type": "integer", "minimum": 1, "maximum": 1000})]
 
 
 @router.get("", response_model=JobList)
