@@ -26,7 +26,9 @@ class LissaConfig(RequestModel):
     depth: Annotated[int, Field(strict=True, ge=1, le=100_000)] = 1000
     batch_size: Annotated[int, Field(strict=True, ge=1, le=1024)] = 1
     repeats: Annotated[int, Field(strict=True, ge=1, le=64)] = 1
-    seed: StrictInt = 0
+    # Bounded: the solver seeds torch with seed * 7919 + repeat (parallel shards add their
+    # index), and torch refuses seeds past 64 bits, so an unbounded seed failed the job late.
+    seed: Annotated[int, Field(strict=True, ge=0, le=2**32 - 1)] = 0
 
 
 class InfluenceRequest(RequestModel):
