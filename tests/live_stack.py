@@ -14,6 +14,7 @@ import httpx
 import pytest
 import redis
 
+from conftest import _FLUSH_KEEP_LOCK, LOCK_KEY, LOCK_TTL_S
 from fastif_cli.stack import Stack, free_port, start_stack
 from tiny import make_tiny_bert, sentences, write_jsonl
 
@@ -78,7 +79,11 @@ def live_stack(tmp_path_factory, redis_url) -> Iterator[LiveStack]:
     """Two single-process workers and the API on a free port, against the session's Redis DB."""
     root = make_data_root(tmp_path_factory.mktemp("data-root"))
     logs = tmp_path_factory.mktemp("logs")
-    redis.Redis.from_url(redis_url).flushdb()
+    # Empty the DB but keep this session's claim on it (conftest): a bare FLUSHDB dropped the
+    # claim, and another test session could then take the same DB while these workers run.
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client.eval(_FLUSH_KEEP_LOCK, 1, LOCK_KEY, client.get(LOCK_KEY) or "held", LOCK_TTL_S)
+    client.close()
     stack, url, used_redis = start_stack("127.0.0.1", free_port(), workers=2, log_dir=logs,
                                          extra_env={"REDIS_URL": redis_url, "FASTIF_DATA_ROOT": str(root)})
     try:
