@@ -15,6 +15,8 @@ import httpx
 import pytest
 import redis
 
+from conftest import _FLUSH_KEEP_LOCK, LOCK_KEY, LOCK_TTL_S
+
 from app_tasks import twist_task
 from fastif_cli.stack import free_port, start_stack
 from live_stack import wait_for
@@ -41,7 +43,9 @@ def ui_stack(tmp_path_factory, redis_url) -> Iterator[tuple[str, dict]]:
     _playwright()
     root = tmp_path_factory.mktemp("ui-root")
     twist = twist_task(root)
-    redis.Redis.from_url(redis_url).flushdb()
+    # Empty the DB but keep the session's claim on it (see conftest).
+    _client = redis.Redis.from_url(redis_url, decode_responses=True)
+    _client.eval(_FLUSH_KEEP_LOCK, 1, LOCK_KEY, _client.get(LOCK_KEY) or "held", LOCK_TTL_S)
     procs, url, _ = start_stack("127.0.0.1", free_port(), workers=1, log_dir=tmp_path_factory.mktemp("ui-logs"),
                                 extra_env={"REDIS_URL": redis_url, "FASTIF_DATA_ROOT": str(root),
                                            "FASTIF_API_KEYS": API_KEY})
