@@ -162,15 +162,15 @@ def setup_block(setup, extra: Sequence[str] = ()) -> str:
     return "\n".join(lines)
 
 
-def plot(path: Path, draw) -> Path:
-    """Draw with matplotlib's Agg backend into ``path`` (PNG)."""
+def plot(path: Path, draw, panels: int = 1) -> Path:
+    """Draw with matplotlib's Agg backend into ``path`` (PNG); ``draw`` gets one axis, or a list of ``panels``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4.5), dpi=110)
-    draw(axis)
+    figure, axes = plt.subplots(1, panels, figsize=(7 * panels, 4.5), dpi=110, squeeze=False)
+    draw(axes[0][0] if panels == 1 else list(axes[0]))
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)

@@ -68,12 +68,13 @@ def batched_cg(engine: InfluenceEngine, vectors: torch.Tensor, damping: float, t
 
 
 def gradient_scores(engine: InfluenceEngine, indices, directions: torch.Tensor, chunk: int = 64,
-                    on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+                    on_step: Callable[[int], None] | None = None, norms: list | None = None) -> torch.Tensor:
     """``-⟨∇L(z_i), d⟩`` for every training index and every row d of ``directions``: [m, len(indices)].
 
     The same numbers as ``InfluenceEngine.score`` (which takes one JVP pass per direction),
     computed from each candidate's gradient once, so that many directions (LiSSA
-    snapshots) cost one gradient per candidate plus a matrix product.
+    snapshots) cost one gradient per candidate plus a matrix product. ``norms``, when
+    given, receives each candidate's gradient norm.
     """
     indices = [int(i) for i in indices]
     out = torch.zeros(len(directions), len(indices), dtype=torch.float64)
@@ -84,6 +85,8 @@ def gradient_scores(engine: InfluenceEngine, indices, directions: torch.Tensor, 
             rows.append(engine.objective.gradient(batch, hidden))
         grads = torch.stack(rows)
         out[:, start:start + len(rows)] = -(directions @ grads.T).double()
+        if norms is not None:
+            norms.extend(grads.norm(dim=1).tolist())
         if on_step:
             on_step(start + len(rows))
     return out

@@ -31,7 +31,7 @@ class RecallConfig:
 
 
 DEFAULT = RecallConfig(inputs_each=10, ks=(10, 20, 50, 100, 200, 500, 1000), ms=(10, 100),
-                       lissa=LissaConfig(damp=5e-3, scale=1e4, depth=1000, batch_size=1))
+                       lissa=LissaConfig(damp=5e-3, scale=1e4, depth=300, batch_size=1))
 QUICK = RecallConfig(inputs_each=3, ks=(5, 10, 24), ms=(5, 10), lissa=LissaConfig(damp=5e-3, scale=1e4, depth=50, batch_size=1))
 
 
@@ -54,24 +54,30 @@ def run(setup, out: Path, config: RecallConfig | None = None) -> dict:
     with bars() as progress:
         engine = setup.engine(on_progress=engine_progress(progress))
         n = engine.num_train
+        train_labels = [ex.label for ex in engine.train]
         ks = sorted({k for k in config.ks if k <= max(1, n // 10)} | {max(1, n // 10)})
         rows, correct = choose_inputs(engine, setup.test_rows, config.inputs_each)
         plan = engine.plan([Query(r.text, label=r.label) for r in rows])
         solution = engine.solve(plan.vectors, config.lissa, on_progress=engine_progress(progress))
         s_tests = solution.vectors
         task = progress.add_task(f"influence of all {n} training examples", total=n)
-        scores = gradient_scores(engine, range(n), s_tests, on_step=lambda done: progress.update(task, completed=done))
+        norms: list[float] = []
+        scores = gradient_scores(engine, range(n), s_tests, on_step=lambda done: progress.update(task, completed=done),
+                                 norms=norms)
         scores = scores.numpy()  # [inputs, N]
+    grad_norm = np.asarray(norms)
+    norm_percentile = grad_norm.argsort().argsort() / (n - 1)  # 0 = smallest gradient, 1 = largest
 
     k_max = max(ks)
     per_input = []
     for i in range(len(rows)):
         order = engine.candidates(plan.features[i], k_max).indices
         ranking = np.argsort(scores[i], kind="stable")
-        entry = {"correct": correct[i], "label": rows[i].label, "recall": {}}
+        entry = {"correct": correct[i], "label": rows[i].label, "recall": {}, "top_gradient_norm_percentile": {}}
         for m in config.ms:
             for side, top in (("helpful", ranking[:m]), ("harmful", ranking[::-1][:m])):
                 entry["recall"][f"{side}_top{m}"] = {k: recall_at(order, top, k) for k in ks}
+                entry["top_gradient_norm_percentile"][f"{side}_top{m}"] = float(norm_percentile[top].mean())
         per_input.append(entry)
 
     def mean(key: str, k: int, subset=None) -> float:
@@ -82,6 +88,18 @@ def run(setup, out: Path, config: RecallConfig | None = None) -> dict:
     summary = {key: {k: mean(key, k) for k in ks} for key in keys}
     by_group = {group: {key: {k: mean(key, k, flag) for k in ks} for key in keys}
                 for group, flag in (("predicted_right", True), ("predicted_wrong", False))}
+    # Why recall is what it is: where the most influential examples sit by gradient norm, and by distance.
+    diagnosis = {
+        "top10_gradient_norm_percentile": {side: float(np.mean([e["top_gradient_norm_percentile"][f"{side}_top{min(config.ms)}"]
+                                                                for e in per_input]))
+                                           for side in ("helpful", "harmful")},
+        "top10_share_with_training_label_equal_to_test_label": {
+            side: float(np.mean([np.mean([train_labels[j] == rows[i].label for j in
+                                          (np.argsort(scores[i], kind="stable")[:min(config.ms)] if side == "helpful"
+                                           else np.argsort(scores[i], kind="stable")[::-1][:min(config.ms)])])
+                                 for i in range(len(rows))]))
+            for side in ("helpful", "harmful")},
+    }
     head_k = config.headline_k if config.headline_k in ks else k_max
     m0 = min(config.ms)
     headline = {"recall_at_1000_top10": round((summary[f"helpful_top{m0}"][head_k] + summary[f"harmful_top{m0}"][head_k]) / 2, 4)}
@@ -91,7 +109,8 @@ def run(setup, out: Path, config: RecallConfig | None = None) -> dict:
     data = {"config": {**asdict(config), "lissa": asdict(config.lissa)}, "num_train": n, "ks": ks,
             "headline_k": head_k, "headline_m": m0, "inputs": len(rows), "predicted_right": sum(correct),
             "predicted_wrong": len(correct) - sum(correct), "lissa_converged": solution.converged,
-            "recall_mean": summary, "recall_by_group": by_group, "per_input": per_input, "suite_seconds": clock.seconds}
+            "recall_mean": summary, "recall_by_group": by_group, "diagnosis": diagnosis, "per_input": per_input,
+            "suite_seconds": clock.seconds}
     write_results(out, "recall", headline, data, _markdown(setup, config, headline, data, summary, by_group, ks, keys, png))
     return headline
 
@@ -115,6 +134,10 @@ def _markdown(setup, config, headline, data, summary, by_group, ks, keys, png) -
     group_rows = [(group.replace("_", " "), *[values[key][data["headline_k"]] for key in keys])
                   for group, values in by_group.items()]
     lissa = config.lissa
+    diag = data["diagnosis"]
+    percentiles = diag["top10_gradient_norm_percentile"].values()
+    large = (": influence is ⟨∇L(z), s_test⟩, so examples with large loss gradients (the model still gets them wrong or "
+             "is unsure) dominate both ends, wherever they sit in feature space;" if min(percentiles) >= 0.75 else ";")
     return f"""# recall: do the k nearest neighbours hold the most influential training examples?
 
 FastIF's kNN recall experiment: full influence over all N training examples against the kNN candidate set.
@@ -144,4 +167,15 @@ k = {data['headline_k']}{'' if data['headline_k'] == 1000 else ' (k = 1000 excee
 ## By prediction, at k = {data['headline_k']}
 
 {table(["inputs", *[key.replace('_', ' ') for key in keys]], group_rows)}
+
+## What the most influential examples are
+
+- gradient norm: the top-{data['headline_m']} helpful sit on average at percentile
+  {diag['top10_gradient_norm_percentile']['helpful'] * 100:.0f} of all N training-gradient norms, the harmful at percentile
+  {diag['top10_gradient_norm_percentile']['harmful'] * 100:.0f} (50 would be typical){large}
+- label: {diag['top10_share_with_training_label_equal_to_test_label']['helpful'] * 100:.0f}% of the top-{data['headline_m']}
+  helpful carry the test input's label, and {diag['top10_share_with_training_label_equal_to_test_label']['harmful'] * 100:.0f}%
+  of the harmful do;
+- the kNN query is the test input's [CLS] feature under L2: it finds examples that look alike to the model, while the
+  score also weighs how large and how aligned each example's loss gradient is.
 """
