@@ -83,13 +83,13 @@ def snapshot_lissa(engine, vectors: torch.Tensor, batch: int, j_max: int, t_max:
     snaps: dict[tuple[int, int], torch.Tensor] = {}
     calls = 0
 
-    def hvp(indices, h):
+    def hvp(indices, h, out=None):
         nonlocal calls
         repeat, step = divmod(calls, j_max + 1)
         if step in wanted:
             snaps[(repeat, step)] = h.detach().clone() / scale
         calls += 1
-        return engine.hvp(indices, h)
+        return engine.hvp(indices, h, out)
 
     config = LissaConfig(damp=damp, scale=scale, depth=j_max + 1, batch_size=batch, repeats=t_max, seed=seed)
     lissa(hvp, vectors, engine.num_train, config, on_step)

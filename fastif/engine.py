@@ -20,6 +20,7 @@ from . import knn
 from .config import CGConfig, DataSpec, IndexConfig, InfluenceSpec, LissaConfig
 from .data import Example, load_examples, resolve_label, texts_of
 from .encoding import Batch, Tokenized, collate, length_batches, tokenize
+from .allocator import keep_freed_memory
 from .errors import CancelledError
 from .first_token import FirstTokenLastBlock
 from .fingerprint import combine, file_digest, model_digest
@@ -29,6 +30,7 @@ from .params import find_layer_stack, first_influence_layer, freeze_all_but, sel
 from .prefix import FrozenPrefix, PrefixStore, write_meta
 from .progress import ProgressCallback
 from .solvers import Solution, conjugate_gradient, lissa
+from .top import TopOfModel, head_of
 
 Solver = LissaConfig | CGConfig
 ARTEFACT_VERSION = 1
@@ -115,6 +117,7 @@ class InfluenceEngine:
         artefact_dir: Path | None = None,
         data_digest: str = "",
     ):
+        keep_freed_memory()
         self.classifier = classifier
         self.model = classifier.model
         self.train = list(train)
@@ -145,6 +148,7 @@ class InfluenceEngine:
         if self.prefix is not None:
             self._learn_block_outputs()
         self._check_first_token()
+        self._check_top()
 
     @classmethod
     def from_paths(
@@ -188,6 +192,24 @@ class InfluenceEngine:
             self.first_token.enabled = False
             full = self.model(**batch.model_inputs()).logits
         self.first_token.enabled = bool(torch.allclose(fast, full, rtol=1e-4, atol=1e-5))
+
+    def _check_top(self) -> None:
+        """Run cached activations straight into the last block and head, if that gives the model's own logits."""
+        head = head_of(self.model)
+        last = len(self.stack.layers) - 1
+        if head is None or not self.first_token.enabled or self.prefix is None or self.prefix.first != last:
+            return
+        top = TopOfModel(self.model, self.stack.layers[last], head)
+        indices = sorted(range(min(self.num_train, 8)), key=lambda i: -len(self.tokens.input_ids[i]))[:2]
+        batch = collate(self.tokens, indices, self.pad_id, self.classifier.device)
+        try:
+            full, _, hidden = self._forward_capture(batch)
+            with torch.no_grad():
+                fast = top(hidden, batch.attention_mask)
+        except (AttributeError, TypeError, RuntimeError):
+            return  # a head of another shape than its family's usual one
+        if fast.shape == full.shape and torch.allclose(fast, full, rtol=1e-4, atol=1e-5):
+            self.objective.top = top
 
     def _forward_capture(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Logits, first-token final-layer features and (if cached) the frozen prefix's output."""
@@ -281,10 +303,10 @@ class InfluenceEngine:
         hidden = self.prefix_store.gather_batch(indices, batch) if self.prefix_store is not None else None
         return batch, hidden
 
-    def hvp(self, indices: Sequence[int], vectors: torch.Tensor) -> torch.Tensor:
-        """H·v with H the Hessian of the mean loss over training examples ``indices``."""
+    def hvp(self, indices: Sequence[int], vectors: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """H·v with H the Hessian of the mean loss over training examples ``indices`` (into ``out`` if given)."""
         batch, hidden = self._batch(indices)
-        return self.objective.hvp(batch, hidden, vectors)
+        return self.objective.hvp(batch, hidden, vectors, out)
 
     def full_hvp(self, vectors: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         """H·v with H the Hessian of the mean loss over the whole training set."""

@@ -17,6 +17,7 @@ from .encoding import Batch
 from .modeling import Classifier
 from .params import decay_mask, flatten
 from .prefix import FrozenPrefix
+from .top import TopOfModel
 
 
 class InfluenceObjective:
@@ -32,6 +33,8 @@ class InfluenceObjective:
         self.model = classifier.model
         self.names = list(names)
         self.prefix = prefix
+        # Set by the engine once checked: runs cached activations straight into the last block.
+        self.top: TopOfModel | None = None
         self.weight_decay = float(weight_decay)
         all_params = dict(self.model.named_parameters())
         self.params = [all_params[n] for n in self.names]
@@ -51,6 +54,8 @@ class InfluenceObjective:
 
     # -- forward -----------------------------------------------------------
     def _forward(self, batch: Batch, hidden: torch.Tensor | None, params: dict | None = None) -> torch.Tensor:
+        if hidden is not None and self.top is not None:
+            return self.top.logits(hidden, batch.attention_mask, params)
         inputs = batch.model_inputs()
         if hidden is not None and self.prefix is not None:
             with self.prefix.injected(hidden):
@@ -73,8 +78,8 @@ class InfluenceObjective:
 
     def mean_loss(self, batch: Batch, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Mean cross-entropy of the batch plus the L2 term, on the live parameters."""
-        logits = self._forward(batch, hidden)
-        return F.cross_entropy(logits, batch.labels) + self.regularizer(self.params)
+        loss = F.cross_entropy(self._forward(batch, hidden), batch.labels)
+        return loss + self.regularizer(self.params) if self.weight_decay else loss
 
     # -- derivatives -------------------------------------------------------------
     def gradient(self, batch: Batch, hidden: torch.Tensor | None = None) -> torch.Tensor:
@@ -82,19 +87,23 @@ class InfluenceObjective:
         loss = self.mean_loss(batch, hidden)
         return flatten(torch.autograd.grad(loss, self.params))
 
-    def hvp(self, batch: Batch, hidden: torch.Tensor | None, vectors: torch.Tensor) -> torch.Tensor:
-        """H·v for each row of ``vectors`` [m, P], H the Hessian of the batch's mean loss.
+    def hvp(self, batch: Batch, hidden: torch.Tensor | None, vectors: torch.Tensor,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+        """H·v for each row of ``vectors`` [m, P], H the Hessian of the batch's mean loss; into ``out`` if given.
 
         Double backward: the first gradient's graph is built once per batch and
         reused for every vector, so m vectors cost one forward and m backwards.
+        A LiSSA run passes the same ``out`` at every step: [m, P] is tens of MB,
+        which a fresh allocation would fault in page by page each time.
         """
+        out = torch.empty_like(vectors) if out is None else out
         loss = self.mean_loss(batch, hidden)
         grads = torch.autograd.grad(loss, self.params, create_graph=True)
-        rows = []
         for row, v in enumerate(vectors):
             retain = row < len(vectors) - 1
-            rows.append(flatten(torch.autograd.grad(grads, self.params, grad_outputs=self.unflatten(v), retain_graph=retain)))
-        return torch.stack(rows) if len(rows) > 1 else rows[0].unsqueeze(0)
+            rows = torch.autograd.grad(grads, self.params, grad_outputs=self.unflatten(v), retain_graph=retain)
+            torch.cat([g.reshape(-1) for g in rows], out=out[row])
+        return out
 
     def directional_derivatives(self, batch: Batch, hidden: torch.Tensor | None, direction: torch.Tensor) -> torch.Tensor:
         """⟨∇θ L(z_i), d⟩ for every example z_i of ``batch`` in one forward-mode pass, [len(batch)]."""
@@ -102,12 +111,7 @@ class InfluenceObjective:
         tangents = dict(zip(self.names, self.unflatten(direction)))
 
         def per_example_losses(params: dict) -> torch.Tensor:
-            if hidden is not None and self.prefix is not None:
-                with self.prefix.injected(hidden):
-                    logits = self._call(batch.model_inputs(), params)
-            else:
-                logits = self._call(batch.model_inputs(), params)
-            return F.cross_entropy(logits, batch.labels, reduction="none")
+            return F.cross_entropy(self._forward(batch, hidden, params), batch.labels, reduction="none")
 
         _, derivative = jvp(per_example_losses, (primals,), (tangents,))
         if self.weight_decay:

@@ -15,7 +15,8 @@ import torch
 from .config import CGConfig, LissaConfig
 from .errors import CancelledError, LissaDivergedError
 
-HVP = Callable[[Sequence[int], torch.Tensor], torch.Tensor]
+HVP = Callable[..., torch.Tensor]
+"""``hvp(indices, vectors, out=None)``: H_batch · v for each row of ``vectors``; it may write into ``out``."""
 StepCallback = Callable[[int, int], bool]
 """Called as ``on_step(done, total)``; returning True asks the solver to stop (cancellation)."""
 
@@ -54,15 +55,18 @@ def lissa(
     limit = 1000.0 * vectors.norm(dim=1).max().item() / config.damp
     norms: list[float] = []
     stable = True
+    # In place, into buffers reused at every step: at B = 1 the vector arithmetic and
+    # fresh [m, P] allocations would be a visible share of a step.
+    curvature = torch.empty_like(vectors)
     for repeat in range(config.repeats):
         generator = lissa_generator(config.seed, repeat)
         h = vectors.clone()
         window: list[float] = []
         for step in range(config.depth):
             indices = torch.randint(num_train, (config.batch_size,), generator=generator).tolist()
-            # In place: at B = 1 the vector arithmetic is a visible share of a step.
-            curvature = hvp(indices, h)  # before h changes in place
-            h.mul_(1.0 - config.damp).add_(vectors).sub_(curvature, alpha=1.0 / config.scale)
+            curvature = hvp(indices, h, out=curvature)  # before h changes in place
+            torch.add(vectors, h, alpha=1.0 - config.damp, out=h)
+            h.sub_(curvature, alpha=1.0 / config.scale)
             norm = h.norm(dim=1).max().item()
             if not math.isfinite(norm) or norm > limit:
                 raise LissaDivergedError(

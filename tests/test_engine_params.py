@@ -131,6 +131,8 @@ def test_engine_scores_equal_the_naive_loop_on_every_family(name, tmp_path):
     if prefixed:
         assert engine.prefix.first == LAYERS - 1
     assert engine.first_token.enabled == (family in ("bert", "roberta", "electra"))
+    # cached activations go straight into the last block and head (fastif/top.py) where the family allows
+    assert (engine.objective.top is not None) == (prefixed and family in ("bert", "roberta", "electra"))
     ref = Reference(model, engine.names)
     assert engine.num_params == ref.num_params
     direction = torch.randn(engine.num_params, generator=torch.Generator().manual_seed(1))

@@ -17,20 +17,21 @@ from tiny import Reference, assert_close, make_tiny_family, sentences, single_th
 NUM_TRAIN = 24
 PAIRS = ["the story was fun", "it was dull and cold", "quite a lovely film"]
 
-# name -> (family, model config, influence params, text pairs?, prefix cached?, first-token last block?)
+# name -> (family, model config, influence params, text pairs?, prefix cached?, first-token last block?,
+#          cached activations straight into the last block and head (fastif/top.py)?)
 CASES = {
     # auto on BERT: last block + pooler + head; prefix cached, last block first-token only
-    "bert-auto": ("bert", {"layers": 3}, "auto", False, True, True),
+    "bert-auto": ("bert", {"layers": 3}, "auto", False, True, True, True),
     # two blocks: the prefix is only block 0, the last block still runs first-token only
     "bert-two-layers": ("bert", {"layers": 3}, ("bert.encoder.layer.1", "bert.encoder.layer.2", "bert.pooler", "classifier"),
-                        False, True, True),
+                        False, True, True, False),
     # embeddings among the params: nothing can be cached, the whole model runs every time
     "bert-no-prefix": ("bert", {"layers": 2}, ("bert.embeddings.word_embeddings", "bert.encoder.layer.1", "classifier"),
-                       False, False, True),
+                       False, False, True, False),
     # sentence pairs: token_type_ids through the cache and the first-token block
-    "bert-pairs": ("bert", {"layers": 2}, "auto", True, True, True),
+    "bert-pairs": ("bert", {"layers": 2}, "auto", True, True, True, True),
     # DistilBERT's blocks are not BERT-shaped: the first-token optimisation is off
-    "distilbert-auto": ("distilbert", {"layers": 3}, "auto", False, True, False),
+    "distilbert-auto": ("distilbert", {"layers": 3}, "auto", False, True, False, False),
 }
 
 
@@ -42,7 +43,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module", params=list(CASES))
 def case(request, tmp_path_factory):
-    family, config, params, pairs, prefixed, first_token = CASES[request.param]
+    family, config, params, pairs, prefixed, first_token, top = CASES[request.param]
     root = tmp_path_factory.mktemp(request.param)
     model = make_tiny_family(root / "model", family, seed=11, initializer_range=0.3, **config)
     rows = sentences(NUM_TRAIN, seed=2, noise=0.2)
@@ -56,6 +57,7 @@ def case(request, tmp_path_factory):
     assert (engine.prefix is not None) == prefixed
     assert (engine.prefix_store is not None) == prefixed
     assert engine.first_token.enabled == first_token
+    assert (engine.objective.top is not None) == top
     ref_rows = [{"text": r["premise"], "text_pair": r["text"], "label": r["label"]} if pairs else r for r in rows]
     ref = Reference(model, engine.names)
     return engine, ref, ref_rows

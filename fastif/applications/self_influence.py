@@ -40,9 +40,9 @@ class BatchedHVP:
         self.calls = 0
         self.timings: dict[str, float] = {}
 
-    def __call__(self, indices, vectors: torch.Tensor) -> torch.Tensor:
+    def __call__(self, indices, vectors: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if len(vectors) < 2 or self.mode == "loop":
-            return self.engine.hvp(indices, vectors)
+            return self.engine.hvp(indices, vectors, out)
         if self.mode == "batched":
             return self._batched(indices, vectors)
         self.calls += 1
