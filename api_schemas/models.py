@@ -33,9 +33,14 @@ class InfluenceSettings(RequestModel):
 
 
 class IndexSettings(RequestModel):
-    """The kNN index built over the training features."""
+    """The kNN index that picks each query's candidates."""
 
-    kind: Literal["flat", "ivf", "hnsw"] = "flat"
+    kind: Literal["flat", "ivf", "hnsw"] = Field(
+        "flat", description="flat: exact; ivf or hnsw: approximate, faster at hundreds of thousands of examples")
+    space: Literal["gradient", "feature"] = Field(
+        "gradient", description="gradient: the training examples whose output-layer loss gradient has the largest "
+                                "inner product (either sign) with the input's; feature: FastIF's L2 neighbours of the "
+                                "first-token features")
 
 
 class ModelCreate(RequestModel):

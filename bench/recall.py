@@ -1,10 +1,11 @@
-"""``recall``: FastIF's kNN recall experiment.
+"""``recall``: FastIF's kNN recall experiment, in both of the engine's candidate spaces.
 
 For test inputs half predicted right and half wrong, every training example is
-scored by influence (s_test from the engine's LiSSA at FastIF's configuration,
-J = 1000, B = 1; gold labels), and we ask what share of the m most helpful and the
-m most harmful examples (m = 10, 100) are among the k nearest neighbours of the
-input in the faiss feature index, for k from 10 to N/10.
+scored by influence (s_test from the engine's LiSSA; gold labels), and we ask what
+share of the m most helpful and the m most harmful examples (m = 10, 100) are among
+the k candidates of the input, for k from 10 to N/10: the k strongest inner products
+of output-layer gradients (the engine's default space) and FastIF's k nearest
+first-token features under L2 (fastif/knn.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastif import LissaConfig, Query
+from fastif import IndexConfig, LissaConfig, Query, knn
 
 from .common import Clock, bars, engine_progress, headline_block, plot, setup_block, table, write_results
 from .exact import gradient_scores
@@ -69,25 +70,33 @@ def run(setup, out: Path, config: RecallConfig | None = None) -> dict:
     norm_percentile = grad_norm.argsort().argsort() / (n - 1)  # 0 = smallest gradient, 1 = largest
 
     k_max = max(ks)
+    # The engine's own index searches the gradient space; FastIF's feature index over the same features.
+    indices = {"gradient": engine.index, "feature": knn.build_index(engine.features, IndexConfig(space="feature"))}
+    queries = {"gradient": [q.key for q in plan.search], "feature": [q.feature for q in plan.search]}
     per_input = []
     for i in range(len(rows)):
-        order = engine.candidates(plan.features[i], k_max).indices
         ranking = np.argsort(scores[i], kind="stable")
-        entry = {"correct": correct[i], "label": rows[i].label, "recall": {}, "top_gradient_norm_percentile": {}}
+        entry = {"correct": correct[i], "label": rows[i].label, "recall": {space: {} for space in SPACES},
+                 "top_gradient_norm_percentile": {}}
+        for space in SPACES:
+            order = knn.search(indices[space], queries[space][i], k_max)
+            for m in config.ms:
+                for side, top in (("helpful", ranking[:m]), ("harmful", ranking[::-1][:m])):
+                    entry["recall"][space][f"{side}_top{m}"] = {k: recall_at(order, top, k) for k in ks}
         for m in config.ms:
             for side, top in (("helpful", ranking[:m]), ("harmful", ranking[::-1][:m])):
-                entry["recall"][f"{side}_top{m}"] = {k: recall_at(order, top, k) for k in ks}
                 entry["top_gradient_norm_percentile"][f"{side}_top{m}"] = float(norm_percentile[top].mean())
         per_input.append(entry)
 
-    def mean(key: str, k: int, subset=None) -> float:
+    def mean(space: str, key: str, k: int, subset=None) -> float:
         chosen = [e for e in per_input if subset is None or e["correct"] == subset]
-        return float(np.mean([e["recall"][key][k] for e in chosen])) if chosen else float("nan")
+        return float(np.mean([e["recall"][space][key][k] for e in chosen])) if chosen else float("nan")
 
     keys = [f"{side}_top{m}" for m in config.ms for side in ("helpful", "harmful")]
-    summary = {key: {k: mean(key, k) for k in ks} for key in keys}
-    by_group = {group: {key: {k: mean(key, k, flag) for k in ks} for key in keys}
-                for group, flag in (("predicted_right", True), ("predicted_wrong", False))}
+    summary = {space: {key: {k: mean(space, key, k) for k in ks} for key in keys} for space in SPACES}
+    by_group = {space: {group: {key: {k: mean(space, key, k, flag) for k in ks} for key in keys}
+                        for group, flag in (("predicted_right", True), ("predicted_wrong", False))}
+                for space in SPACES}
     # Why recall is what it is: where the most influential examples sit by gradient norm, and by distance.
     diagnosis = {
         "top10_gradient_norm_percentile": {side: float(np.mean([e["top_gradient_norm_percentile"][f"{side}_top{min(config.ms)}"]
@@ -102,7 +111,11 @@ def run(setup, out: Path, config: RecallConfig | None = None) -> dict:
     }
     head_k = config.headline_k if config.headline_k in ks else k_max
     m0 = min(config.ms)
-    headline = {"recall_at_1000_top10": round((summary[f"helpful_top{m0}"][head_k] + summary[f"harmful_top{m0}"][head_k]) / 2, 4)}
+
+    def both_sides(space: str) -> float:
+        return round((summary[space][f"helpful_top{m0}"][head_k] + summary[space][f"harmful_top{m0}"][head_k]) / 2, 4)
+
+    headline = {"recall_at_1000_top10": both_sides("gradient"), "recall_at_1000_top10_feature_knn": both_sides("feature")}
 
     out.mkdir(parents=True, exist_ok=True)
     png = plot(out / "recall.png", lambda ax: _draw(ax, summary, ks, n, keys))
@@ -115,13 +128,18 @@ def run(setup, out: Path, config: RecallConfig | None = None) -> dict:
     return headline
 
 
+SPACES = ("gradient", "feature")
+SPACE_NAMES = {"gradient": "gradient space (the engine's default)", "feature": "feature space (FastIF's kNN)"}
+
+
 def _draw(ax, summary, ks, n, keys) -> None:
-    for key in keys:
-        ax.plot(ks, [summary[key][k] for k in ks], marker="o", ms=3, ls="-" if "helpful" in key else "--",
-                label=key.replace("_", " "))
+    for space, style in zip(SPACES, ("-", "--")):
+        for colour, key in enumerate(keys):
+            ax.plot(ks, [summary[space][key][k] for k in ks], marker="o", ms=3, ls=style, color=f"C{colour}",
+                    label=f"{key.replace('_', ' ')}, {space}")
     ax.plot(ks, [k / n for k in ks], color="grey", lw=1, ls=":", label="random k of N")
     ax.set_xscale("log")
-    ax.set_xlabel("k nearest neighbours (faiss, L2 on [CLS] features)")
+    ax.set_xlabel("k candidates (solid: gradient space, dashed: FastIF's feature kNN)")
     ax.set_ylabel("recall of the top-m by full influence")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(f"kNN recall of the most influential training examples (N = {n})")
@@ -130,22 +148,38 @@ def _draw(ax, summary, ks, n, keys) -> None:
 
 
 def _markdown(setup, config, headline, data, summary, by_group, ks, keys, png) -> str:
-    rows = [(k, *[summary[key][k] for key in keys], k / data["num_train"]) for k in ks]
-    group_rows = [(group.replace("_", " "), *[values[key][data["headline_k"]] for key in keys])
-                  for group, values in by_group.items()]
     lissa = config.lissa
     diag = data["diagnosis"]
     percentiles = diag["top10_gradient_norm_percentile"].values()
     large = (": influence is ⟨∇L(z), s_test⟩, so examples with large loss gradients (the model still gets them wrong or "
              "is unsure) dominate both ends, wherever they sit in feature space;" if min(percentiles) >= 0.75 else ";")
-    return f"""# recall: do the k nearest neighbours hold the most influential training examples?
+    sections = []
+    for space in SPACES:
+        rows = [(k, *[summary[space][key][k] for key in keys], k / data["num_train"]) for k in ks]
+        group_rows = [(group.replace("_", " "), *[values[key][data["headline_k"]] for key in keys])
+                      for group, values in by_group[space].items()]
+        sections.append(f"""## {SPACE_NAMES[space][0].upper() + SPACE_NAMES[space][1:]}
 
-FastIF's kNN recall experiment: full influence over all N training examples against the kNN candidate set.
+Mean recall over all inputs:
+
+{table(["k", *[key.replace('_', ' ') for key in keys], "random (k/N)"], rows)}
+
+By prediction, at k = {data['headline_k']}:
+
+{table(["inputs", *[key.replace('_', ' ') for key in keys]], group_rows)}
+""")
+    return f"""# recall: do the k candidates hold the most influential training examples?
+
+FastIF's kNN recall experiment: full influence over all N training examples against the candidate set, for
+both of the engine's candidate spaces (`index.space` of a model; fastif/knn.py): `gradient`, the k training
+examples whose output-layer loss gradient has the largest inner product with the input's, of either sign; and
+`feature`, FastIF's k nearest first-token features under L2.
 
 {headline_block(headline)}
 
-(`recall_at_1000_top10`: mean of the top-{data['headline_m']} helpful and top-{data['headline_m']} harmful recall at
-k = {data['headline_k']}{'' if data['headline_k'] == 1000 else ' (k = 1000 exceeds N/10 here)'}, over all inputs.)
+(`recall_at_1000_top10`: in the gradient space, the engine's default, the mean of the top-{data['headline_m']}
+helpful and top-{data['headline_m']} harmful recall at k = {data['headline_k']}{'' if data['headline_k'] == 1000 else ' (k = 1000 exceeds N/10 here)'}, over all inputs;
+`recall_at_1000_top10_feature_knn`: the same for FastIF's feature kNN.)
 
 ## Set-up
 {setup_block(setup, [
@@ -160,14 +194,7 @@ k = {data['headline_k']}{'' if data['headline_k'] == 1000 else ' (k = 1000 excee
 
 ![recall against k]({png.name})
 
-## Mean recall over all inputs
-
-{table(["k", *[key.replace('_', ' ') for key in keys], "random (k/N)"], rows)}
-
-## By prediction, at k = {data['headline_k']}
-
-{table(["inputs", *[key.replace('_', ' ') for key in keys]], group_rows)}
-
+{chr(10).join(sections)}
 ## What the most influential examples are
 
 - gradient norm: the top-{data['headline_m']} helpful sit on average at percentile
@@ -176,6 +203,8 @@ k = {data['headline_k']}{'' if data['headline_k'] == 1000 else ' (k = 1000 excee
 - label: {diag['top10_share_with_training_label_equal_to_test_label']['helpful'] * 100:.0f}% of the top-{data['headline_m']}
   helpful carry the test input's label, and {diag['top10_share_with_training_label_equal_to_test_label']['harmful'] * 100:.0f}%
   of the harmful do;
-- the kNN query is the test input's [CLS] feature under L2: it finds examples that look alike to the model, while the
-  score also weighs how large and how aligned each example's loss gradient is.
+- FastIF's feature kNN finds examples that look alike to the model, but the score also weighs how large and how
+  aligned each example's loss gradient is; the gradient space searches exactly that for the output layer
+  (⟨∇_W ℓ(z), ∇_W ℓ(z_t)⟩ = ⟨p − e_y, p_t − e_t⟩·⟨a, a_t⟩), and the output error p − e_y it weighs is what
+  back-propagation carries into every other layer's gradient.
 """

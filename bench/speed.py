@@ -108,7 +108,7 @@ def run(setup, out: Path, config: SpeedConfig | None = None) -> dict:
         engine.analyze([query], k=10, solver=replace(config.fastif, depth=2))
 
         # Exact scores for (a) on the shared candidates.
-        candidates = engine.candidates(engine.plan([query]).features[0], k).indices
+        candidates = engine.candidates(engine.plan([query]).search[0], k).indices
         task = progress.add_task("(a) exact s_test: CG, full Hessian", total=None)
         vector = engine.plan([query]).vectors
         exact, cg_info = cached_cg(engine, setup.workdir / "cg-cache", [f"{row.text}|{row.label}"], vector, damping,
@@ -124,7 +124,7 @@ def run(setup, out: Path, config: SpeedConfig | None = None) -> dict:
         t_test_grad = grad_clock.seconds / 3
         knn_clock = Clock()
         reference.predict(row)
-        engine.candidates(engine.encode([query]).features[0], k)
+        engine.candidates(engine.encode([query]).search(0), k)
         t_knn = knn_clock.seconds
 
         # Other processes may share the cores and their load drifts: the engine runs and the reference's samples

@@ -109,7 +109,7 @@ def _level(engine, setup, level: Level, config: StestConfig, per_step: dict, pro
     rows = setup.test_rows[:level.inputs]
     plan = engine.plan([Query(r.text, label=r.label) for r in rows])
     vectors = plan.vectors
-    candidates = [engine.candidates(plan.features[i], config.k).indices for i in range(len(rows))]
+    candidates = [engine.candidates(plan.search[i], config.k).indices for i in range(len(rows))]
     task = progress.add_task(f"λ={level.damping:g}: CG reference", total=None)
     cg, cg_info = cached_cg(engine, setup.workdir / "cg-cache", [f"{r.text}|{r.label}" for r in rows], vectors,
                             level.damping, tol=level.cg_tol,

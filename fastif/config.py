@@ -63,9 +63,15 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class IndexConfig:
-    """The faiss index over training features: exact Flat L2, or IVF / HNSW for large N."""
+    """The faiss index that picks the candidates: exact Flat, or IVF / HNSW for large N.
+
+    ``space``: ``gradient`` searches the output layer's per-example loss gradients by
+    inner product (either sign); ``feature`` is FastIF's L2 search of first-token
+    features (see fastif/knn.py).
+    """
 
     kind: Literal["flat", "ivf", "hnsw"] = "flat"
+    space: Literal["gradient", "feature"] = "gradient"
     nlist: int | None = None  # IVF cells; default ~ 4 * sqrt(N)
     nprobe: int = 16
     hnsw_m: int = 32

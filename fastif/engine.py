@@ -24,7 +24,8 @@ from .allocator import keep_freed_memory
 from .errors import CancelledError
 from .first_token import FirstTokenLastBlock
 from .fingerprint import combine, file_digest, model_digest
-from .modeling import Classifier, load_classifier
+from .knn import SearchQuery
+from .modeling import Classifier, load_classifier, output_layer
 from .objective import InfluenceObjective
 from .params import find_layer_stack, first_influence_layer, freeze_all_but, select_influence_params
 from .prefix import FrozenPrefix, PrefixStore, write_meta
@@ -33,7 +34,7 @@ from .solvers import Solution, conjugate_gradient, lissa
 from .top import TopOfModel, head_of
 
 Solver = LissaConfig | CGConfig
-ARTEFACT_VERSION = 1
+ARTEFACT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,29 @@ class EncodedQueries:
     labels_used: list[int]
     features: np.ndarray  # [q, H]
     tokens: Tokenized
+    search_keys: np.ndarray  # [q, D]: kNN keys in the index's space (fastif/knn.py)
+
+    def search(self, row: int) -> SearchQuery:
+        return SearchQuery(key=self.search_keys[row], feature=self.features[row])
+
+
+@dataclass
+class Captured:
+    """What the model computes for a batch that the engine keeps (one forward pass, no gradients)."""
+
+    logits: torch.Tensor  # [B, C]
+    features: torch.Tensor  # [B, H]: first token of the last block's output
+    head_inputs: torch.Tensor  # [B, A]: what the output layer reads
+    hidden: torch.Tensor | None  # [B, T, H]: the frozen prefix's output, when it is cached
+
+
+@dataclass
+class EncodedSet:
+    """Features, search keys and cached prefix activations of a whole set of labelled examples."""
+
+    features: np.ndarray  # [N, H]
+    gradient_keys: np.ndarray  # [N, (C-1)·A]
+    prefix: PrefixStore | None
 
 
 @dataclass
@@ -61,7 +85,7 @@ class QueryPlan:
 
     encoded: EncodedQueries
     vectors: torch.Tensor  # [rows, P]: one per input, or one mean gradient for a group
-    features: np.ndarray  # [rows, H]
+    search: list[SearchQuery]  # the kNN query of each row
     keys: list[dict]  # cache identity of each row
     seconds: dict[str, float]
 
@@ -90,6 +114,11 @@ class Influence:
         helpful = [int(i) for i in order[:top] if self.scores[i] < 0]
         harmful = [int(i) for i in order[::-1][:top] if self.scores[i] > 0]
         return helpful, harmful
+
+
+def feature_distances(features: np.ndarray, indices: np.ndarray, feature: np.ndarray) -> np.ndarray:
+    """L2 distances between ``feature`` and the features of ``indices``."""
+    return np.sqrt(((features[indices].astype(np.float64) - feature) ** 2).sum(axis=1)).astype(np.float32)
 
 
 class TensorCache(Protocol):
@@ -142,7 +171,9 @@ class InfluenceEngine:
             data=data_digest or combine(texts=texts, pairs=pairs, labels=[ex.label for ex in self.train]),
         )
         self.artefact_dir = Path(artefact_dir) / self.fingerprint if artefact_dir else None
+        self.output_layer = output_layer(self.model)
         self.features: np.ndarray | None = None
+        self.gradient_keys: np.ndarray | None = None
         self.prefix_store: PrefixStore | None = None
         self.index = None
         if self.prefix is not None:
@@ -203,21 +234,25 @@ class InfluenceEngine:
         indices = sorted(range(min(self.num_train, 8)), key=lambda i: -len(self.tokens.input_ids[i]))[:2]
         batch = collate(self.tokens, indices, self.pad_id, self.classifier.device)
         try:
-            full, _, hidden = self._forward_capture(batch)
+            captured = self.capture(batch)
+            full = captured.logits
             with torch.no_grad():
-                fast = top(hidden, batch.attention_mask)
+                fast = top(captured.hidden, batch.attention_mask)
         except (AttributeError, TypeError, RuntimeError):
             return  # a head of another shape than its family's usual one
         if fast.shape == full.shape and torch.allclose(fast, full, rtol=1e-4, atol=1e-5):
             self.objective.top = top
 
-    def _forward_capture(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Logits, first-token final-layer features and (if cached) the frozen prefix's output."""
+    def capture(self, batch: Batch) -> Captured:
+        """Logits, first-token features, the output layer's inputs and (if cached) the frozen prefix's output."""
         sink: list[torch.Tensor] = []
         features: list[torch.Tensor] = []
-        handle = self.stack.layers[len(self.stack.layers) - 1].register_forward_hook(
-            lambda _m, _a, out: features.append((out[0] if isinstance(out, tuple) else out)[:, 0].detach())
-        )
+        head_inputs: list[torch.Tensor] = []
+        handles = [
+            self.stack.layers[len(self.stack.layers) - 1].register_forward_hook(
+                lambda _m, _a, out: features.append((out[0] if isinstance(out, tuple) else out)[:, 0].detach())),
+            self.output_layer.register_forward_hook(lambda _m, args, _out: head_inputs.append(args[0].detach())),
+        ]
         try:
             with torch.no_grad():
                 if self.prefix is not None:
@@ -226,46 +261,71 @@ class InfluenceEngine:
                 else:
                     logits = self.model(**batch.model_inputs()).logits
         finally:
-            handle.remove()
-        return logits, features[0], (sink[0] if sink else None)
+            for handle in handles:
+                handle.remove()
+        return Captured(logits=logits, features=features[0], head_inputs=head_inputs[-1].reshape(len(batch), -1),
+                        hidden=sink[0] if sink else None)
+
+    def encode_set(self, tokens: Tokenized, batch_size: int = 64, on_progress: ProgressCallback | None = None,
+                   stage: str = "features") -> EncodedSet:
+        """One forward pass per length bucket over labelled examples: features, gradient keys, prefix cache."""
+        count = len(tokens)
+        features = np.zeros((count, self.model.config.hidden_size), dtype=np.float32)
+        probs = np.zeros((count, len(self.classifier.labels)), dtype=np.float64)
+        head_inputs: np.ndarray | None = None
+        rows: list[np.ndarray | None] = [None] * count
+        done = 0
+        for indices in length_batches(tokens.lengths, batch_size):
+            batch = collate(tokens, indices, self.pad_id, self.classifier.device)
+            captured = self.capture(batch)
+            features[indices] = captured.features.float().cpu().numpy()
+            probs[indices] = torch.softmax(captured.logits.double(), dim=-1).cpu().numpy()
+            if head_inputs is None:
+                head_inputs = np.zeros((count, captured.head_inputs.shape[1]), dtype=np.float32)
+            head_inputs[indices] = captured.head_inputs.float().cpu().numpy()
+            if captured.hidden is not None:
+                for row, i in enumerate(indices):
+                    rows[i] = captured.hidden[row, : len(tokens.input_ids[i])].float().cpu().numpy()
+            done += len(indices)
+            if on_progress and on_progress(stage, done, count):
+                raise CancelledError(f"cancelled while computing {stage}")
+        keys = knn.gradient_keys(probs, tokens.labels.numpy(), head_inputs)
+        return EncodedSet(features=features, gradient_keys=keys,
+                          prefix=PrefixStore.from_rows(rows) if self.prefix is not None else None)
+
+    def search_vectors(self, encoded: EncodedSet | None = None) -> np.ndarray:
+        """What the index holds for the training set (or ``encoded``): gradient keys or features."""
+        features, keys = (self.features, self.gradient_keys) if encoded is None else (encoded.features, encoded.gradient_keys)
+        return keys if self.index_config.space == "gradient" else features
 
     def prepare(self, on_progress: ProgressCallback | None = None, batch_size: int = 64) -> None:
-        """Features, cached prefix activations and the faiss index; loaded from disk when present."""
+        """Features, gradient keys, cached prefix activations and the faiss index; loaded from disk when present."""
         if self.index is not None:
             return
         if self.artefact_dir is not None and (self.artefact_dir / "meta.json").is_file():
             self._load_artefacts()
             return
-        features = np.zeros((self.num_train, self.model.config.hidden_size), dtype=np.float32)
-        rows: list[np.ndarray | None] = [None] * self.num_train
-        batches = length_batches(self.tokens.lengths, batch_size)
-        done = 0
-        for indices in batches:
-            batch = collate(self.tokens, indices, self.pad_id, self.classifier.device)
-            _, feats, hidden = self._forward_capture(batch)
-            features[indices] = feats.float().cpu().numpy()
-            if hidden is not None:
-                for row, i in enumerate(indices):
-                    rows[i] = hidden[row, : len(self.tokens.input_ids[i])].float().cpu().numpy()
-            done += len(indices)
-            if on_progress and on_progress("features", done, self.num_train):
-                raise CancelledError("cancelled while computing features")
-        self.features = features
-        self.prefix_store = PrefixStore.from_rows(rows) if self.prefix is not None else None
-        self.index = knn.build_index(features, self.index_config)
+        encoded = self.encode_set(self.tokens, batch_size, on_progress)
+        self.features, self.gradient_keys, self.prefix_store = encoded.features, encoded.gradient_keys, encoded.prefix
+        self.index = knn.build_index(self.search_vectors(), self.index_config)
         if self.artefact_dir is not None:
             self._save_artefacts()
+
+    @property
+    def _index_file(self) -> str:
+        return f"index-{self.index_config.space}-{self.index_config.kind}.faiss"
 
     def _save_artefacts(self) -> None:
         folder = self.artefact_dir
         folder.mkdir(parents=True, exist_ok=True)
         np.save(folder / "features.npy", self.features)
+        np.save(folder / "gradient_keys.npy", self.gradient_keys)
         if self.prefix_store is not None:
             self.prefix_store.save(folder)
-        knn.save_index(self.index, folder / "index.faiss")
+        knn.save_index(self.index, folder / self._index_file)
         # meta.json last: its presence marks a complete set of artefacts.
         write_meta(folder, {"version": ARTEFACT_VERSION, "fingerprint": self.fingerprint, "num_train": self.num_train,
-                            "params": self.names, "index": self.index_config.kind})
+                            "params": self.names})
 
     def _load_artefacts(self) -> None:
         folder = self.artefact_dir
@@ -273,8 +333,13 @@ class InfluenceEngine:
         if meta.get("version") != ARTEFACT_VERSION or meta.get("fingerprint") != self.fingerprint:
             raise ValueError(f"{folder}: artefacts of another model or data set")
         self.features = np.load(folder / "features.npy")
+        self.gradient_keys = np.load(folder / "gradient_keys.npy")
         self.prefix_store = PrefixStore.load(folder) if self.prefix is not None else None
-        self.index = knn.load_index(folder / "index.faiss")
+        if (folder / self._index_file).is_file():
+            self.index = knn.load_index(folder / self._index_file)
+        else:  # the same model and data registered with another index: build it from the stored vectors
+            self.index = knn.build_index(self.search_vectors(), self.index_config)
+            knn.save_index(self.index, folder / self._index_file)
 
     # -- the query, step by step ------------------------------------------------------
     def encode(self, queries: Sequence[Query]) -> EncodedQueries:
@@ -284,19 +349,20 @@ class InfluenceEngine:
         pairs = [q.text_pair or "" for q in queries] if any(q.text_pair for q in queries) else None
         tokens = tokenize(self.classifier.tokenizer, [q.text for q in queries], pairs, [-1] * len(queries), self.spec.max_length)
         batch = collate(tokens, list(range(len(queries))), self.pad_id, self.classifier.device)
-        logits, features, _ = self._forward_capture(batch)
-        probs = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+        captured = self.capture(batch)
+        probs = torch.softmax(captured.logits.double(), dim=-1).cpu().numpy()
         labels_used = [g if g is not None else int(p.argmax()) for g, p in zip(given, probs)]
         tokens.labels = torch.as_tensor(labels_used, dtype=torch.long)
-        return EncodedQueries(probs=probs, labels_used=labels_used, features=features.float().cpu().numpy(), tokens=tokens)
+        keys = knn.gradient_keys(probs, np.asarray(labels_used), captured.head_inputs.float().cpu().numpy())
+        features = captured.features.float().cpu().numpy()
+        return EncodedQueries(probs=probs.astype(np.float32), labels_used=labels_used, features=features, tokens=tokens,
+                              search_keys=keys if self.index_config.space == "gradient" else features)
 
-    def test_gradients(self, encoded: EncodedQueries) -> torch.Tensor:
-        """∇θ L(z_t) of each test input with its label used, [q, P]."""
-        rows = []
-        for i in range(len(encoded.labels_used)):
-            batch = collate(encoded.tokens, [i], self.pad_id, self.classifier.device)
-            rows.append(self.objective.gradient(batch))
-        return torch.stack(rows)
+    def test_gradients(self, encoded: EncodedQueries, rows: Sequence[int] | None = None) -> torch.Tensor:
+        """∇θ L(z_t) of each test input (or of ``rows`` of them) with its label used, [q, P]."""
+        rows = range(len(encoded.labels_used)) if rows is None else rows
+        return torch.stack([self.objective.gradient(collate(encoded.tokens, [i], self.pad_id, self.classifier.device))
+                            for i in rows])
 
     def _batch(self, indices: Sequence[int]) -> tuple[Batch, torch.Tensor | None]:
         batch = collate(self.tokens, indices, self.pad_id, self.classifier.device)
@@ -323,14 +389,16 @@ class InfluenceEngine:
             return lissa(self.hvp, vectors, self.num_train, solver, _stage(on_progress, "s_test"))
         return conjugate_gradient(lambda v: self.full_hvp(v, solver.batch_size), vectors, solver, _stage(on_progress, "s_test"))
 
-    def candidates(self, features: np.ndarray, k: int | None) -> Candidates:
-        """The k nearest training examples to ``features`` [H]; every example when k is None or 0."""
+    def candidates(self, query: SearchQuery, k: int | None) -> Candidates:
+        """The k nearest training examples to ``query`` in the index's space; every example when k is None or 0.
+
+        The distances are L2 between first-token features, whatever space the index searches.
+        """
         self._require_prepared()
         if not k or k >= self.num_train:
             return Candidates(indices=np.arange(self.num_train), distances=None)
-        distances, indices = knn.search(self.index, features.reshape(1, -1), k)
-        keep = indices[0] >= 0
-        return Candidates(indices=indices[0][keep], distances=distances[0][keep])
+        indices = knn.search(self.index, query.key, k)
+        return Candidates(indices=indices, distances=feature_distances(self.features, indices, query.feature))
 
     def score(
         self,
@@ -369,12 +437,14 @@ class InfluenceEngine:
         encoded = self.encode(queries)
         grads = self._cached_gradients(queries, encoded, cache)
         if group:
-            vectors, features = grads.mean(dim=0, keepdim=True), encoded.features.mean(axis=0, keepdims=True)
+            # The mean gradient's output-layer part is the mean of the inputs' gradient keys.
+            vectors = grads.mean(dim=0, keepdim=True)
+            search = [SearchQuery(key=encoded.search_keys.mean(axis=0), feature=encoded.features.mean(axis=0))]
             keys = [self._group_key(queries, encoded)]
         else:
-            vectors, features = grads, encoded.features
+            vectors, search = grads, [encoded.search(row) for row in range(len(queries))]
             keys = [self._query_key(q, label) for q, label in zip(queries, encoded.labels_used)]
-        return QueryPlan(encoded, vectors, features, keys, {"gradients": time.perf_counter() - clock})
+        return QueryPlan(encoded, vectors, search, keys, {"gradients": time.perf_counter() - clock})
 
     def cached_s_test(
         self, plan: QueryPlan, solver: Solver, cache: TensorCache | None = None,
@@ -405,7 +475,7 @@ class InfluenceEngine:
         results = []
         for row in range(len(plan.vectors)):
             clock = time.perf_counter()
-            found = self.candidates(plan.features[row], k)
+            found = self.candidates(plan.search[row], k)
             knn_seconds = time.perf_counter() - clock
             clock = time.perf_counter()
             scores = self.score(s_tests[row], found.indices, on_progress=on_progress)
@@ -445,11 +515,7 @@ class InfluenceEngine:
         found = [cache.get("grad", key) for key in keys]
         missing = [i for i, g in enumerate(found) if g is None]
         if missing:
-            sub = EncodedQueries(encoded.probs[missing], [encoded.labels_used[i] for i in missing], encoded.features[missing],
-                                 Tokenized([encoded.tokens.input_ids[i] for i in missing],
-                                           [encoded.tokens.token_type_ids[i] for i in missing] if encoded.tokens.token_type_ids else None,
-                                           encoded.tokens.labels[missing]))
-            for i, grad in zip(missing, self.test_gradients(sub)):
+            for i, grad in zip(missing, self.test_gradients(encoded, missing)):
                 found[i] = grad
                 cache.put("grad", keys[i], grad)
         return torch.stack([g.to(self.classifier.device) for g in found])

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
@@ -57,3 +58,11 @@ def load_classifier(path: str | Path, device: str | torch.device | None = None) 
     model.to(device).eval()
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     return Classifier(model=model, tokenizer=tokenizer, labels=labels, device=device, path=path)
+
+
+def output_layer(model: PreTrainedModel) -> nn.Linear:
+    """The layer that produces the logits: the last ``nn.Linear`` with one output per label."""
+    found = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == model.config.num_labels]
+    if not found:
+        raise ModelLoadError(f"{type(model).__name__}: no linear output layer with {model.config.num_labels} outputs")
+    return found[-1]

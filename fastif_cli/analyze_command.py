@@ -18,7 +18,7 @@ def _fail(message: str) -> None:
 def run(**opts) -> None:
     import torch  # noqa: F401  (imported here so --help stays fast)
 
-    from fastif import CGConfig, DataSpec, FastIFError, InfluenceEngine, InfluenceSpec, LissaConfig, Query
+    from fastif import CGConfig, DataSpec, FastIFError, IndexConfig, InfluenceEngine, InfluenceSpec, LissaConfig, Query
     from fastif.progress import rich_progress
     from fastif.report import result_items
 
@@ -31,6 +31,8 @@ def run(**opts) -> None:
         _fail(f"--solver must be lissa or cg, not {opts['solver']!r}")
     if opts["quoting"] not in ("minimal", "none"):
         _fail(f"--quoting must be minimal or none, not {opts['quoting']!r}")
+    if opts["index_space"] not in ("gradient", "feature"):
+        _fail(f"--index-space must be gradient or feature, not {opts['index_space']!r}")
     if opts["k"] < 0 or opts["top"] < 1:
         _fail("--k must be >= 0 and --top >= 1")
     try:
@@ -48,7 +50,8 @@ def run(**opts) -> None:
     data = DataSpec(path=str(opts["train"]), text_field=opts["text_field"], text_pair_field=opts["text_pair_field"],
                     label_field=opts["label_field"], quoting=opts["quoting"])
     try:
-        engine = InfluenceEngine.from_paths(opts["model"], data, spec, artefact_dir=opts["artefacts"], device=opts["device"])
+        engine = InfluenceEngine.from_paths(opts["model"], data, spec, IndexConfig(space=opts["index_space"]),
+                                            artefact_dir=opts["artefacts"], device=opts["device"])
         with rich_progress(enabled=sys.stderr.isatty()) as on_progress:
             encoded, influences = engine.analyze(queries, k=opts["k"] or None, solver=solver, group=opts["group"],
                                                  on_progress=on_progress)

@@ -34,6 +34,7 @@ def analyze(
     weight_decay: Annotated[float, typer.Option(help="explicit L2 term (biases and LayerNorm excluded)")] = 0.0,
     max_length: Annotated[int, typer.Option(help="tokens per input")] = 128,
     k: Annotated[int, typer.Option(help="kNN candidates; 0 scores every training example")] = 1000,
+    index_space: Annotated[str, typer.Option(help="kNN space: gradient (output-layer gradients) or feature (FastIF's)")] = "gradient",
     top: Annotated[int, typer.Option(help="helpful and harmful examples to show")] = 10,
     solver: Annotated[str, typer.Option(help="lissa or cg")] = "lissa",
     damp: Annotated[float, typer.Option()] = 5e-3,

@@ -117,8 +117,8 @@ def test_k_limits_the_scores_to_the_nearest_candidates(runs, engine):
     item = json.loads(run.stdout)["inputs"][0]
     assert len(item["scores"]) == 5
     with single_thread():
-        features = engine.encode([Query(TEXTS[0])]).features[0]
-    nearest = engine.candidates(features, 5).indices.tolist()
+        query = engine.encode([Query(TEXTS[0])]).search(0)
+    nearest = engine.candidates(query, 5).indices.tolist()
     assert [s["train_index"] for s in item["scores"]] == nearest
     assert all(e["knn_distance"] is not None for e in item["helpful"] + item["harmful"])
 

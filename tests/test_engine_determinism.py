@@ -94,7 +94,8 @@ def test_repeats_average_independent_streams(engine, vectors):
 def test_artefacts_are_saved_and_loaded_back(files, tmp_path, monkeypatch):
     first = build(files, artefact_dir=tmp_path)
     folder = tmp_path / first.fingerprint
-    for name in ("meta.json", "features.npy", "index.faiss", "prefix.npy", "prefix_offsets.npy"):
+    for name in ("meta.json", "features.npy", "gradient_keys.npy", "index-gradient-flat.faiss", "prefix.npy",
+                 "prefix_offsets.npy"):
         assert (folder / name).is_file(), name
     _, expected = first.analyze(QUERIES, k=12, solver=LISSA)
 
@@ -105,10 +106,11 @@ def test_artefacts_are_saved_and_loaded_back(files, tmp_path, monkeypatch):
     def no_recompute(*_args, **_kwargs):
         raise AssertionError("prepare() recomputed features instead of loading them")
 
-    monkeypatch.setattr(second, "_forward_capture", no_recompute)
+    monkeypatch.setattr(second, "encode_set", no_recompute)
     second.prepare()
     monkeypatch.undo()
     assert np.array_equal(second.features, first.features)
+    assert np.array_equal(second.gradient_keys, first.gradient_keys)
     assert np.array_equal(np.asarray(second.prefix_store.flat), first.prefix_store.flat)
     _, loaded = second.analyze(QUERIES, k=12, solver=LISSA)
     for x, y in zip(expected, loaded):

@@ -198,7 +198,7 @@ def test_query_before_prepare_says_so(tmp_path, model_dir):
     train = write_jsonl(tmp_path / "train.jsonl", sentences(10))
     engine = InfluenceEngine.from_paths(model_dir, DataSpec(str(train)), InfluenceSpec(), device="cpu")
     with pytest.raises(RuntimeError, match="prepare"):
-        engine.candidates(engine.encode([Query("good")]).features[0], 3)
+        engine.candidates(engine.encode([Query("good")]).search(0), 3)
 
 
 # -- solver settings ------------------------------------------------------------------------

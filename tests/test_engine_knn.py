@@ -1,5 +1,6 @@
-"""kNN candidates: exact neighbours with the Flat index, high recall with IVF / HNSW, and the
-mean feature and mean test gradient of a group query."""
+"""kNN candidates: exact neighbours with the Flat index in both spaces (FastIF's L2 over features,
+and the default inner product over the output layer's gradients), high recall with IVF / HNSW,
+and the mean feature, mean gradient key and mean test gradient of a group query."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from fastif import CGConfig, DataSpec, IndexConfig, InfluenceEngine, InfluenceSpec, Query, knn
+from fastif.knn import SearchQuery
 from tiny import Reference, assert_close, make_tiny_family, sentences, single_thread, write_jsonl
 
 NUM_TRAIN = 40
@@ -26,13 +28,32 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
+def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("knn")
     model = make_tiny_family(root / "model", "bert", seed=4, initializer_range=0.3)
-    train = write_jsonl(root / "train.jsonl", sentences(NUM_TRAIN, seed=8, noise=0.1))
-    engine = InfluenceEngine.from_paths(model, DataSpec(str(train)), InfluenceSpec(), device="cpu")
+    return model, write_jsonl(root / "train.jsonl", sentences(NUM_TRAIN, seed=8, noise=0.1))
+
+
+@pytest.fixture(scope="module")
+def engine(files):
+    """FastIF's feature space: L2 between first-token features."""
+    engine = InfluenceEngine.from_paths(files[0], DataSpec(str(files[1])), InfluenceSpec(), IndexConfig(space="feature"),
+                                        device="cpu")
     engine.prepare()
     return engine
+
+
+@pytest.fixture(scope="module")
+def gradient_engine(files):
+    """The default space: inner products of the output layer's loss gradients."""
+    engine = InfluenceEngine.from_paths(files[0], DataSpec(str(files[1])), InfluenceSpec(), device="cpu")
+    assert engine.index_config.space == "gradient"
+    engine.prepare()
+    return engine
+
+
+def feature_query(feature: np.ndarray) -> SearchQuery:
+    return SearchQuery(key=feature, feature=feature)
 
 
 def brute_force(features: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -53,17 +74,17 @@ def test_flat_candidates_are_the_true_nearest_neighbours(engine):
     for query in encoded.features:
         for k in (1, 5, 17):
             expected, distances = brute_force(engine.features, query, k)
-            found = engine.candidates(query, k)
+            found = engine.candidates(feature_query(query), k)
             assert found.indices.tolist() == expected.tolist()
             np.testing.assert_allclose(found.distances, distances, rtol=1e-4, atol=1e-5)
     # a training example's own feature finds itself at distance 0
-    found = engine.candidates(engine.features[7], 3)
+    found = engine.candidates(feature_query(engine.features[7]), 3)
     assert found.indices[0] == 7 and found.distances[0] == pytest.approx(0.0, abs=1e-3)
 
 
 def test_k_zero_or_at_least_n_scores_everything(engine):
     for k in (None, 0, NUM_TRAIN, NUM_TRAIN + 5):
-        found = engine.candidates(engine.features[0], k)
+        found = engine.candidates(feature_query(engine.features[0]), k)
         assert found.indices.tolist() == list(range(NUM_TRAIN)) and found.distances is None
 
 
@@ -90,7 +111,7 @@ def test_group_query_uses_the_mean_feature_and_the_mean_test_gradient(engine):
     assert group.indices.tolist() == expected.tolist()
     np.testing.assert_allclose(group.distances, distances, rtol=1e-4, atol=1e-5)
     # the mean feature is not simply one input's: the group's candidates differ from each input's
-    assert any(engine.candidates(f, 7).indices.tolist() != expected.tolist() for f in encoded.features)
+    assert any(engine.candidates(feature_query(f), 7).indices.tolist() != expected.tolist() for f in encoded.features)
     # s_test of the mean gradient: by linearity the group's scores are the mean of the inputs' scores
     _, singles = engine.analyze(QUERIES, k=0, solver=CG)
     mean_scores = np.mean([single.scores[expected] for single in singles], axis=0)
@@ -122,37 +143,126 @@ def clustered(n: int, dim: int, centres: int, seed: int) -> np.ndarray:
 def test_approximate_indices_have_high_recall(kind, tmp_path):
     features = clustered(6000, 32, 64, seed=0)
     queries = clustered(50, 32, 64, seed=1)
-    index = knn.build_index(features, IndexConfig(kind=kind))
+    index = knn.build_index(features, IndexConfig(kind=kind, space="feature"))
     assert isinstance(index, faiss.IndexIVFFlat if kind == "ivf" else faiss.IndexHNSWFlat)
-    order = np.argsort(((queries[:, None].astype(np.float64) - features[None]) ** 2).sum(-1), axis=1)
+    distances = ((queries[:, None].astype(np.float64) - features[None]) ** 2).sum(-1)
+    order = np.argsort(distances, axis=1)
     for k in (10, 100):
-        distances, found = knn.search(index, queries, k)
+        found = [knn.search(index, query, k) for query in queries]
         recall = np.mean([len(set(f) & set(t)) / k for f, t in zip(found, order[:, :k])])
         assert recall >= 0.9, f"{kind} recall@{k} = {recall:.3f}"
-        # the distances it reports are the true L2 distances of the neighbours it returns, nearest first
-        true_distances = np.sqrt(((queries[:, None] - features[found]) ** 2).sum(-1))
-        np.testing.assert_allclose(distances, true_distances, rtol=1e-3, atol=1e-3)
-        assert (np.diff(distances, axis=1) >= -1e-4).all()
+        # nearest first
+        assert all((np.diff(d[f]) >= -1e-3).all() for d, f in zip(distances, found))
     # saved and loaded, the index answers the same
     knn.save_index(index, tmp_path / "index.faiss")
     again = knn.load_index(tmp_path / "index.faiss")
     if kind == "ivf":
         assert again.nprobe == index.nprobe > 1  # a reloaded IVF index must not fall back to nprobe 1
-    assert (knn.search(again, queries, 10)[1] == knn.search(index, queries, 10)[1]).all()
+    assert all((knn.search(again, q, 10) == knn.search(index, q, 10)).all() for q in queries)
 
 
 def test_small_ivf_request_falls_back_to_exact(engine):
-    index = knn.build_index(engine.features, IndexConfig(kind="ivf"))  # N < 256: exact
+    index = knn.build_index(engine.features, IndexConfig(kind="ivf", space="feature"))  # N < 256: exact
     assert isinstance(index, faiss.IndexFlatL2)
+    assert isinstance(knn.build_index(engine.gradient_keys, IndexConfig(kind="ivf")), faiss.IndexFlatIP)
 
 
 def test_engine_with_hnsw_index_finds_the_nearest(tmp_path_factory):
     root = tmp_path_factory.mktemp("hnsw")
     model = make_tiny_family(root / "model", "bert", seed=4, initializer_range=0.3)
     train = write_jsonl(root / "train.jsonl", sentences(NUM_TRAIN, seed=8, noise=0.1))
-    engine = InfluenceEngine.from_paths(model, DataSpec(str(train)), InfluenceSpec(), IndexConfig(kind="hnsw"), device="cpu")
+    engine = InfluenceEngine.from_paths(model, DataSpec(str(train)), InfluenceSpec(), IndexConfig(kind="hnsw", space="feature"),
+                                        device="cpu")
     engine.prepare()
     assert isinstance(engine.index, faiss.IndexHNSWFlat)
-    query = engine.encode(QUERIES[:1]).features[0]
-    expected, _ = brute_force(engine.features, query, 5)
+    query = engine.encode(QUERIES[:1]).search(0)
+    expected, _ = brute_force(engine.features, query.feature, 5)
     assert engine.candidates(query, 5).indices.tolist() == expected.tolist()  # 40 points: HNSW is exact here
+
+
+# -- the gradient space ---------------------------------------------------------------------------
+@pytest.mark.parametrize("classes", [2, 3, 5])
+def test_gradient_keys_keep_the_inner_products_of_output_layer_gradients(classes):
+    rng = np.random.default_rng(classes)
+    probs = rng.dirichlet(np.ones(classes), size=30)
+    labels = rng.integers(classes, size=30)
+    inputs = rng.normal(size=(30, 7))
+    keys = knn.gradient_keys(probs, labels, inputs)
+    assert keys.shape == (30, (classes - 1) * 7)
+    residual = probs - np.eye(classes)[labels]
+    gradients = np.einsum("nc,na->nca", residual, inputs).reshape(30, -1)  # ∇_W ℓ = (p - e_y) aᵀ
+    np.testing.assert_allclose(keys.astype(np.float64) @ keys.T, gradients @ gradients.T, rtol=1e-5, atol=1e-6)
+
+
+def test_training_keys_are_the_naive_output_layer_gradients(gradient_engine, files):
+    """An independent copy of the model, differentiated example by example, gives the same inner products."""
+    ref = Reference(files[0], ["classifier.weight"])
+    rows = sentences(NUM_TRAIN, seed=8, noise=0.1)
+    naive = ref.gradients(rows)
+    assert naive.norm(dim=1).min() > 0
+    keys = torch.as_tensor(gradient_engine.gradient_keys, dtype=torch.float64)
+    assert_close(keys @ keys.T, naive @ naive.T, rtol=1e-4)
+
+
+def strongest(keys: np.ndarray, key: np.ndarray, k: int) -> np.ndarray:
+    similarity = keys.astype(np.float64) @ key.astype(np.float64)
+    return np.argsort(-np.abs(similarity), kind="stable")[:k]
+
+
+def test_gradient_candidates_are_the_strongest_inner_products_of_either_sign(gradient_engine):
+    engine = gradient_engine
+    encoded = engine.encode(QUERIES)
+    for row in range(len(QUERIES)):
+        query = encoded.search(row)
+        similarity = engine.gradient_keys.astype(np.float64) @ query.key
+        for k in (1, 6, 17):
+            found = engine.candidates(query, k)
+            expected = strongest(engine.gradient_keys, query.key, k)
+            assert sorted(found.indices.tolist()) == sorted(expected.tolist())
+            assert len(set(found.indices.tolist())) == k
+            # strongest first, and both signs are searched
+            strengths = np.abs(similarity[found.indices])
+            assert (np.diff(strengths) <= 1e-6 * strengths.max()).all()
+            # the distances reported are L2 between first-token features, as in the feature space
+            _, distances = brute_force(engine.features[found.indices], query.feature, k)
+            np.testing.assert_allclose(np.sort(found.distances), distances, rtol=1e-4, atol=1e-5)
+        # the opposite key has the same strongest candidates
+        opposite = SearchQuery(key=-query.key, feature=query.feature)
+        assert sorted(engine.candidates(opposite, 17).indices) == sorted(engine.candidates(query, 17).indices)
+
+
+def test_gradient_search_finds_the_most_opposed_keys_too():
+    keys = np.array([[1.0, 0.0], [0.5, 0.0], [-3.0, 0.0], [-2.0, 0.1], [0.0, 1.0], [0.2, 0.0]], dtype=np.float32)
+    index = knn.build_index(keys, IndexConfig())
+    assert knn.search(index, np.array([1.0, 0.0]), 3).tolist() == [2, 3, 0]
+    assert knn.search(index, np.array([-1.0, 0.0]), 3).tolist() == [2, 3, 0]
+    assert sorted(knn.search(index, np.array([1.0, 0.0]), 6).tolist()) == list(range(6))  # each once
+
+
+def test_gradient_group_query_is_the_mean_key(gradient_engine):
+    engine = gradient_engine
+    encoded = engine.encode(QUERIES)
+    plan = engine.plan(QUERIES, group=True)
+    mean_key = encoded.search_keys.mean(axis=0)
+    np.testing.assert_allclose(plan.search[0].key, mean_key, rtol=1e-6)
+    _, influences = engine.analyze(QUERIES, k=7, solver=CG, group=True)
+    assert sorted(influences[0].indices.tolist()) == sorted(strongest(engine.gradient_keys, mean_key, 7).tolist())
+
+
+def test_switching_space_reuses_the_stored_artefacts(files, tmp_path):
+    first = InfluenceEngine.from_paths(files[0], DataSpec(str(files[1])), InfluenceSpec(), device="cpu",
+                                       artefact_dir=tmp_path)
+    first.prepare()
+    folder = tmp_path / first.fingerprint
+    stamp = (folder / "meta.json").stat().st_mtime_ns
+    other = InfluenceEngine.from_paths(files[0], DataSpec(str(files[1])), InfluenceSpec(), IndexConfig(space="feature"),
+                                       device="cpu", artefact_dir=tmp_path)
+    other.prepare()
+    assert other.fingerprint == first.fingerprint
+    assert (folder / "meta.json").stat().st_mtime_ns == stamp  # loaded, not computed again
+    assert isinstance(first.index, faiss.IndexFlatIP) and isinstance(other.index, faiss.IndexFlatL2)
+    assert (folder / "index-gradient-flat.faiss").is_file() and (folder / "index-feature-flat.faiss").is_file()
+    np.testing.assert_array_equal(other.features, first.features)
+    query = other.encode(QUERIES[:1]).search(0)
+    expected, _ = brute_force(other.features, query.feature, 5)
+    assert other.candidates(query, 5).indices.tolist() == expected.tolist()

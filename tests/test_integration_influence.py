@@ -15,10 +15,10 @@ pytestmark = pytest.mark.integration
 LISSA = {"damp": 0.01, "scale": 1000.0, "depth": 60, "batch_size": 2, "repeats": 1, "seed": 3}
 
 
-def analyze_json(stack, texts: list[str], labels: list[str] | None = None, k: int = 20) -> dict:
+def analyze_json(stack, texts: list[str], labels: list[str] | None = None, k: int = 20, space: str = "gradient") -> dict:
     """``fastif analyze --json`` on the same model, data and settings: the reference."""
     argv = [sys.executable, "-m", "fastif_cli.main", "analyze", "--model", str(stack.data_root / "model"),
-            "--train", str(stack.data_root / "train.jsonl"), "--k", str(k), "--top", "5", "--json",
+            "--train", str(stack.data_root / "train.jsonl"), "--k", str(k), "--top", "5", "--json", "--index-space", space,
             "--damp", str(LISSA["damp"]), "--scale", str(LISSA["scale"]), "--depth", str(LISSA["depth"]),
             "--batch-size", str(LISSA["batch_size"]), "--seed", str(LISSA["seed"])]
     for text in texts:
@@ -78,6 +78,22 @@ def test_batch_job_in_input_order_equals_fastif_analyze(live_stack, model):  # n
         assert_same_influence(ours, theirs)
     page = live_stack.client.get(f"/v1/jobs/{job['id']}/results", params={"offset": 1, "limit": 1}).json()
     assert page["total"] == 3 and [i["input_index"] for i in page["items"]] == [1]
+
+
+def test_feature_space_model_equals_fastif_analyze_and_has_its_own_cache(live_stack, model):  # noqa: F811
+    """The same model and data registered with FastIF's feature index: its own candidates, never the other's results.
+
+    (Its s_test may come from the cache: that does not depend on the index.)"""
+    feature = live_stack.register(name="tiny-feature", index={"space": "feature"})
+    assert feature["status"] == "ready" and feature["fingerprint"] == model["fingerprint"]
+    body = {"inputs": [{"text": "a dull and cold film"}], "k": 12, "top": 5, "lissa": LISSA}
+    jobs = {space: live_stack.wait_job(live_stack.submit({**body, "model_id": m["id"]})["id"])
+            for space, m in (("gradient", model), ("feature", feature))}
+    items = {space: live_stack.results(job["id"])[0] for space, job in jobs.items()}
+    for space, item in items.items():
+        assert_same_influence(item, analyze_json(live_stack, ["a dull and cold film"], k=12, space=space)["inputs"][0])
+    ranked = {space: [e["train_index"] for e in item["helpful"] + item["harmful"]] for space, item in items.items()}
+    assert ranked["gradient"] != ranked["feature"]
 
 
 def test_repeated_request_is_answered_from_the_cache(live_stack, model):  # noqa: F811

@@ -26,10 +26,9 @@ from fastif import CGConfig, DataSpec, Example, InfluenceEngine, LissaConfig, Qu
 from fastif.applications import CorrectionConfig, correct, explain, influence_graph, rank_self_influence, render
 from fastif.applications.correct import save_corrected
 from records.celery_app import BUILD_MODEL
-from records.keys import cache_key
 from records.keys import job as job_key
 
-from .influence import engine_and_cache, ready_model
+from .influence import engine_and_cache, ready_model, result_cache_key
 from .runner import JobFailed, JobRun
 
 SendTask = Callable[[str, list, str], None]
@@ -78,7 +77,7 @@ def _load(run: JobRun, engine: InfluenceEngine, model: Model, ref: DataRef) -> l
 def run_explain(run: JobRun) -> list[dict]:
     request = ExplainRequest.model_validate(run.request)
     model = ready_model(run, request.model_id)
-    key = cache_key(model.fingerprint or model.id, "explain", request.model_dump(mode="json", exclude={"model_id"}))
+    key = result_cache_key(model, request, "explain")
     raw = run.ctx.redis.get(key)
     if raw is not None:
         items = json.loads(raw)

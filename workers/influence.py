@@ -34,10 +34,14 @@ def queries_of(request: InfluenceRequest) -> list[Query]:
     return [Query(text=i.text, text_pair=i.text_pair, label=i.label) for i in request.inputs]
 
 
-def result_cache_key(model: Model, request: InfluenceRequest) -> str:
-    """Everything that changes the numbers, nothing that does not (the model id is in the fingerprint)."""
-    payload = request.model_dump(mode="json", exclude={"model_id"})
-    return cache_key(model.fingerprint or model.id, "result", payload)
+def result_cache_key(model: Model, request, kind: str = "result") -> str:
+    """Everything that changes the numbers, nothing that does not.
+
+    The fingerprint covers the weights, the influence parameters and the data, so the same
+    model registered twice shares its cache; its index (kind, space) picks other candidates.
+    """
+    payload = {**request.model_dump(mode="json", exclude={"model_id"}), "index": model.request.index.model_dump(mode="json")}
+    return cache_key(model.fingerprint or model.id, kind, payload)
 
 
 def cached_results(run: JobRun, key: str) -> list[dict] | None:

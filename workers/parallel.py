@@ -153,7 +153,7 @@ def _score_work(run: JobRun, request: InfluenceRequest, shard: int) -> None:
     scores = []
     clock = time.perf_counter()
     for row in range(len(plan.vectors)):
-        found = engine.candidates(plan.features[row], request.k)
+        found = engine.candidates(plan.search[row], request.k)
         part = found.indices[_slice(len(found.indices), request.parallel, shard)]
         scores.append(engine.score(averaged[row], part, on_progress=run.progress).tolist())
     payload = {"scores": scores, "seconds": time.perf_counter() - clock}
@@ -174,7 +174,7 @@ def _merge(run: JobRun, request: InfluenceRequest, engine, plan, averaged) -> No
     converged = all(json.loads(v)["converged"] for v in meta.values())
     influences = []
     for row in range(len(plan.vectors)):
-        found = engine.candidates(plan.features[row], request.k)
+        found = engine.candidates(plan.search[row], request.k)
         scores = np.concatenate([np.asarray(part["scores"][row], dtype=np.float64) for part in parts])
         if len(scores) != len(found.indices):
             raise JobFailed("internal-error", f"row {row}: {len(scores)} scores for {len(found.indices)} candidates")

@@ -42,7 +42,7 @@ def engine_for(model: Model, settings: Settings) -> InfluenceEngine:
                      format=data.format, quoting=data.quoting),
             InfluenceSpec(params="auto" if params == "auto" else tuple(params),
                           weight_decay=request.influence.weight_decay, max_length=request.influence.max_length),
-            IndexConfig(kind=request.index.kind),
+            IndexConfig(kind=request.index.kind, space=request.index.space),
             artefact_dir=artefact_dir(settings),
         )
         _engines[model.id] = engine

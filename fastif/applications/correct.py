@@ -110,7 +110,7 @@ def correct(
                                           zip(anchors, engine.encode(anchors).labels_used)])
     # The group: mean gradient of the anchors with their correct labels, mean feature for kNN.
     plan = engine.plan(anchors, group=True, cache=cache)
-    nearest, distances = candidates.nearest(plan.features[0], config.k)
+    nearest, distances = candidates.nearest(plan.search[0], config.k)
     seconds = {"prepare": time.perf_counter() - clock}
 
     original = snapshot(engine)

@@ -18,25 +18,24 @@ import torch
 import torch.nn.functional as F
 
 from .. import knn
-from ..config import IndexConfig
 from ..data import Example, texts_of
 from ..encoding import Batch, Tokenized, collate, length_batches, tokenize
-from ..engine import InfluenceEngine
+from ..engine import InfluenceEngine, feature_distances
 from ..errors import CancelledError
-from ..params import find_layer_stack
+from ..knn import SearchQuery
 from ..prefix import PrefixStore
 from ..progress import ProgressCallback
 
 
 @dataclass
 class ExampleSet:
-    """Examples with their token ids, kNN features, optional faiss index and prefix activations."""
+    """Examples with their token ids, kNN features and keys, optional faiss index and prefix activations."""
 
     examples: list[Example]
     tokens: Tokenized
-    features: np.ndarray  # [N, H] first-token features of the last block, as the engine's index uses
+    features: np.ndarray  # [N, H] first-token features of the last block
     prefix: PrefixStore | None  # activations entering the first influence block (None: run the whole model)
-    index: object | None = None  # faiss index over ``features``
+    index: object | None = None  # faiss index in the engine's space (gradient keys or features)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -46,13 +45,12 @@ class ExampleSet:
         hidden = self.prefix.gather_batch(list(indices), batch) if self.prefix is not None and engine.prefix is not None else None
         return batch, hidden
 
-    def nearest(self, features: np.ndarray, k: int | None) -> tuple[np.ndarray, np.ndarray | None]:
-        """The k nearest examples to ``features`` [H] (indices, L2 distances); all of them when k is None or 0."""
+    def nearest(self, query: SearchQuery, k: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """The k nearest examples to ``query`` (indices, L2 feature distances); all of them when k is None or 0."""
         if not k or k >= len(self) or self.index is None:
             return np.arange(len(self)), None
-        distances, indices = knn.search(self.index, np.asarray(features, dtype=np.float32).reshape(1, -1), k)
-        keep = indices[0] >= 0
-        return indices[0][keep], distances[0][keep]
+        indices = knn.search(self.index, query.key, k)
+        return indices, feature_distances(self.features, indices, query.feature)
 
 
 def training_set(engine: InfluenceEngine) -> ExampleSet:
@@ -72,43 +70,16 @@ def encode_examples(
 ) -> ExampleSet:
     """Encode ``examples`` like the training set, without adding them to it.
 
-    One forward pass per length bucket gives the kNN features (first token of the
-    last block) and the frozen prefix's output; ``with_index`` also builds a
-    faiss index of the engine's kind over the features (a pool of candidates).
+    One forward pass per length bucket gives the kNN features and keys and the frozen
+    prefix's output; ``with_index`` also builds a faiss index of the engine's kind and
+    space over them (a pool of candidates).
     """
     examples = list(examples)
     texts, pairs = texts_of(examples)
     tokens = tokenize(engine.classifier.tokenizer, texts, pairs, [ex.label for ex in examples], engine.spec.max_length)
-    features = np.zeros((len(examples), engine.model.config.hidden_size), dtype=np.float32)
-    rows: list[np.ndarray | None] = [None] * len(examples)
-    last = find_layer_stack(engine.model).layers[-1]
-    done = 0
-    for indices in length_batches(tokens.lengths, batch_size):
-        batch = collate(tokens, indices, engine.pad_id, engine.classifier.device)
-        captured: list[torch.Tensor] = []
-        sink: list[torch.Tensor] = []
-        handle = last.register_forward_hook(
-            lambda _m, _a, out: captured.append((out[0] if isinstance(out, tuple) else out)[:, 0].detach())
-        )
-        try:
-            with torch.no_grad():
-                if engine.prefix is not None:
-                    with engine.prefix.capturing(sink):
-                        engine.model(**batch.model_inputs())
-                else:
-                    engine.model(**batch.model_inputs())
-        finally:
-            handle.remove()
-        features[indices] = captured[0].float().cpu().numpy()
-        if sink:
-            for row, i in enumerate(indices):
-                rows[i] = sink[0][row, : len(tokens.input_ids[i])].float().cpu().numpy()
-        done += len(indices)
-        if on_progress and on_progress(stage, done, len(examples)):
-            raise CancelledError(f"cancelled while {stage}")
-    prefix = PrefixStore.from_rows(rows) if engine.prefix is not None else None
-    index = knn.build_index(features, IndexConfig(kind=engine.index_config.kind)) if with_index else None
-    return ExampleSet(examples, tokens, features, prefix, index)
+    encoded = engine.encode_set(tokens, batch_size, on_progress, stage)
+    index = knn.build_index(engine.search_vectors(encoded), engine.index_config) if with_index else None
+    return ExampleSet(examples, tokens, encoded.features, encoded.prefix, index)
 
 
 @dataclass
