@@ -302,7 +302,7 @@ class InfluenceEngine:
         """Features, gradient keys, cached prefix activations and the faiss index; loaded from disk when present."""
         if self.index is not None:
             return
-        if self.artefact_dir is not None and (self.artefact_dir / "meta.json").is_file():
+        if self._stored_artefacts():
             self._load_artefacts()
             return
         encoded = self.encode_set(self.tokens, batch_size, on_progress)
@@ -327,11 +327,15 @@ class InfluenceEngine:
         write_meta(folder, {"version": ARTEFACT_VERSION, "fingerprint": self.fingerprint, "num_train": self.num_train,
                             "params": self.names})
 
+    def _stored_artefacts(self) -> bool:
+        """A complete set for this fingerprint, written by this version (older sets are computed again)."""
+        if self.artefact_dir is None or not (self.artefact_dir / "meta.json").is_file():
+            return False
+        meta = json.loads((self.artefact_dir / "meta.json").read_text())
+        return meta.get("version") == ARTEFACT_VERSION and meta.get("fingerprint") == self.fingerprint
+
     def _load_artefacts(self) -> None:
         folder = self.artefact_dir
-        meta = json.loads((folder / "meta.json").read_text())
-        if meta.get("version") != ARTEFACT_VERSION or meta.get("fingerprint") != self.fingerprint:
-            raise ValueError(f"{folder}: artefacts of another model or data set")
         self.features = np.load(folder / "features.npy")
         self.gradient_keys = np.load(folder / "gradient_keys.npy")
         self.prefix_store = PrefixStore.load(folder) if self.prefix is not None else None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -117,6 +119,17 @@ def test_artefacts_are_saved_and_loaded_back(files, tmp_path, monkeypatch):
         assert np.array_equal(x.indices, y.indices)
         assert np.array_equal(x.distances, y.distances)
         assert np.array_equal(x.scores, y.scores)
+
+
+def test_artefacts_of_an_older_version_are_computed_again(files, tmp_path):
+    first = build(files, artefact_dir=tmp_path)
+    meta = tmp_path / first.fingerprint / "meta.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "version": 1}))
+    (tmp_path / first.fingerprint / "gradient_keys.npy").unlink()  # version 1 had none
+    again = build(files, artefact_dir=tmp_path)
+    assert json.loads(meta.read_text())["version"] > 1
+    assert np.array_equal(again.gradient_keys, first.gradient_keys)
+    assert np.array_equal(again.features, first.features)
 
 
 def test_other_params_or_data_get_other_artefacts(files, tmp_path):
