@@ -115,9 +115,10 @@ def wait_ready(url: str, procs: Stack, timeout_s: float = 120.0) -> None:
 
 
 def start_stack(host: str, port: int, workers: int, log_dir: Path | None = None,
-                extra_env: dict[str, str] | None = None) -> tuple[Stack, str, str]:
+                extra_env: dict[str, str] | None = None, threads_per_worker: int | None = None) -> tuple[Stack, str, str]:
     """Redis (embedded unless REDIS_URL is set), N single-process workers and the API.
 
+    Each worker gets ``threads_per_worker`` torch threads, by default its share of the cores.
     Returns the running stack, the API's URL and the Redis URL.
     """
     env = {**os.environ, **(extra_env or {})}
@@ -129,7 +130,7 @@ def start_stack(host: str, port: int, workers: int, log_dir: Path | None = None,
                                   "--save", "", "--appendonly", "no"], env, log_dir / "redis.log" if log_dir else None)
             env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
             _wait_redis(env["REDIS_URL"], stack)
-        threads = str(max(1, (os.cpu_count() or 1) // max(1, workers)))
+        threads = str(threads_per_worker or max(1, (os.cpu_count() or 1) // max(1, workers)))
         for index in range(workers):
             stack.start(f"worker-{index}", [sys.executable, "-m", "fastif_cli.main", "worker", "--concurrency", "1",
                                             "--hostname", f"worker{index}@%h"],
