@@ -72,10 +72,10 @@ class BenchSetup:
     def spec(self) -> InfluenceSpec:
         return InfluenceSpec(params="auto", weight_decay=0.0, max_length=self.sizes.tokens)
 
-    def engine(self, prepare: bool = True, on_progress=None) -> InfluenceEngine:
+    def engine(self, prepare: bool = True, on_progress=None, compile_hvp: bool = False) -> InfluenceEngine:
         """A fresh engine; its features, prefix activations and index are cached on disk between runs."""
         engine = InfluenceEngine.from_paths(self.model_dir, tsv_spec(self.train_path), self.spec(), IndexConfig(),
-                                            artefact_dir=self.workdir / "artefacts", device="cpu")
+                                            artefact_dir=self.workdir / "artefacts", device="cpu", compile_hvp=compile_hvp)
         if prepare:
             engine.prepare(on_progress)
         return engine

@@ -6,7 +6,9 @@
 (b) FastIF's configuration as FastIF's reference code runs it: kNN k = 1000,
     LiSSA B = 1, J = 1000, double-backward HVPs and per-example gradients through
     the whole model;
-(c) this engine at (b)'s configuration;
+(c) this engine at (b)'s configuration, and (c') the same with its H·v compiled by
+    torch.compile (``compile_hvp``; the one-time compilation is timed apart, like
+    the index build);
 (d) this engine at its best configuration (the ``stest`` suite's finding).
 
 (c) and (d) are run in full and timed end to end. (a) and (b) take minutes to
@@ -106,6 +108,12 @@ def run(setup, out: Path, config: SpeedConfig | None = None) -> dict:
         n, k = engine.num_train, min(config.k, engine.num_train)
         # Warm-up: first-call allocations and forward-mode set-up stay out of the timings.
         engine.analyze([query], k=10, solver=replace(config.fastif, depth=2))
+        task = progress.add_task("(c') compiling the engine's H·v (once)", total=None)
+        compiled = setup.engine(compile_hvp=True)
+        compile_clock = Clock()
+        compiled.analyze([query], k=10, solver=replace(config.fastif, depth=2))
+        compile_seconds = compile_clock.seconds
+        progress.update(task, total=1, completed=1)
 
         # Exact scores for (a) on the shared candidates.
         candidates = engine.candidates(engine.plan([query]).search[0], k).indices
@@ -135,12 +143,15 @@ def run(setup, out: Path, config: SpeedConfig | None = None) -> dict:
         rounds = 1 if b_full else ROUNDS
         examples_a = min(config.sample_original_examples, n)
         sample_a = random.Random(0).sample(range(n), examples_a)
-        runs_c, runs_d = [], []
+        runs_c, runs_compiled, runs_d = [], [], []
         step_b_time = cand_time = step_a_time = example_time = 0.0
         steps_b_done = cands_done = steps_a_done = examples_done = 0
         for r in range(rounds):
             task = progress.add_task(f"round {r + 1}/{rounds}: (c) engine, FastIF config", total=1)
             runs_c.append(_run_engine(engine, query, config.fastif, k))
+            progress.update(task, completed=1)
+            task = progress.add_task(f"round {r + 1}/{rounds}: (c') engine, FastIF config, compiled H·v", total=1)
+            runs_compiled.append(_run_engine(compiled, query, config.fastif, k))
             progress.update(task, completed=1)
             task = progress.add_task(f"round {r + 1}/{rounds}: (d) engine, best config", total=1)
             runs_d.append(_run_engine(engine, query, best, k))
@@ -184,8 +195,9 @@ def run(setup, out: Path, config: SpeedConfig | None = None) -> dict:
                                  on_step=lambda done, t=task: progress.update(t, completed=done))
             example_time, examples_done = example_time + clock_a.seconds, examples_done + len(chunk)
 
-    c, d = runs_c[0], runs_d[0]
+    c, cc, d = runs_c[0], runs_compiled[0], runs_d[0]
     c_seconds, d_seconds = [x["seconds"] for x in runs_c], [x["seconds"] for x in runs_d]
+    cc_seconds = [x["seconds"] for x in runs_compiled]
     step_b, step_a = step_b_time / steps_b_done, step_a_time / steps_a_done
     # One training example's reference gradient and dot product is the same work in (a)'s loop and (b)'s scoring.
     per_example = (cand_time + example_time) / (cands_done + examples_done)
@@ -193,22 +205,27 @@ def run(setup, out: Path, config: SpeedConfig | None = None) -> dict:
     steps_b, cands_b, steps_a, examples_a = steps_b_done, cands_done, steps_a_done, examples_done
     t_a = t_test_grad + config.original_depth * step_a + n * example_a
     t_b = t_test_grad + t_knn + config.fastif.depth * config.fastif.repeats * step_b + len(candidates) * cand_b
-    t_c, t_d = float(np.mean(c_seconds)), float(np.mean(d_seconds))
+    t_c, t_cc, t_d = float(np.mean(c_seconds)), float(np.mean(cc_seconds)), float(np.mean(d_seconds))
 
     def quality(scores) -> dict:
         return {"spearman": spearman(scores, scores_a), "top10_helpful": top_overlap(scores_a, scores, 10),
                 "top10_harmful": top_overlap(scores_a, scores, 10, harmful=True)}
 
-    qualities = {"b": quality(scores_b), "c": quality(c["scores"]), "d": quality(d["scores"])}
+    qualities = {"b": quality(scores_b), "c": quality(c["scores"]), "c_compiled": quality(cc["scores"]),
+                 "d": quality(d["scores"])}
     headline = {"speedup_c_vs_b": round(t_b / t_c, 2), "speedup_d_vs_a": round(t_a / t_d, 1),
-                "spearman_d_vs_a": round(qualities["d"]["spearman"], 4)}
+                "spearman_d_vs_a": round(qualities["d"]["spearman"], 4),
+                "speedup_c_compiled_vs_b": round(t_b / t_cc, 2)}
     data = {
         "config": {**asdict(config), "fastif": asdict(config.fastif), "fallback_best": asdict(config.fallback_best)},
         "best": asdict(best), "best_note": best_note, "num_train": n, "k": len(candidates), "damping": damping,
-        "seconds": {"a": t_a, "b": t_b, "c": t_c, "d": t_d}, "runs_c_seconds": c_seconds, "runs_d_seconds": d_seconds,
+        "seconds": {"a": t_a, "b": t_b, "c": t_c, "c_compiled": t_cc, "d": t_d}, "runs_c_seconds": c_seconds,
+        "runs_c_compiled_seconds": cc_seconds, "runs_d_seconds": d_seconds, "compile_seconds": compile_seconds,
+        "compiled_hvp_used": bool(compiled.objective.compiled and compiled.objective.compiled.usable),
         "rounds": rounds,
         "measured": {"a": False, "b": b_full, "c": True, "d": True},
-        "speedups": {"c_vs_b": t_b / t_c, "d_vs_a": t_a / t_d, "d_vs_b": t_b / t_d, "c_vs_a": t_a / t_c, "b_vs_a": t_a / t_b},
+        "speedups": {"c_vs_b": t_b / t_c, "c_compiled_vs_b": t_b / t_cc, "d_vs_a": t_a / t_d, "d_vs_b": t_b / t_d,
+                     "c_vs_a": t_a / t_c, "b_vs_a": t_a / t_b},
         "quality_vs_a": qualities,
         "parts": {"test_gradient_reference": t_test_grad, "knn_reference": t_knn,
                   "a_seconds_per_lissa_step_b128": step_a, "a_seconds_per_example": example_a,
@@ -218,7 +235,7 @@ def run(setup, out: Path, config: SpeedConfig | None = None) -> dict:
                                                              "a_examples": example_time / max(1, examples_done)},
                   "check_steps": check_steps,
                   "b_samples": {"lissa_steps": steps_b, "candidates": cands_b},
-                  "c_stages": c["stages"], "d_stages": d["stages"]},
+                  "c_stages": c["stages"], "c_compiled_stages": cc["stages"], "d_stages": d["stages"]},
         "checks": {"reference_vs_engine_s_test_rel_diff": lissa_check, "s_test_check_steps": check_steps,
                    "reference_vs_engine_scores_rel_diff": scoring_check,
                    "c_lissa_converged": c["converged"], "d_lissa_converged": d["converged"]},
@@ -239,6 +256,9 @@ def _markdown(setup, config, best, headline, data) -> str:
          q["b"]["top10_harmful"]),
         ("(c) this engine, FastIF config", f"kNN k = {data['k']}", f"B={fastif.batch_size}, J={fastif.depth}", s["c"],
          "measured", s["a"] / s["c"], q["c"]["spearman"], q["c"]["top10_helpful"], q["c"]["top10_harmful"]),
+        ("(c') the same, H·v compiled", f"kNN k = {data['k']}", f"B={fastif.batch_size}, J={fastif.depth}", s["c_compiled"],
+         "measured", s["a"] / s["c_compiled"], q["c_compiled"]["spearman"], q["c_compiled"]["top10_helpful"],
+         q["c_compiled"]["top10_harmful"]),
         ("(d) this engine, best config", f"kNN k = {data['k']}", f"B={best.batch_size}, J={best.depth}, T={best.repeats}",
          s["d"], "measured", s["a"] / s["d"], q["d"]["spearman"], q["d"]["top10_helpful"], q["d"]["top10_harmful"]),
     ]
@@ -254,7 +274,8 @@ def _markdown(setup, config, best, headline, data) -> str:
 
 {headline_block(headline)}
 
-Speed-ups: (c) vs (b) **{data['speedups']['c_vs_b']:.1f}×** (goal ≥ 10×); (d) vs (a) **{data['speedups']['d_vs_a']:,.0f}×**
+Speed-ups: (c) vs (b) **{data['speedups']['c_vs_b']:.1f}×** (goal ≥ 10×), with the H·v compiled (c') vs (b)
+**{data['speedups']['c_compiled_vs_b']:.1f}×**; (d) vs (a) **{data['speedups']['d_vs_a']:,.0f}×**
 at Spearman {q['d']['spearman']:.3f} (goal ≥ 500× at ≥ 0.9); (d) vs (b) {data['speedups']['d_vs_b']:.1f}×; (c) vs (a)
 {data['speedups']['c_vs_a']:,.0f}×.
 
@@ -280,6 +301,10 @@ at Spearman {q['d']['spearman']:.3f} (goal ≥ 500× at ≥ 0.9); (d) vs (b) {da
     f"plus per-candidate gradient and dot product {p['b_seconds_per_candidate'] * 1000:.1f} ms (timed over "
     f"{p['b_samples']['candidates']}) × {data['k']}, plus the test gradient and the kNN query",
     f"- {b_note}",
+    f"- (c') is (c) with `compile_hvp`: the engine's H·v compiled by torch.compile (fastif/compiled.py); compiling "
+    f"took {data['compile_seconds']:.1f} s once before the timed runs (per process, model and batch shape, like the index "
+    f"build), and the compiled product {'was' if data['compiled_hvp_used'] else 'was NOT (it fell back to eager)'} used; "
+    f"its runs: {', '.join(f'{x:.1f}' for x in data['runs_c_compiled_seconds'])} s",
     f"- (c) stages: {', '.join(f'{k} {v:.2f} s' for k, v in c_st.items())}; (d) stages: "
     f"{', '.join(f'{k} {v:.2f} s' for k, v in d_st.items())} (the one-time features, prefix cache and faiss index are "
     "built before, as FastIF builds its index before querying)",

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from . import knn
+from .allocator import keep_freed_memory
 from .config import CGConfig, DataSpec, IndexConfig, InfluenceSpec, LissaConfig
 from .data import Example, load_examples, resolve_label, texts_of
 from .encoding import Batch, Tokenized, collate, length_batches, tokenize
-from .allocator import keep_freed_memory
 from .errors import CancelledError
 from .first_token import FirstTokenLastBlock
 from .fingerprint import combine, file_digest, model_digest
@@ -136,6 +136,25 @@ def _stage(on_progress: ProgressCallback | None, stage: str):
     return on_step
 
 
+class TrainingHVP:
+    """H·v over sampled training examples as LiSSA calls it, with the compiled fused step when there is one."""
+
+    def __init__(self, engine: InfluenceEngine):
+        self.engine = engine
+
+    def __call__(self, indices: Sequence[int], vectors: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.engine.hvp(indices, vectors, out)
+
+    def fused_step(self, indices: Sequence[int], h: torch.Tensor, vectors: torch.Tensor, damp: float, scale: float):
+        objective = self.engine.objective
+        if objective.compiled is None:
+            return None
+        batch, hidden = self.engine._batch(indices)
+        if hidden is None:
+            return None
+        return objective.compiled.step(batch, hidden, h, vectors, objective.decay_hessian, damp, scale)
+
+
 class InfluenceEngine:
     def __init__(
         self,
@@ -145,6 +164,7 @@ class InfluenceEngine:
         index_config: IndexConfig = IndexConfig(),
         artefact_dir: Path | None = None,
         data_digest: str = "",
+        compile_hvp: bool = False,
     ):
         keep_freed_memory()
         self.classifier = classifier
@@ -180,6 +200,11 @@ class InfluenceEngine:
             self._learn_block_outputs()
         self._check_first_token()
         self._check_top()
+        if compile_hvp and self.objective.top is not None:
+            from .compiled import CompiledHVP  # imports torch's compiler stack: only when asked
+
+            self.objective.compiled = CompiledHVP(self.objective.top, self.names, self.objective.params,
+                                                  max(self.tokens.lengths), self.objective.autograd_hvp)
 
     @classmethod
     def from_paths(
@@ -190,11 +215,12 @@ class InfluenceEngine:
         index_config: IndexConfig = IndexConfig(),
         artefact_dir: Path | None = None,
         device: str | None = None,
+        compile_hvp: bool = False,
     ) -> InfluenceEngine:
         classifier = load_classifier(model_dir, device)
         train = load_examples(data, classifier.label2id)
         digest = combine(file=file_digest(Path(data.path)), spec=data.__dict__)
-        return cls(classifier, train, spec, index_config, artefact_dir, data_digest=digest)
+        return cls(classifier, train, spec, index_config, artefact_dir, data_digest=digest, compile_hvp=compile_hvp)
 
     # -- set-up ---------------------------------------------------------------------
     @property
@@ -390,7 +416,7 @@ class InfluenceEngine:
         self._require_prepared()
         vectors = vectors.to(self.classifier.device)
         if isinstance(solver, LissaConfig):
-            return lissa(self.hvp, vectors, self.num_train, solver, _stage(on_progress, "s_test"))
+            return lissa(TrainingHVP(self), vectors, self.num_train, solver, _stage(on_progress, "s_test"))
         return conjugate_gradient(lambda v: self.full_hvp(v, solver.batch_size), vectors, solver, _stage(on_progress, "s_test"))
 
     def candidates(self, query: SearchQuery, k: int | None) -> Candidates:

@@ -8,6 +8,7 @@ engine goes through this one adapter, so they all differentiate the same thing.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,9 @@ from .modeling import Classifier
 from .params import decay_mask, flatten
 from .prefix import FrozenPrefix
 from .top import TopOfModel
+
+if TYPE_CHECKING:
+    from .compiled import CompiledHVP
 
 
 class InfluenceObjective:
@@ -35,6 +39,8 @@ class InfluenceObjective:
         self.prefix = prefix
         # Set by the engine once checked: runs cached activations straight into the last block.
         self.top: TopOfModel | None = None
+        # Set by the engine when asked to compile (fastif/compiled.py): H·v of the top in one program.
+        self.compiled: CompiledHVP | None = None
         self.weight_decay = float(weight_decay)
         all_params = dict(self.model.named_parameters())
         self.params = [all_params[n] for n in self.names]
@@ -44,6 +50,7 @@ class InfluenceObjective:
         self.num_params = sum(self.sizes)
         # A flat 0/1 mask of the decayed entries: the L2 term's gradient is wd * mask * θ.
         self.decay_flat = flatten([torch.full_like(p, float(d)) for p, d in zip(self.params, self.decay)]).detach()
+        self.decay_hessian = self.weight_decay * self.decay_flat  # the L2 term's Hessian, a diagonal
 
     # -- vectors ---------------------------------------------------------
     def unflatten(self, vector: torch.Tensor) -> list[torch.Tensor]:
@@ -76,10 +83,10 @@ class InfluenceObjective:
         total = sum((p * p).sum() for p, d in zip(params, self.decay) if d)
         return 0.5 * self.weight_decay * total
 
-    def mean_loss(self, batch: Batch, hidden: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean cross-entropy of the batch plus the L2 term, on the live parameters."""
+    def mean_loss(self, batch: Batch, hidden: torch.Tensor | None = None, with_l2: bool = True) -> torch.Tensor:
+        """Mean cross-entropy of the batch plus (``with_l2``) the L2 term, on the live parameters."""
         loss = F.cross_entropy(self._forward(batch, hidden), batch.labels)
-        return loss + self.regularizer(self.params) if self.weight_decay else loss
+        return loss + self.regularizer(self.params) if self.weight_decay and with_l2 else loss
 
     # -- derivatives -------------------------------------------------------------
     def gradient(self, batch: Batch, hidden: torch.Tensor | None = None) -> torch.Tensor:
@@ -91,14 +98,26 @@ class InfluenceObjective:
             out: torch.Tensor | None = None) -> torch.Tensor:
         """H·v for each row of ``vectors`` [m, P], H the Hessian of the batch's mean loss; into ``out`` if given.
 
-        Double backward: the first gradient's graph is built once per batch and
-        reused for every vector, so m vectors cost one forward and m backwards.
         A LiSSA run passes the same ``out`` at every step: [m, P] is tens of MB,
-        which a fresh allocation would fault in page by page each time.
+        which a fresh allocation would fault in page by page each time. The L2
+        term's Hessian is wd on the decayed entries, added here to either path.
         """
         out = torch.empty_like(vectors) if out is None else out
-        loss = self.mean_loss(batch, hidden)
-        grads = torch.autograd.grad(loss, self.params, create_graph=True)
+        if self.compiled is None or hidden is None or self.compiled(batch, hidden, vectors, out) is None:
+            self.autograd_hvp(batch, hidden, vectors, out)
+        if self.weight_decay:
+            out.add_(vectors * self.decay_hessian)
+        return out
+
+    def autograd_hvp(self, batch: Batch, hidden: torch.Tensor | None, vectors: torch.Tensor,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+        """H·v of the cross-entropy alone, by double backward.
+
+        The first gradient's graph is built once per batch and reused for every
+        vector, so m vectors cost one forward and m backwards.
+        """
+        out = torch.empty_like(vectors) if out is None else out
+        grads = torch.autograd.grad(self.mean_loss(batch, hidden, with_l2=False), self.params, create_graph=True)
         for row, v in enumerate(vectors):
             retain = row < len(vectors) - 1
             rows = torch.autograd.grad(grads, self.params, grad_outputs=self.unflatten(v), retain_graph=retain)

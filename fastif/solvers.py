@@ -16,7 +16,11 @@ from .config import CGConfig, LissaConfig
 from .errors import CancelledError, LissaDivergedError
 
 HVP = Callable[..., torch.Tensor]
-"""``hvp(indices, vectors, out=None)``: H_batch · v for each row of ``vectors``; it may write into ``out``."""
+"""``hvp(indices, vectors, out=None)``: H_batch · v for each row of ``vectors``; it may write into ``out``.
+
+It may also offer ``fused_step(indices, h, vectors, damp, scale)`` returning LiSSA's updated
+``h`` and its largest row norm from one program (the compiled H·v does), or None to decline.
+"""
 StepCallback = Callable[[int, int], bool]
 """Called as ``on_step(done, total)``; returning True asks the solver to stop (cancellation)."""
 
@@ -58,16 +62,21 @@ def lissa(
     # In place, into buffers reused at every step: at B = 1 the vector arithmetic and
     # fresh [m, P] allocations would be a visible share of a step.
     curvature = torch.empty_like(vectors)
+    fused_step = getattr(hvp, "fused_step", None)
     for repeat in range(config.repeats):
         generator = lissa_generator(config.seed, repeat)
         h = vectors.clone()
         window: list[float] = []
         for step in range(config.depth):
             indices = torch.randint(num_train, (config.batch_size,), generator=generator).tolist()
-            curvature = hvp(indices, h, out=curvature)  # before h changes in place
-            torch.add(vectors, h, alpha=1.0 - config.damp, out=h)
-            h.sub_(curvature, alpha=1.0 / config.scale)
-            norm = h.norm(dim=1).max().item()
+            fused = fused_step(indices, h, vectors, config.damp, config.scale) if fused_step else None
+            if fused is not None:
+                h, norm = fused
+            else:
+                curvature = hvp(indices, h, out=curvature)  # before h changes in place
+                torch.add(vectors, h, alpha=1.0 - config.damp, out=h)
+                h.sub_(curvature, alpha=1.0 / config.scale)
+                norm = h.norm(dim=1).max().item()
             if not math.isfinite(norm) or norm > limit:
                 raise LissaDivergedError(
                     f"LiSSA diverged at step {step + 1} of {config.depth} (‖h‖ = {norm:.3g}, bound {limit:.3g}): "

@@ -51,7 +51,8 @@ def run(**opts) -> None:
                     label_field=opts["label_field"], quoting=opts["quoting"])
     try:
         engine = InfluenceEngine.from_paths(opts["model"], data, spec, IndexConfig(space=opts["index_space"]),
-                                            artefact_dir=opts["artefacts"], device=opts["device"])
+                                            artefact_dir=opts["artefacts"], device=opts["device"],
+                                            compile_hvp=opts["compile_hvp"])
         with rich_progress(enabled=sys.stderr.isatty()) as on_progress:
             encoded, influences = engine.analyze(queries, k=opts["k"] or None, solver=solver, group=opts["group"],
                                                  on_progress=on_progress)

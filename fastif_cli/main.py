@@ -46,6 +46,7 @@ def analyze(
     group: Annotated[bool, typer.Option(help="treat all inputs as one query")] = False,
     artefacts: Annotated[Optional[Path], typer.Option(help="folder to keep features and the index between runs")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda; default: cuda when present")] = None,
+    compile_hvp: Annotated[bool, typer.Option("--compile", help="torch.compile the HVP: 10-30 s once, then faster LiSSA steps")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object with every candidate's score")] = False,
 ) -> None:
     """Run the engine locally, without the service."""

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     state_dir: Path | None = None
     # Longer than the longest job, or the broker redelivers a message that is still running.
     visibility_timeout_s: int = Field(default=6 * 3600, ge=1)
+    # Workers compile each model's H·v with torch.compile (fastif/compiled.py): 10-30 s once per
+    # worker process and model, then LiSSA steps about twice as fast. Needs a C++ compiler.
+    compile_hvp: bool = Field(default=False, validation_alias="FASTIF_COMPILE")
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -18,7 +18,7 @@ import pytest
 HEADLINES = {
     "stest": ("best_config", "best_seconds"),
     "recall": ("recall_at_1000_top10", "recall_at_1000_top10_feature_knn"),
-    "speed": ("speedup_c_vs_b", "speedup_d_vs_a", "spearman_d_vs_a"),
+    "speed": ("speedup_c_vs_b", "speedup_d_vs_a", "spearman_d_vs_a", "speedup_c_compiled_vs_b"),
     "batch": ("per_input_cost_ratio_32_vs_1",),
     "service": ("cached_p50_ms", "throughput_ratio_2_vs_1_workers", "poll_p99_ms"),
 }

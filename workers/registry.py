@@ -44,6 +44,7 @@ def engine_for(model: Model, settings: Settings) -> InfluenceEngine:
                           weight_decay=request.influence.weight_decay, max_length=request.influence.max_length),
             IndexConfig(kind=request.index.kind, space=request.index.space),
             artefact_dir=artefact_dir(settings),
+            compile_hvp=settings.compile_hvp,
         )
         _engines[model.id] = engine
         return engine
