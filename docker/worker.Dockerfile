@@ -26,6 +26,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     HF_HUB_OFFLINE=1
 
+# 0. A C++ compiler for FASTIF_COMPILE=1: torch.compile's inductor builds C++ kernels on the
+#    CPU, and Triton's launcher on the GPU. Without it a compiled H·v falls back to eager.
+#    Not pinned: any Debian bookworm g++ will do, and a pin breaks at each point release.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends g++ \
+ && rm -rf /var/lib/apt/lists/*
+
 # 1. torch alone, from the index of the chosen build, before anything that depends on it:
 #    left to `pip install .`, pip would fetch PyPI's default (CUDA) build. It is the biggest
 #    layer, so it comes first and is rebuilt only when the build arguments change.
