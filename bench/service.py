@@ -41,16 +41,17 @@ class ServiceConfig:
     cold_inputs: int
     cached_requests: int
     throughput_jobs: int
+    throughput_rounds: int
     poll_seconds: int
     poll_connections: int
     build_timeout_s: float
 
 
 DEFAULT = ServiceConfig(k=1000, lissa={"depth": 100, "batch_size": 4}, fastif_lissa={"depth": 1000, "batch_size": 1},
-                        cold_inputs=3, cached_requests=100, throughput_jobs=12, poll_seconds=10, poll_connections=16,
+                        cold_inputs=3, cached_requests=100, throughput_jobs=12, throughput_rounds=3, poll_seconds=10, poll_connections=16,
                         build_timeout_s=1800)
 QUICK = ServiceConfig(k=60, lissa={"depth": 20, "batch_size": 4}, fastif_lissa={"depth": 100, "batch_size": 1},
-                      cold_inputs=2, cached_requests=10, throughput_jobs=4, poll_seconds=2, poll_connections=8,
+                      cold_inputs=2, cached_requests=10, throughput_jobs=4, throughput_rounds=2, poll_seconds=2, poll_connections=8,
                       build_timeout_s=300)
 
 
@@ -143,6 +144,15 @@ def throughput(client: httpx.Client, bodies: list[dict], timeout_s: float = 1800
         time.sleep(0.1)
     seconds = clock.seconds
     return {"jobs": len(ids), "seconds": seconds, "jobs_per_s": len(ids) / seconds}
+
+
+def best_throughput(client: httpx.Client, config: ServiceConfig, next_body) -> dict:
+    """The best of ``throughput_rounds`` batches of fresh inputs: a core taken by another process for a
+    while slows one round, not the figure (every round is kept in ``rounds``)."""
+    rounds = [throughput(client, [next_body() for _ in range(config.throughput_jobs)])
+              for _ in range(config.throughput_rounds)]
+    best = max(rounds, key=lambda r: r["jobs_per_s"])
+    return {**best, "rounds_jobs_per_s": [r["jobs_per_s"] for r in rounds]}
 
 
 # -- the load generator -----------------------------------------------------------------------------
@@ -258,9 +268,9 @@ def run(setup, out: Path, config: ServiceConfig | None = None) -> dict:
                 _wait(client, f"/v1/jobs/{busy_id}", lambda j: j["status"] in TERMINAL, 900, 0.2)
                 progress.update(task, total=1, completed=1)
 
-                batch = [texts[next(used)] for _ in range(config.throughput_jobs)]
-                task = progress.add_task(f"throughput, 1 worker, {len(batch)} jobs", total=None)
-                results["throughput_1"] = throughput(client, [body(t) for t in batch])
+                task = progress.add_task(f"throughput, 1 worker, {config.throughput_rounds} × {config.throughput_jobs} jobs",
+                                         total=None)
+                results["throughput_1"] = best_throughput(client, config, lambda: body(texts[next(used)]))
                 progress.update(task, total=1, completed=1)
         finally:
             stack.stop(grace_s=10)
@@ -276,10 +286,9 @@ def run(setup, out: Path, config: ServiceConfig | None = None) -> dict:
                     results[f"build_seconds_{name}"] = build_seconds
                     throughput(client, [body(texts[next(used)]) for _ in range(2 * workers)])  # every worker loads the model
                     progress.update(task, total=1, completed=1)
-                    batch = [texts[next(used)] for _ in range(config.throughput_jobs)]
-                    task = progress.add_task(f"throughput, {workers} worker(s) × {threads} thread(s), {len(batch)} jobs",
-                                             total=None)
-                    results[name] = throughput(client, [body(t) for t in batch])
+                    task = progress.add_task(f"throughput, {workers} worker(s) × {threads} thread(s), "
+                                             f"{config.throughput_rounds} × {config.throughput_jobs} jobs", total=None)
+                    results[name] = best_throughput(client, config, lambda: body(texts[next(used)]))
                     progress.update(task, total=1, completed=1)
             finally:
                 stack.stop(grace_s=10)
@@ -308,6 +317,10 @@ def _start(workers: int, logs: Path, env: dict, threads: int):
         for path in sorted(logs.glob("*.log")):
             tails.append(f"--- {path.name}\n" + path.read_text(errors="replace")[-1500:])
         raise ServiceBenchError(f"the stack did not start with {workers} worker(s): {err}\n" + "\n".join(tails)) from None
+
+
+def _rates(result: dict) -> str:
+    return ", ".join(f"{r:.2f}" for r in result["rounds_jobs_per_s"])
 
 
 def _markdown(setup, config, headline, data) -> str:
@@ -346,7 +359,9 @@ p99 under the load generator with the workers idle.)
     f"- model registration to `ready` (features, prefix cache, faiss index): {data['build_seconds_1_worker']:.1f} s on the "
     f"first stack; the artefacts live on the shared volume (runs/bench/service-root/.fastif), so only the first run ever "
     "builds them (N = 10,000 × 66 tokens: a few minutes on this machine) and later registrations load them",
-    f"- throughput: {t1['jobs']} distinct inputs sent as {t1['jobs']} jobs at once, timed until the last succeeds; each "
+    f"- throughput: {t1['jobs']} distinct inputs sent as {t1['jobs']} jobs at once, timed until the last succeeds, in "
+    f"{len(t1['rounds_jobs_per_s'])} rounds of fresh inputs per stack, the best round counted (jobs per second of every "
+    f"round: 1 worker {_rates(t1)}; 2 workers {_rates(t2)}; 1 worker with 2 threads {_rates(t1x2)}); each "
     "stack was warmed up first (every worker loads the model on its first job). The headline ratio keeps one torch thread "
     "per worker, so it measures how the service spreads jobs over workers; the last row gives one worker both cores "
     "instead (intra-op threads), for comparison",
