@@ -4,7 +4,8 @@ Eager autograd spends most of a B = 1 LiSSA step on MiniLM's top block (the
 double backward of one block and the head) dispatching a few hundred small
 operations: the arithmetic is about 60 MFLOP. Compiled by inductor, the same
 Hessian-vector product (forward-over-reverse, ``torch.func``) takes about half
-the time (bench/results/speed.md). Compiling costs 10–30 s once per process,
+the time, and with LiSSA's update fused into the same program a query at FastIF's
+configuration runs 1.4–1.5× faster (bench/results/speed.md). Compiling costs 10–30 s once per process,
 model and batch shape, so it is an option for long-running workers and long
 LiSSA runs (``compile_hvp``), off by default.
 

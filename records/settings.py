@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     # Longer than the longest job, or the broker redelivers a message that is still running.
     visibility_timeout_s: int = Field(default=6 * 3600, ge=1)
     # Workers compile each model's H·v with torch.compile (fastif/compiled.py): 10-30 s once per
-    # worker process and model, then LiSSA steps about twice as fast. Needs a C++ compiler.
+    # worker process and model, then LiSSA steps about 1.4-1.5x faster. Needs a C++ compiler.
     compile_hvp: bool = Field(default=False, validation_alias="FASTIF_COMPILE")
 
     @field_validator("api_keys", mode="before")
