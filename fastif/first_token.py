@@ -34,7 +34,8 @@ def _is_bert_style(block: nn.Module) -> bool:
     )
 
 
-def _bert_style_first_token(block: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+def bert_style_first_token(block: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """A BERT-style block's output at the first token, [B, 1, H]; ``attention_mask`` is additive, [B, 1, ·, T]."""
     attn = block.attention.self
     heads, head_size = attn.num_attention_heads, attn.attention_head_size
     batch, _, width = hidden.shape
@@ -75,6 +76,6 @@ class FirstTokenLastBlock:
                     or kwargs.get("encoder_hidden_states") is not None
                 ):
                     return original(hidden_states, attention_mask, *args, **kwargs)
-                return _bert_style_first_token(block, hidden_states, attention_mask)
+                return bert_style_first_token(block, hidden_states, attention_mask)
 
             block.forward = forward

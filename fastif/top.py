@@ -18,7 +18,7 @@ from torch import nn
 from torch.func import functional_call
 from transformers import PreTrainedModel
 
-from .first_token import _bert_style_first_token
+from .first_token import bert_style_first_token
 
 
 def _pooled_head(model: nn.Module, sequence: torch.Tensor) -> torch.Tensor:
@@ -57,7 +57,7 @@ class TopOfModel(nn.Module):
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         additive = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
-        return self.head(self.model, _bert_style_first_token(self.block[0], hidden, additive))
+        return self.head(self.model, bert_style_first_token(self.block[0], hidden, additive))
 
     def logits(self, hidden: torch.Tensor, attention_mask: torch.Tensor, params: dict[str, torch.Tensor] | None = None):
         """With ``params`` (influence-parameter name -> tensor) in place of the live ones, as torch.func needs."""
