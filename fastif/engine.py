@@ -22,6 +22,7 @@ from .config import CGConfig, DataSpec, IndexConfig, InfluenceSpec, LissaConfig
 from .data import Example, load_examples, resolve_label, texts_of
 from .encoding import Batch, Tokenized, collate, length_batches, tokenize
 from .errors import CancelledError
+from .factored import FactoredScores
 from .first_token import FirstTokenLastBlock
 from .fingerprint import combine, file_digest, model_digest
 from .knn import SearchQuery
@@ -55,6 +56,7 @@ class EncodedQueries:
     features: np.ndarray  # [q, H]
     tokens: Tokenized
     search_keys: np.ndarray  # [q, D]: kNN keys in the index's space (fastif/knn.py)
+    hidden: torch.Tensor | None = None  # [q, T, H]: the frozen prefix's output, when it is cached
 
     def search(self, row: int) -> SearchQuery:
         return SearchQuery(key=self.search_keys[row], feature=self.features[row])
@@ -196,6 +198,8 @@ class InfluenceEngine:
         self.gradient_keys: np.ndarray | None = None
         self.prefix_store: PrefixStore | None = None
         self.index = None
+        # Set by _check_top when scores can come from per-example factors (fastif/factored.py).
+        self.factored: FactoredScores | None = None
         if self.prefix is not None:
             self._learn_block_outputs()
         self._check_first_token()
@@ -268,6 +272,21 @@ class InfluenceEngine:
             return  # a head of another shape than its family's usual one
         if fast.shape == full.shape and torch.allclose(fast, full, rtol=1e-4, atol=1e-5):
             self.objective.top = top
+            self._check_factored(batch, captured.hidden)
+
+    def _check_factored(self, batch: Batch, hidden: torch.Tensor) -> None:
+        """Score from per-example factors (fastif/factored.py) if they give the JVPs' numbers."""
+        owners = sorted({name.rsplit(".", 1)[0] for name in self.objective.names})
+        factored = FactoredScores(self.objective.top, self.objective.params,
+                                  [self.model.get_submodule(owner) for owner in owners])
+        direction = torch.randn(self.num_params, generator=torch.Generator().manual_seed(0)).to(self.classifier.device)
+        uses = factored.factors(batch, hidden)
+        if not factored.covers(uses):
+            return
+        fast = factored.contract(uses, self.objective.unflatten(direction), torch.arange(len(batch)))
+        reference = self.objective.directional_derivatives(batch, hidden, direction, with_l2=False)
+        if torch.allclose(fast, reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max())):
+            self.factored = factored
 
     def capture(self, batch: Batch) -> Captured:
         """Logits, first-token features, the output layer's inputs and (if cached) the frozen prefix's output."""
@@ -386,13 +405,22 @@ class InfluenceEngine:
         keys = knn.gradient_keys(probs, np.asarray(labels_used), captured.head_inputs.float().cpu().numpy())
         features = captured.features.float().cpu().numpy()
         return EncodedQueries(probs=probs.astype(np.float32), labels_used=labels_used, features=features, tokens=tokens,
-                              search_keys=keys if self.index_config.space == "gradient" else features)
+                              search_keys=keys if self.index_config.space == "gradient" else features,
+                              hidden=captured.hidden)
 
     def test_gradients(self, encoded: EncodedQueries, rows: Sequence[int] | None = None) -> torch.Tensor:
-        """∇θ L(z_t) of each test input (or of ``rows`` of them) with its label used, [q, P]."""
+        """∇θ L(z_t) of each test input (or of ``rows`` of them) with its label used, [q, P].
+
+        From the frozen prefix's activations that encoding kept, where it is cached: the
+        frozen layers then ran once for all inputs, batched, and each gradient runs the rest.
+        """
         rows = range(len(encoded.labels_used)) if rows is None else rows
-        return torch.stack([self.objective.gradient(collate(encoded.tokens, [i], self.pad_id, self.classifier.device))
-                            for i in rows])
+        grads = []
+        for i in rows:
+            batch = collate(encoded.tokens, [i], self.pad_id, self.classifier.device)
+            hidden = None if encoded.hidden is None else encoded.hidden[i : i + 1, : batch.input_ids.shape[1]]
+            grads.append(self.objective.gradient(batch, hidden))
+        return torch.stack(grads)
 
     def _batch(self, indices: Sequence[int]) -> tuple[Batch, torch.Tensor | None]:
         batch = collate(self.tokens, indices, self.pad_id, self.classifier.device)
@@ -437,11 +465,51 @@ class InfluenceEngine:
         batch_size: int = 64,
         on_progress: ProgressCallback | None = None,
     ) -> np.ndarray:
-        """I(z_i, z_t) = -⟨∇L(z_i), s_test⟩ for each training index, by batched JVPs."""
+        """I(z_i, z_t) = -⟨∇L(z_i), s_test⟩ for each training index."""
+        return self.score_rows(s_test.unsqueeze(0), [indices], batch_size, on_progress)[0]
+
+    def score_rows(
+        self,
+        s_tests: torch.Tensor,
+        candidates: Sequence[Sequence[int]],
+        batch_size: int = 64,
+        on_progress: ProgressCallback | None = None,
+    ) -> list[np.ndarray]:
+        """The scores of each row of ``s_tests`` [m, P] on its own training indices.
+
+        From per-example factors where the engine has them: each candidate runs forward
+        and backward once, however many rows list it. Otherwise by batched JVPs, row by row.
+        """
         self._require_prepared()
+        if self.factored is None or self.prefix_store is None:
+            return [self._scores_by_jvp(s, c, batch_size, on_progress) for s, c in zip(s_tests, candidates)]
+        s_tests = s_tests.to(self.classifier.device)
+        lists = [np.asarray([int(i) for i in c], dtype=np.int64) for c in candidates]
+        scores = [np.zeros(len(c), dtype=np.float64) for c in lists]
+        union = np.unique(np.concatenate(lists)) if lists else np.zeros(0, dtype=np.int64)
+        directions = [self.objective.unflatten(s) for s in s_tests]
+        l2 = [self.objective.l2_derivative(s) for s in s_tests]
+        total, done = sum(len(c) for c in lists), 0
+        for chunk in length_batches([len(self.tokens.input_ids[i]) for i in union], batch_size):
+            train_indices = union[chunk]
+            batch, hidden = self._batch(train_indices.tolist())
+            uses = self.factored.factors(batch, hidden)
+            local = {int(t): i for i, t in enumerate(train_indices)}
+            for row, listed in enumerate(lists):
+                where = np.nonzero(np.isin(listed, train_indices))[0]
+                if len(where):
+                    rows = torch.tensor([local[int(t)] for t in listed[where]], device=self.classifier.device)
+                    derivatives = self.factored.contract(uses, directions[row], rows)
+                    scores[row][where] = -(derivatives.double().cpu().numpy() + l2[row])
+                    done += len(where)
+            if on_progress and on_progress("scoring", done, total):
+                raise CancelledError("cancelled while scoring")
+        return scores
+
+    def _scores_by_jvp(self, s_test: torch.Tensor, indices: Sequence[int], batch_size: int,
+                       on_progress: ProgressCallback | None) -> np.ndarray:
         indices = [int(i) for i in indices]
         scores = np.zeros(len(indices), dtype=np.float64)
-        position = {train_index: pos for pos, train_index in enumerate(indices)}
         lengths = [len(self.tokens.input_ids[i]) for i in indices]
         done = 0
         s_test = s_test.to(self.classifier.device)
@@ -449,8 +517,7 @@ class InfluenceEngine:
             train_indices = [indices[c] for c in chunk]
             batch, hidden = self._batch(train_indices)
             derivatives = self.objective.directional_derivatives(batch, hidden, s_test)
-            for train_index, value in zip(train_indices, derivatives.tolist()):
-                scores[position[train_index]] = -value
+            scores[chunk] = -derivatives.double().cpu().numpy()  # positions: a repeated index gets each
             done += len(chunk)
             if on_progress and on_progress("scoring", done, len(indices)):
                 raise CancelledError("cancelled while scoring")
@@ -502,19 +569,18 @@ class InfluenceEngine:
         on_progress: ProgressCallback | None = None,
     ) -> list[Influence]:
         """kNN candidates and their scores for every row of the plan."""
-        results = []
-        for row in range(len(plan.vectors)):
-            clock = time.perf_counter()
-            found = self.candidates(plan.search[row], k)
-            knn_seconds = time.perf_counter() - clock
-            clock = time.perf_counter()
-            scores = self.score(s_tests[row], found.indices, on_progress=on_progress)
-            results.append(Influence(
-                indices=found.indices, scores=scores, distances=found.distances,
-                converged=converged, s_test_norm=float(s_tests[row].norm()), cached=bool(cached[row]),
-                seconds={**plan.seconds, "knn": knn_seconds, "scoring": time.perf_counter() - clock},
-            ))
-        return results
+        clock = time.perf_counter()
+        found = [self.candidates(query, k) for query in plan.search]
+        knn_seconds = time.perf_counter() - clock
+        clock = time.perf_counter()
+        scores = self.score_rows(s_tests, [f.indices for f in found], on_progress=on_progress)
+        # Like gradients and s_test, kNN and scoring run for all rows at once: whole-job seconds.
+        seconds = {**plan.seconds, "knn": knn_seconds, "scoring": time.perf_counter() - clock}
+        return [
+            Influence(indices=f.indices, scores=row_scores, distances=f.distances, converged=converged,
+                      s_test_norm=float(s.norm()), cached=bool(was_cached), seconds=seconds)
+            for f, row_scores, s, was_cached in zip(found, scores, s_tests, cached)
+        ]
 
     def analyze(
         self,

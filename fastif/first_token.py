@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .factored import Tape, bias_contraction
+
 
 def _is_bert_style(block: nn.Module) -> bool:
     attention = getattr(block, "attention", None)
@@ -34,8 +36,13 @@ def _is_bert_style(block: nn.Module) -> bool:
     )
 
 
-def bert_style_first_token(block: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """A BERT-style block's output at the first token, [B, 1, H]; ``attention_mask`` is additive, [B, 1, ·, T]."""
+def bert_style_first_token(block: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
+                           tape: Tape | None = None) -> torch.Tensor:
+    """A BERT-style block's output at the first token, [B, 1, H]; ``attention_mask`` is additive, [B, 1, ·, T].
+
+    ``tape`` records how the folded keys and values enter (fastif/factored.py); the
+    block's Linear and LayerNorm modules are recorded by their own hooks.
+    """
     attn = block.attention.self
     heads, head_size = attn.num_attention_heads, attn.attention_head_size
     batch, _, width = hidden.shape
@@ -44,15 +51,29 @@ def bert_style_first_token(block: nn.Module, hidden: torch.Tensor, attention_mas
     folded_key = torch.bmm(query, attn.key.weight.view(heads, head_size, width))  # q_h W_k,h: [heads, batch, width]
     weights = torch.bmm(folded_key.transpose(0, 1), hidden.transpose(1, 2))  # [batch, heads, tokens]
     if attn.key.bias is not None:
-        weights = weights + (query * attn.key.bias.view(heads, 1, head_size)).sum(-1).transpose(0, 1).unsqueeze(-1)
+        key_bias = (query * attn.key.bias.view(heads, 1, head_size)).sum(-1)  # q_h · b_k,h: [heads, batch]
+        weights = weights + key_bias.transpose(0, 1).unsqueeze(-1)
     weights = weights * getattr(attn, "scaling", head_size**-0.5)
     if attention_mask is not None:
         weights = weights + attention_mask[:, :, 0, :]
     mixed = torch.bmm(torch.softmax(weights, dim=-1), hidden).transpose(0, 1)  # p_h X: [heads, batch, width]
-    context = torch.bmm(mixed, attn.value.weight.view(heads, head_size, width).transpose(1, 2))  # [heads, batch, head_size]
-    context = context.transpose(0, 1).reshape(batch, 1, heads * head_size)
+    per_head = torch.bmm(mixed, attn.value.weight.view(heads, head_size, width).transpose(1, 2))  # [heads, batch, head_size]
+    context = per_head.transpose(0, 1).reshape(batch, 1, heads * head_size)
     if attn.value.bias is not None:
         context = context + attn.value.bias
+    if tape is not None:
+        # Per head, the key weight's per-example gradient is q_hᵀ ∂L/∂(q_h W_k,h), the value
+        # weight's ∂L/∂context_hᵀ (p_h X): both rank one.
+        query_, mixed_ = query.detach(), mixed.detach()
+        tape(attn.key.weight, folded_key, lambda s, grad, rows: torch.einsum(
+            "hbs,hsw,hbw->b", query_[:, rows], s.view(heads, head_size, width), grad[:, rows]))
+        if attn.key.bias is not None:
+            tape(attn.key.bias, key_bias, lambda s, grad, rows: torch.einsum(
+                "hbs,hs,hb->b", query_[:, rows], s.view(heads, head_size), grad[:, rows]))
+        tape(attn.value.weight, per_head, lambda s, grad, rows: torch.einsum(
+            "hbw,hsw,hbs->b", mixed_[:, rows], s.view(heads, head_size, width), grad[:, rows]))
+        if attn.value.bias is not None:
+            tape(attn.value.bias, context, bias_contraction)
     out = block.attention.output
     attended = out.LayerNorm(out.dense(context) + first)
     return block.output.LayerNorm(block.output.dense(block.intermediate(attended)) + attended)

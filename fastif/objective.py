@@ -124,7 +124,14 @@ class InfluenceObjective:
             torch.cat([g.reshape(-1) for g in rows], out=out[row])
         return out
 
-    def directional_derivatives(self, batch: Batch, hidden: torch.Tensor | None, direction: torch.Tensor) -> torch.Tensor:
+    def l2_derivative(self, direction: torch.Tensor) -> float:
+        """⟨∇θ of the L2 term, d⟩: the same for every example."""
+        if not self.weight_decay:
+            return 0.0
+        return self.weight_decay * float(torch.dot(self.decay_flat * self.theta(), direction))
+
+    def directional_derivatives(self, batch: Batch, hidden: torch.Tensor | None, direction: torch.Tensor,
+                                with_l2: bool = True) -> torch.Tensor:
         """⟨∇θ L(z_i), d⟩ for every example z_i of ``batch`` in one forward-mode pass, [len(batch)]."""
         primals = {n: p.detach() for n, p in zip(self.names, self.params)}
         tangents = dict(zip(self.names, self.unflatten(direction)))
@@ -133,6 +140,4 @@ class InfluenceObjective:
             return F.cross_entropy(self._forward(batch, hidden, params), batch.labels, reduction="none")
 
         _, derivative = jvp(per_example_losses, (primals,), (tangents,))
-        if self.weight_decay:
-            derivative = derivative + self.weight_decay * torch.dot(self.decay_flat * self.theta(), direction)
-        return derivative
+        return derivative + self.l2_derivative(direction) if with_l2 else derivative

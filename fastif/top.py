@@ -18,6 +18,7 @@ from torch import nn
 from torch.func import functional_call
 from transformers import PreTrainedModel
 
+from .factored import Tape
 from .first_token import bert_style_first_token
 
 
@@ -55,9 +56,10 @@ class TopOfModel(nn.Module):
         self.block = [block]  # a list: not registered twice
         self.head = head
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, tape: Tape | None = None) -> torch.Tensor:
+        """``tape`` records the folded keys and values for fastif/factored.py."""
         additive = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
-        return self.head(self.model, bert_style_first_token(self.block[0], hidden, additive))
+        return self.head(self.model, bert_style_first_token(self.block[0], hidden, additive, tape))
 
     def logits(self, hidden: torch.Tensor, attention_mask: torch.Tensor, params: dict[str, torch.Tensor] | None = None):
         """With ``params`` (influence-parameter name -> tensor) in place of the live ones, as torch.func needs."""

@@ -1,5 +1,5 @@
-"""The fast paths (frozen-prefix cache, first-token last block, batched JVP scoring, padded
-batches) against the naive per-example loop on an independent float64 copy of the model.
+"""The fast paths (frozen-prefix cache, first-token last block, scoring by per-example factors
+or by batched JVPs, padded batches) against the naive per-example loop on an independent float64 copy of the model.
 
 Every case asserts first that the fast path it claims to test is really switched on (or
 off), so a silent fallback cannot make the comparison trivially true.
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fastif import DataSpec, InfluenceEngine, InfluenceSpec, Query
+from fastif.factored import FactoredScores
 from tiny import Reference, assert_close, make_tiny_family, sentences, single_thread, write_jsonl
 
 NUM_TRAIN = 24
@@ -58,6 +59,7 @@ def case(request, tmp_path_factory):
     assert (engine.prefix_store is not None) == prefixed
     assert engine.first_token.enabled == first_token
     assert (engine.objective.top is not None) == top
+    assert (engine.factored is not None) == top  # scores from per-example factors (fastif/factored.py)
     ref_rows = [{"text": r["premise"], "text_pair": r["text"], "label": r["label"]} if pairs else r for r in rows]
     ref = Reference(model, engine.names)
     return engine, ref, ref_rows
@@ -81,6 +83,31 @@ def test_scores_equal_naive_per_example_gradients(case):
         # a subset, one at a time (no padding at all)
         subset = [3, 17, 8]
         assert_close(engine.score(s_test, subset, batch_size=1), expected[subset], rtol=1e-5)
+
+
+def test_several_rows_on_shared_candidates_equal_naive(case):
+    """Each s_test scored on its own list: lists that overlap, repeat an index, or hold one example."""
+    engine, ref, rows = case
+    naive_grads = ref.gradients(rows)
+    s_tests = torch.stack([_direction(engine, seed) for seed in (3, 4, 5)])
+    lists = [[5, 1, 9, 1, 20], list(range(NUM_TRAIN))[::-1], [9]]
+    progress = []
+    actual = engine.score_rows(s_tests, lists, batch_size=4, on_progress=lambda *a: progress.append(a) and False)
+    for s_test, listed, scores in zip(s_tests, lists, actual):
+        assert scores.shape == (len(listed),)
+        assert_close(scores, -(naive_grads[listed] @ s_test.double()).numpy(), rtol=1e-5)
+    assert progress[-1][0] == "scoring" and progress[-1][1] == progress[-1][2]
+
+
+@pytest.mark.parametrize("case", [name for name, spec in CASES.items() if spec[-1]], indirect=True)
+def test_factors_that_miss_a_parameter_are_not_used(case):
+    """Without the hooks on the block's Linear and LayerNorm modules the tape misses parameters."""
+    engine, _, _ = case
+    partial = FactoredScores(engine.objective.top, engine.objective.params, modules=[])
+    batch, hidden = engine._batch([0, 1])
+    uses = partial.factors(batch, hidden)
+    assert uses and not partial.covers(uses)
+    assert engine.factored.covers(engine.factored.factors(batch, hidden))
 
 
 def test_hvp_equals_naive_double_backward(case):

@@ -150,12 +150,12 @@ def _score_work(run: JobRun, request: InfluenceRequest, shard: int) -> None:
     client = run.ctx.redis_bytes
     averaged = load_tensors(client.get(_key(run.job_id, "stest_avg")))["s_test"]
     plan = engine.plan(queries_of(request), request.group, cache)
-    scores = []
     clock = time.perf_counter()
+    parts = []
     for row in range(len(plan.vectors)):
         found = engine.candidates(plan.search[row], request.k)
-        part = found.indices[_slice(len(found.indices), request.parallel, shard)]
-        scores.append(engine.score(averaged[row], part, on_progress=run.progress).tolist())
+        parts.append(found.indices[_slice(len(found.indices), request.parallel, shard)])
+    scores = [s.tolist() for s in engine.score_rows(averaged, parts, on_progress=run.progress)]
     payload = {"scores": scores, "seconds": time.perf_counter() - clock}
     ttl = run.ctx.settings.result_ttl_s
     client.set(_key(run.job_id, "scores", shard), json.dumps(payload), ex=ttl)

@@ -138,15 +138,13 @@ def influence_scores(
     """I(z_i, z_t) = -⟨∇L(z_i), s_test⟩ for ``indices`` of ``data`` by batched JVPs (as ``engine.score``)."""
     indices = [int(i) for i in indices]
     scores = np.zeros(len(indices), dtype=np.float64)
-    position = {i: p for p, i in enumerate(indices)}
     s_test = s_test.to(engine.classifier.device)
     done = 0
     for chunk in length_batches([len(data.tokens.input_ids[i]) for i in indices], batch_size):
         members = [indices[c] for c in chunk]
         batch, hidden = data.batch(engine, members)
         values = engine.objective.directional_derivatives(batch, hidden, s_test)
-        for member, value in zip(members, values.tolist()):
-            scores[position[member]] = -value
+        scores[chunk] = -values.double().cpu().numpy()  # positions: a repeated index gets each
         done += len(chunk)
         if on_progress and on_progress("scoring", done, len(indices)):
             raise CancelledError("cancelled while scoring")
