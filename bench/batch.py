@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fastif import LissaConfig, Query
 
-from .common import Clock, bars, engine_progress, headline_block, setup_block, table, write_results
+from .common import Clock, bars, engine_progress, headline_block, setup_block, table, warm_prefix_cache, write_results
 from .speed import best_from_stest
 
 
@@ -44,8 +44,9 @@ def run(setup, out: Path, config: BatchConfig | None = None) -> dict:
     runs = []
     with bars() as progress:
         engine = setup.engine(on_progress=engine_progress(progress))
-        # Warm-up: first-call allocations and forward-mode set-up stay out of the timings.
-        engine.analyze([Query(setup.test_rows[-1].text)], k=10, solver=LissaConfig(depth=2))
+        # Warm-up: first-call allocations and first touches of the prefix cache stay out of the timings.
+        warm_prefix_cache(engine)
+        engine.analyze([Query(setup.test_rows[-1].text)], k=config.k, solver=LissaConfig(depth=2))
         for name, lissa in configs.items():
             start = 0
             for size in config.sizes:
