@@ -157,3 +157,15 @@ def redis_process() -> Iterator[Callable[[int], subprocess.Popen]]:
     for proc in started:
         if proc.poll() is None:
             stop_redis_process(proc)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """For the engine modules (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``).
+
+    Imported here, not at the top: the service tests must not load torch.
+    """
+    from tiny import single_thread
+
+    with single_thread():
+        yield

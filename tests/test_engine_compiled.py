@@ -10,17 +10,14 @@ import pytest
 import torch
 
 from fastif import DataSpec, InfluenceEngine, InfluenceSpec, LissaConfig, Query
-from tiny import Reference, assert_close, make_tiny_family, sentences, single_thread, write_jsonl
+from tiny import Reference, assert_close, make_tiny_family, sentences, write_jsonl
 
 NUM_TRAIN = 24
 # Every batch here has 3 examples: one shape, so one compilation for the whole module.
 LISSA = LissaConfig(damp=0.01, scale=100.0, depth=40, batch_size=3, seed=1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 
 from fastif import CancelledError, DataSpec, InfluenceEngine, InfluenceSpec, LissaConfig, LissaDivergedError, Query
 from fastif.solvers import lissa_generator
-from tiny import make_tiny_family, sentences, single_thread, write_jsonl
+from tiny import make_tiny_family, sentences, write_jsonl
 
 NUM_TRAIN = 30
 QUERIES = [Query("the film was superb and warm"), Query("boring and sad story", label="positive")]
@@ -19,10 +19,7 @@ QUERIES = [Query("the film was superb and warm"), Query("boring and sad story", 
 LISSA = LissaConfig(damp=0.1, scale=200.0, depth=40, batch_size=3, seed=5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

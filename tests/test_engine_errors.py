@@ -10,15 +10,12 @@ import pytest
 
 from fastif import (CGConfig, DataError, DataSpec, FastIFError, InfluenceEngine, InfluenceSpec, LabelError, LissaConfig,
                     ModelLoadError, Query, load_classifier, load_examples)
-from tiny import LABELS, make_tiny_family, sentences, single_thread, write_jsonl
+from tiny import LABELS, make_tiny_family, sentences, write_jsonl
 
 LABEL2ID = {name: i for i, name in enumerate(LABELS)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def load(path, **spec):

@@ -15,7 +15,7 @@ import torch
 from scipy.stats import spearmanr
 
 from fastif import CGConfig, DataSpec, InfluenceEngine, InfluenceSpec, LissaConfig, Query
-from tiny import LABELS, Reference, assert_close, make_tiny_family, sentences, single_thread, write_jsonl
+from tiny import LABELS, Reference, assert_close, make_tiny_family, sentences, write_jsonl
 
 NUM_TRAIN = 40
 DAMPING = 0.05  # λ
@@ -23,10 +23,7 @@ TEST = [{"text": "the acting was superb but the plot dull", "label": "positive"}
         {"text": "really boring film", "label": "negative"}]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

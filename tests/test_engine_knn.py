@@ -11,7 +11,7 @@ import torch
 
 from fastif import CGConfig, DataSpec, IndexConfig, InfluenceEngine, InfluenceSpec, Query, knn
 from fastif.knn import SearchQuery
-from tiny import Reference, assert_close, make_tiny_family, sentences, single_thread, write_jsonl
+from tiny import Reference, assert_close, make_tiny_family, sentences, write_jsonl
 
 NUM_TRAIN = 40
 QUERIES = [Query("the film was superb and warm"), Query("boring and sad story", label="positive"),
@@ -21,10 +21,7 @@ QUERIES = [Query("the film was superb and warm"), Query("boring and sad story", 
 CG = CGConfig(damping=10.0, tol=1e-7)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

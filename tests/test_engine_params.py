@@ -11,15 +11,12 @@ import torch
 
 from fastif import DataSpec, InfluenceEngine, InfluenceSpec, ParamSelectionError
 from fastif.params import count, find_layer_stack, first_influence_layer, select_influence_params
-from tiny import FAMILIES, Reference, assert_close, make_tiny_family, sentences, single_thread, tiny_family_model, write_jsonl
+from tiny import FAMILIES, Reference, assert_close, make_tiny_family, sentences, tiny_family_model, write_jsonl
 
 LAYERS = 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def auto_modules(family: str, model) -> list[torch.nn.Module]:

@@ -13,7 +13,7 @@ import torch
 
 from fastif import DataSpec, InfluenceEngine, InfluenceSpec, Query
 from fastif.factored import FactoredScores
-from tiny import Reference, assert_close, make_tiny_family, sentences, single_thread, write_jsonl
+from tiny import Reference, assert_close, make_tiny_family, sentences, write_jsonl
 
 NUM_TRAIN = 24
 PAIRS = ["the story was fun", "it was dull and cold", "quite a lovely film"]
@@ -36,10 +36,7 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", params=list(CASES))
