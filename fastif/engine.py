@@ -487,18 +487,26 @@ class InfluenceEngine:
         lists = [np.asarray([int(i) for i in c], dtype=np.int64) for c in candidates]
         scores = [np.zeros(len(c), dtype=np.float64) for c in lists]
         union = np.unique(np.concatenate(lists)) if lists else np.zeros(0, dtype=np.int64)
+        chunks = length_batches([len(self.tokens.input_ids[i]) for i in union], batch_size)
+        chunk_of, local_of = np.zeros(len(union), dtype=np.int64), np.zeros(len(union), dtype=np.int64)
+        for number, chunk in enumerate(chunks):
+            chunk_of[chunk], local_of[chunk] = number, np.arange(len(chunk))
+        # Per row: its positions ordered by chunk, and where each chunk's run starts.
+        placed = []
+        for listed in lists:
+            at = np.searchsorted(union, listed)
+            order = np.argsort(chunk_of[at], kind="stable")
+            placed.append((order, np.searchsorted(chunk_of[at][order], np.arange(len(chunks) + 1)), local_of[at]))
         directions = [self.objective.unflatten(s) for s in s_tests]
         l2 = [self.objective.l2_derivative(s) for s in s_tests]
         total, done = sum(len(c) for c in lists), 0
-        for chunk in length_batches([len(self.tokens.input_ids[i]) for i in union], batch_size):
-            train_indices = union[chunk]
-            batch, hidden = self._batch(train_indices.tolist())
+        for number, chunk in enumerate(chunks):
+            batch, hidden = self._batch(union[chunk].tolist())
             uses = self.factored.factors(batch, hidden)
-            local = {int(t): i for i, t in enumerate(train_indices)}
-            for row, listed in enumerate(lists):
-                where = np.nonzero(np.isin(listed, train_indices))[0]
+            for row, (order, starts, local) in enumerate(placed):
+                where = order[starts[number] : starts[number + 1]]
                 if len(where):
-                    rows = torch.tensor([local[int(t)] for t in listed[where]], device=self.classifier.device)
+                    rows = torch.from_numpy(local[where]).to(self.classifier.device)
                     derivatives = self.factored.contract(uses, directions[row], rows)
                     scores[row][where] = -(derivatives.double().cpu().numpy() + l2[row])
                     done += len(where)
