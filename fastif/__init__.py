@@ -1,7 +1,8 @@
 """FastIF: influence functions for text classifiers, made fast.
 
-kNN candidates (faiss) + LiSSA inverse HVPs + scoring by batched JVPs on the
-fine-tuned top of a Hugging Face classifier. No Celery, Redis or HTTP in here.
+kNN candidates (faiss) + LiSSA inverse HVPs + scoring from per-example gradient
+factors (batched JVPs where those do not apply) on the fine-tuned top of a Hugging
+Face classifier. No Celery, Redis or HTTP in here.
 """
 
 from .config import CGConfig, DataSpec, IndexConfig, InfluenceSpec, LissaConfig
