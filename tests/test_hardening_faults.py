@@ -25,8 +25,11 @@ from live_stack import LiveStack, make_data_root, wait_for
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 MAX_DELIVERIES = 2
-# About 2-3 s per job on one core of a 2-core machine: long enough to be hit mid-way.
-LISSA = {"damp": 0.01, "scale": 1000.0, "depth": 300, "batch_size": 2, "repeats": 1, "seed": 0}
+# Workers write progress every 0.5 s, and a job counts as hit mid-way only when its progress
+# moved inside the window of live_mid_jobs: its s_test must last several seconds. 300 steps
+# took 2-3 s on a slow day of this machine and under 1 s on a fast one (then both workers were
+# never seen mid-way at once); 1,200 keep several progress writes in the window on either.
+LISSA = {"damp": 0.01, "scale": 1000.0, "depth": 1200, "batch_size": 2, "repeats": 1, "seed": 0}
 
 
 def start_private_redis(port: int, workdir: Path, persistent: bool = False) -> subprocess.Popen:
