@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -482,7 +482,7 @@ class InfluenceEngine:
         """
         self._require_prepared()
         if self.factored is None or self.prefix_store is None:
-            return [self._scores_by_jvp(s, c, batch_size, on_progress) for s, c in zip(s_tests, candidates)]
+            return [self.scores_by_jvp(s, c, batch_size, on_progress) for s, c in zip(s_tests, candidates)]
         s_tests = s_tests.to(self.classifier.device)
         lists = [np.asarray([int(i) for i in c], dtype=np.int64) for c in candidates]
         scores = [np.zeros(len(c), dtype=np.float64) for c in lists]
@@ -514,16 +514,27 @@ class InfluenceEngine:
                 raise CancelledError("cancelled while scoring")
         return scores
 
-    def _scores_by_jvp(self, s_test: torch.Tensor, indices: Sequence[int], batch_size: int,
-                       on_progress: ProgressCallback | None) -> np.ndarray:
+    def scores_by_jvp(
+        self,
+        s_test: torch.Tensor,
+        indices: Sequence[int],
+        batch_size: int = 64,
+        on_progress: ProgressCallback | None = None,
+        tokens: Tokenized | None = None,
+        batch_of: Callable[[list[int]], tuple[Batch, torch.Tensor | None]] | None = None,
+    ) -> np.ndarray:
+        """-⟨∇L(z_i), s_test⟩ by batched JVPs, row by row: the path for any model shape.
+
+        ``tokens`` and ``batch_of`` name another set of examples than the training set
+        (fastif/applications scores pools of candidates this way).
+        """
+        tokens, batch_of = (tokens, batch_of) if batch_of is not None else (self.tokens, self._batch)
         indices = [int(i) for i in indices]
         scores = np.zeros(len(indices), dtype=np.float64)
-        lengths = [len(self.tokens.input_ids[i]) for i in indices]
         done = 0
         s_test = s_test.to(self.classifier.device)
-        for chunk in length_batches(lengths, batch_size):
-            train_indices = [indices[c] for c in chunk]
-            batch, hidden = self._batch(train_indices)
+        for chunk in length_batches([len(tokens.input_ids[i]) for i in indices], batch_size):
+            batch, hidden = batch_of([indices[c] for c in chunk])
             derivatives = self.objective.directional_derivatives(batch, hidden, s_test)
             scores[chunk] = -derivatives.double().cpu().numpy()  # positions: a repeated index gets each
             done += len(chunk)

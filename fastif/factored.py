@@ -42,10 +42,13 @@ class Tape:
         self.uses.append((param, output, contract))
 
 
+def _summed_over_tokens(picked: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return picked.reshape(len(picked), -1, picked.shape[-1]).sum(1) @ s
+
+
 def bias_contraction(s: torch.Tensor, grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """A bias added along the last dimension: Σ_t δ_t · s."""
-    picked = grad[rows]
-    return picked.reshape(len(picked), -1, picked.shape[-1]).sum(1) @ s
+    return _summed_over_tokens(grad[rows], s)
 
 
 def _record_linear(tape: Tape, module: nn.Linear, x: torch.Tensor, output: torch.Tensor) -> None:
@@ -59,7 +62,7 @@ def _record_layer_norm(tape: Tape, module: nn.LayerNorm, x: torch.Tensor, output
     normalized = F.layer_norm(x.detach(), module.normalized_shape, eps=module.eps)
 
     def scale(s: torch.Tensor, grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return bias_contraction(s, grad * normalized, rows)
+        return _summed_over_tokens(grad[rows] * normalized[rows], s)  # Σ_t (δ_t ⊙ x̂_t) · s
 
     if module.weight is not None:
         tape(module.weight, output, scale)

@@ -21,7 +21,6 @@ from .. import knn
 from ..data import Example, texts_of
 from ..encoding import Batch, Tokenized, collate, length_batches, tokenize
 from ..engine import InfluenceEngine, feature_distances
-from ..errors import CancelledError
 from ..knn import SearchQuery
 from ..prefix import PrefixStore
 from ..progress import ProgressCallback
@@ -135,20 +134,9 @@ def influence_scores(
     batch_size: int = 64,
     on_progress: ProgressCallback | None = None,
 ) -> np.ndarray:
-    """I(z_i, z_t) = -⟨∇L(z_i), s_test⟩ for ``indices`` of ``data`` by batched JVPs (as ``engine.score``)."""
-    indices = [int(i) for i in indices]
-    scores = np.zeros(len(indices), dtype=np.float64)
-    s_test = s_test.to(engine.classifier.device)
-    done = 0
-    for chunk in length_batches([len(data.tokens.input_ids[i]) for i in indices], batch_size):
-        members = [indices[c] for c in chunk]
-        batch, hidden = data.batch(engine, members)
-        values = engine.objective.directional_derivatives(batch, hidden, s_test)
-        scores[chunk] = -values.double().cpu().numpy()  # positions: a repeated index gets each
-        done += len(chunk)
-        if on_progress and on_progress("scoring", done, len(indices)):
-            raise CancelledError("cancelled while scoring")
-    return scores
+    """I(z_i, z_t) = -⟨∇L(z_i), s_test⟩ for ``indices`` of ``data`` by batched JVPs."""
+    return engine.scores_by_jvp(s_test, indices, batch_size, on_progress, tokens=data.tokens,
+                                batch_of=lambda members: data.batch(engine, members))
 
 
 # -- changing the influence parameters, and putting them back ------------------------------
