@@ -14,7 +14,7 @@ This follows the structure of FastIF's ``influence_utils/nn_influence_utils.py``
   and a second backward (double backward), as ``compute_hessian_vector_products``.
 
 Two deliberate differences, neither of which changes a ranking: the LiSSA
-sampling stream is the engine's (``fastif.solvers.lissa_generator``) so that the
+sampling stream is the engine's (``fastif.curvature.lissa_generator``) so that the
 reference and the engine see the same batches and their numbers can be compared;
 and FastIF's final division of s_test by the number of LiSSA steps (a uniform
 factor) is left out, so that the scores are on the engine's scale.
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastif.solvers import lissa_generator
+from fastif.curvature import lissa_generator
 
 from .data import Row
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from fastif import LissaConfig, LissaDivergedError, Query
-from fastif.solvers import lissa
+from fastif.curvature import lissa
 
 from .common import (Clock, bars, engine_progress, headline_block, log, plot, rel_diff, setup_block, spearman, pearson,
                      table, top_overlap, write_results)

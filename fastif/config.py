@@ -8,10 +8,13 @@ from typing import Literal
 
 @dataclass(frozen=True)
 class LissaConfig:
-    """LiSSA: ``h <- v + (1 - damp) h - H h / scale`` over ``depth`` sampled batches.
+    """LiSSA: ``h <- v + (1 - damp) h - C h / scale`` over ``depth`` sampled batches.
 
-    The fixed point is ``(H + damp * scale * I)^-1 v``; FastIF's defaults are below.
-    ``repeats`` independent runs (different sampling streams) are averaged.
+    The fixed point is ``(C + damp * scale * I)^-1 v``. FastIF's published values are
+    ``damp=5e-3, scale=1e4`` (λ = 50); ``FASTIF_PAPER`` below is that configuration.
+    ``repeats`` independent runs (different sampling streams) are averaged. Inside a
+    ``SolverConfig`` whose ``damping`` is relative, damp and scale are derived from the
+    curvature's spectrum instead (fastif/curvature/damping.py).
     """
 
     damp: float = 5e-3
@@ -23,7 +26,7 @@ class LissaConfig:
 
     @property
     def damping(self) -> float:
-        """The λ of ``(H + λI)`` that LiSSA converges to."""
+        """The λ of ``(C + λI)`` that LiSSA converges to."""
         return self.damp * self.scale
 
     def __post_init__(self) -> None:
@@ -37,7 +40,7 @@ class LissaConfig:
 
 @dataclass(frozen=True)
 class CGConfig:
-    """Conjugate gradient on ``(H + damping I) x = v`` with H over the whole training set."""
+    """Conjugate gradient on ``(C + damping I) x = v`` with C over the whole training set (or ``sample`` of it)."""
 
     damping: float = 50.0
     tol: float = 1e-6
@@ -47,6 +50,68 @@ class CGConfig:
     def __post_init__(self) -> None:
         if self.damping < 0:
             raise ValueError(f"damping must be >= 0, got {self.damping}")
+
+
+Curvature = Literal["gauss-newton", "hessian"]
+SolverName = Literal["lissa", "cg", "ekfac", "kfac", "identity"]
+SOLVERS: tuple[str, ...] = ("lissa", "cg", "ekfac", "kfac", "identity")
+CURVATURES: tuple[str, ...] = ("gauss-newton", "hessian")
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    """How s_test = (C + λI)⁻¹ ∇L(z_t) is computed: which solver, which curvature C, which λ.
+
+    ``damping`` None means λ = ``damping_ratio`` × the curvature's mean eigenvalue
+    (its trace over the number of influence parameters, estimated once per model),
+    as Kronfluence does; a number is an absolute λ. For LiSSA, ``lissa.damp`` and
+    ``lissa.scale`` are then derived too: scale above the largest eigenvalue, so that
+    the recursion cannot diverge, and damp = λ / scale. An absolute ``damping`` with
+    ``lissa_absolute`` keeps the LiSSA knobs exactly as given (FastIF's published
+    configuration: ``FASTIF_PAPER``). ``identity`` ignores C: s_test = ∇L(z_t) / λ
+    ranks like a plain gradient dot product.
+    """
+
+    solver: SolverName = "ekfac"
+    curvature: Curvature = "gauss-newton"
+    damping: float | None = None
+    damping_ratio: float = 0.1
+    lissa: LissaConfig = field(default_factory=LissaConfig)
+    lissa_absolute: bool = False  # LiSSA's damp and scale exactly as given in ``lissa``
+    cg_tol: float = 1e-5
+    cg_max_iter: int = 200
+
+    def __post_init__(self) -> None:
+        if self.solver not in SOLVERS:
+            raise ValueError(f"unknown solver {self.solver!r}; choose one of {', '.join(SOLVERS)}")
+        if self.curvature not in CURVATURES:
+            raise ValueError(f"unknown curvature {self.curvature!r}; choose one of {', '.join(CURVATURES)}")
+        if self.damping is not None and not (self.damping >= 0.0 and self.damping != float("inf")):
+            raise ValueError(f"damping must be a finite number >= 0, got {self.damping}")
+        if not (self.damping_ratio > 0.0 and self.damping_ratio != float("inf")):
+            raise ValueError(f"damping_ratio must be a positive finite number, got {self.damping_ratio}")
+        if self.lissa_absolute and self.damping is not None and abs(self.damping - self.lissa.damping) > 1e-12 * self.damping:
+            raise ValueError("with lissa_absolute, damping is lissa.damp * lissa.scale; give one or the other")
+        if self.cg_tol <= 0 or self.cg_max_iter < 1:
+            raise ValueError("cg_tol must be > 0 and cg_max_iter >= 1")
+
+    @classmethod
+    def fastif_paper(cls, depth: int = 1000, batch_size: int = 1, repeats: int = 1, seed: int = 0) -> SolverConfig:
+        """FastIF's published configuration: LiSSA on the Hessian, damp 5e-3, scale 1e4 (λ = 50)."""
+        lissa = LissaConfig(damp=5e-3, scale=1e4, depth=depth, batch_size=batch_size, repeats=repeats, seed=seed)
+        return cls(solver="lissa", curvature="hessian", damping=lissa.damping, lissa=lissa, lissa_absolute=True)
+
+    def cache_identity(self) -> dict:
+        """Every field that changes s_test, as plain values (the s_test cache key)."""
+        identity = {"solver": self.solver, "curvature": self.curvature, "damping": self.damping,
+                    "damping_ratio": self.damping_ratio if self.damping is None else None}
+        if self.solver == "lissa":
+            identity["lissa"] = {**self.lissa.__dict__, "absolute": self.lissa_absolute}
+            if not self.lissa_absolute:
+                identity["lissa"].pop("damp"), identity["lissa"].pop("scale")
+        if self.solver == "cg":
+            identity["cg"] = {"tol": self.cg_tol, "max_iter": self.cg_max_iter}
+        return identity
 
 
 @dataclass(frozen=True)

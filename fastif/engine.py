@@ -18,7 +18,8 @@ import torch
 
 from . import knn
 from .allocator import keep_freed_memory
-from .config import CGConfig, DataSpec, IndexConfig, InfluenceSpec, LissaConfig
+from .config import CGConfig, DataSpec, IndexConfig, InfluenceSpec, LissaConfig, SolverConfig
+from .curvature import CurvatureSource, KroneckerFactors, Solution, Spectrum, estimate_spectrum, fit_factors, solver_for
 from .data import Example, load_examples, resolve_label, texts_of
 from .encoding import Batch, Tokenized, collate, length_batches, tokenize
 from .errors import CancelledError
@@ -31,11 +32,21 @@ from .objective import InfluenceObjective
 from .params import find_layer_stack, first_influence_layer, freeze_all_but, select_influence_params
 from .prefix import FrozenPrefix, PrefixStore, write_meta
 from .progress import ProgressCallback
-from .solvers import Solution, conjugate_gradient, lissa
 from .top import TopOfModel, head_of
 
-Solver = LissaConfig | CGConfig
+Solver = SolverConfig | LissaConfig | CGConfig
 ARTEFACT_VERSION = 2
+SPECTRUM_EXAMPLES = 512  # the curvature's spectrum is estimated on this many training examples (a fixed sample)
+FIT_EXAMPLES = 10_000  # EK-FAC's factors are fitted on at most this many (a fixed sample beyond that)
+
+
+def solver_config(solver: Solver) -> SolverConfig:
+    """The one solver config; a bare LissaConfig or CGConfig means that solver on the Hessian at its absolute λ."""
+    if isinstance(solver, SolverConfig):
+        return solver
+    if isinstance(solver, LissaConfig):
+        return SolverConfig(solver="lissa", curvature="hessian", damping=solver.damping, lissa=solver, lissa_absolute=True)
+    return SolverConfig(solver="cg", curvature="hessian", damping=solver.damping, cg_tol=solver.tol, cg_max_iter=solver.max_iter)
 
 
 @dataclass(frozen=True)
@@ -109,6 +120,7 @@ class Influence:
     s_test_norm: float
     cached: bool = False
     seconds: dict[str, float] = field(default_factory=dict)
+    solver: dict = field(default_factory=dict)  # the solver's own account: name, converged, iterations, damping, ...
 
     def ranked(self, top: int) -> tuple[list[int], list[int]]:
         """Positions into ``indices``: most helpful first (negative), most harmful first (positive)."""
@@ -200,6 +212,12 @@ class InfluenceEngine:
         self.index = None
         # Set by _check_top when scores can come from per-example factors (fastif/factored.py).
         self.factored: FactoredScores | None = None
+        self._spectra: dict[str, Spectrum] = {}
+        self._factors: KroneckerFactors | None = None
+        self.curvature = CurvatureSource(
+            num_train=self.num_train, batch_product=self._batch_product, full_product=self._full_product,
+            spectrum=self.spectrum, factors=self.factors,
+            decay=[self.objective.weight_decay * float(d) for d in self.objective.decay])
         if self.prefix is not None:
             self._learn_block_outputs()
         self._check_first_token()
@@ -422,6 +440,10 @@ class InfluenceEngine:
             grads.append(self.objective.gradient(batch, hidden))
         return torch.stack(grads)
 
+    def training_batch(self, indices: Sequence[int]) -> tuple[Batch, torch.Tensor | None]:
+        """Training examples ``indices`` as a padded batch, with their cached prefix activations (None if not cached)."""
+        return self._batch(indices)
+
     def _batch(self, indices: Sequence[int]) -> tuple[Batch, torch.Tensor | None]:
         batch = collate(self.tokens, indices, self.pad_id, self.classifier.device)
         hidden = self.prefix_store.gather_batch(indices, batch) if self.prefix_store is not None else None
@@ -432,20 +454,95 @@ class InfluenceEngine:
         batch, hidden = self._batch(indices)
         return self.objective.hvp(batch, hidden, vectors, out)
 
-    def full_hvp(self, vectors: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-        """H·v with H the Hessian of the mean loss over the whole training set."""
+    def curvature_vp(self, curvature: str, indices: Sequence[int], vectors: torch.Tensor,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+        """C·v, C the ``curvature`` ("hessian" or "gauss-newton") of the mean loss over training examples ``indices``."""
+        batch, hidden = self._batch(indices)
+        return self.objective.curvature_vp(curvature, batch, hidden, vectors, out)
+
+    def full_hvp(self, vectors: torch.Tensor, batch_size: int = 64, curvature: str = "hessian",
+                 indices: Sequence[int] | None = None) -> torch.Tensor:
+        """C·v with C the curvature of the mean loss over the whole training set (or over ``indices``)."""
         total = torch.zeros_like(vectors)
-        for indices in length_batches(self.tokens.lengths, batch_size):
-            total += self.hvp(indices, vectors) * (len(indices) / self.num_train)
+        tokens = self.tokens.lengths if indices is None else [self.tokens.lengths[i] for i in indices]
+        count = len(tokens)
+        for chunk in length_batches(tokens, batch_size):
+            members = chunk if indices is None else [indices[c] for c in chunk]
+            total += self.curvature_vp(curvature, members, vectors) * (len(members) / count)
         return total
 
-    def solve(self, vectors: torch.Tensor, solver: Solver, on_progress: ProgressCallback | None = None) -> Solution:
-        """s_test = (H + λI)⁻¹ v for each row of ``vectors``."""
+    def _batch_product(self, curvature: str):
+        if curvature == "hessian":
+            return TrainingHVP(self)
+        return lambda indices, vectors, out=None: self.curvature_vp(curvature, indices, vectors, out)
+
+    def _full_product(self, curvature: str):
+        return lambda vectors: self.full_hvp(vectors, curvature=curvature)
+
+    def _sample(self, count: int) -> list[int]:
+        """A fixed sample of ``count`` training indices (all of them when there are fewer), in order."""
+        if count >= self.num_train:
+            return list(range(self.num_train))
+        return sorted(np.random.default_rng(0).choice(self.num_train, size=count, replace=False).tolist())
+
+    def spectrum(self, curvature: str = "gauss-newton") -> Spectrum:
+        """Largest and mean eigenvalue of the curvature (L2 term included), estimated once and kept with the artefacts."""
+        if curvature in self._spectra:
+            return self._spectra[curvature]
+        path = self.artefact_dir / f"spectrum-{curvature}.json" if self.artefact_dir is not None else None
+        if path is not None and path.is_file():
+            stored = json.loads(path.read_text())
+            if stored.get("version") == ARTEFACT_VERSION:
+                self._spectra[curvature] = Spectrum.from_dict(stored)
+                return self._spectra[curvature]
+        self._require_prepared()
+        sample = self._sample(SPECTRUM_EXAMPLES)
+        spectrum = estimate_spectrum(lambda v: self.full_hvp(v, curvature=curvature, indices=sample),
+                                     self.num_params, curvature, len(sample), device=self.classifier.device)
+        if path is not None:
+            path.write_text(json.dumps({**spectrum.to_dict(), "version": ARTEFACT_VERSION}, indent=1, sort_keys=True))
+        self._spectra[curvature] = spectrum
+        return spectrum
+
+    @property
+    def _factors_path(self) -> Path | None:
+        return self.artefact_dir / "ekfac.safetensors" if self.artefact_dir is not None else None
+
+    def factors(self, on_progress: ProgressCallback | None = None) -> KroneckerFactors:
+        """EK-FAC's factors of the Gauss-Newton matrix (fastif/curvature/kfac.py), fitted once and kept with the artefacts."""
+        if self._factors is not None:
+            return self._factors
+        path = self._factors_path
+        loaded = KroneckerFactors.load(path) if path is not None else None
+        if loaded is not None and loaded.names == self.names:
+            self._factors = loaded
+            return loaded
+        self._require_prepared()
+        sample = self._sample(FIT_EXAMPLES)
+        chunks = [[sample[c] for c in chunk] for chunk in length_batches([self.tokens.lengths[i] for i in sample], 64)]
+        if self.factored is not None and self.prefix_store is not None:
+            top = self.objective.top
+
+            def forward(batch, hidden, tape):
+                return top(hidden, batch.attention_mask, tape)
+            modules = self.factored.modules
+        else:
+            def forward(batch, hidden, tape):
+                return self.objective.logits(batch, hidden)
+            modules = [m for _, m in self.model.named_modules()]
+        factors = fit_factors(forward, modules, self.names, self.objective.params,
+                              lambda: (self._batch(chunk) for chunk in chunks), on_progress, len(chunks))
+        if path is not None:
+            factors.save(path)
+        self._factors = factors
+        return factors
+
+    def solve(self, vectors: torch.Tensor, solver: Solver = SolverConfig(),
+              on_progress: ProgressCallback | None = None) -> Solution:
+        """s_test = (C + λI)⁻¹ v for each row of ``vectors``, by the solver ``solver`` names (fastif/curvature)."""
         self._require_prepared()
         vectors = vectors.to(self.classifier.device)
-        if isinstance(solver, LissaConfig):
-            return lissa(TrainingHVP(self), vectors, self.num_train, solver, _stage(on_progress, "s_test"))
-        return conjugate_gradient(lambda v: self.full_hvp(v, solver.batch_size), vectors, solver, _stage(on_progress, "s_test"))
+        return solver_for(solver_config(solver), self.curvature).solve(vectors, _stage(on_progress, "s_test"))
 
     def candidates(self, query: SearchQuery, k: int | None) -> Candidates:
         """The k nearest training examples to ``query`` in the index's space; every example when k is None or 0.
@@ -565,26 +662,31 @@ class InfluenceEngine:
     def cached_s_test(
         self, plan: QueryPlan, solver: Solver, cache: TensorCache | None = None,
         on_progress: ProgressCallback | None = None, extra_key: dict | None = None,
-    ) -> tuple[torch.Tensor, bool, list[bool]]:
-        """s_test of every row of the plan, from ``cache`` where present; (s_tests, converged, cached per row)."""
+    ) -> tuple[torch.Tensor, dict, list[bool]]:
+        """s_test of every row of the plan, from ``cache`` where present; (s_tests, solver diagnostics, cached per row).
+
+        The diagnostics are the solver's own (``Solution.diagnostics``) for the rows it
+        solved now; when every row came from the cache they say only which solver it was.
+        """
         clock = time.perf_counter()
-        solver_key = {"solver": type(solver).__name__, **solver.__dict__, **(extra_key or {})}
+        config = solver_config(solver)
+        solver_key = {**config.cache_identity(), **(extra_key or {})}
         found = [cache.get("s_test", {**key, **solver_key}) if cache else None for key in plan.keys]
         missing = [i for i, s in enumerate(found) if s is None]
-        converged = True
+        diagnostics = {"solver": config.solver, "curvature": config.curvature, "converged": True}
         if missing:
-            solution = self.solve(plan.vectors[missing], solver, on_progress)
-            converged = solution.converged
+            solution = self.solve(plan.vectors[missing], config, on_progress)
+            diagnostics.update(solution.diagnostics(), curvature=config.curvature)
             for i, s in zip(missing, solution.vectors):
                 found[i] = s
                 if cache is not None:
                     cache.put("s_test", {**plan.keys[i], **solver_key}, s)
         plan.seconds["s_test"] = time.perf_counter() - clock
         stacked = torch.stack([s.to(self.classifier.device) for s in found])
-        return stacked, converged, [i not in missing for i in range(len(plan.keys))]
+        return stacked, diagnostics, [i not in missing for i in range(len(plan.keys))]
 
     def influences(
-        self, plan: QueryPlan, s_tests: torch.Tensor, k: int | None, converged: bool, cached: Sequence[bool],
+        self, plan: QueryPlan, s_tests: torch.Tensor, k: int | None, diagnostics: dict | bool, cached: Sequence[bool],
         on_progress: ProgressCallback | None = None,
     ) -> list[Influence]:
         """kNN candidates and their scores for every row of the plan."""
@@ -595,9 +697,11 @@ class InfluenceEngine:
         scores = self.score_rows(s_tests, [f.indices for f in found], on_progress=on_progress)
         # Like gradients and s_test, kNN and scoring run for all rows at once: whole-job seconds.
         seconds = {**plan.seconds, "knn": knn_seconds, "scoring": time.perf_counter() - clock}
+        diagnostics = diagnostics if isinstance(diagnostics, dict) else {"converged": bool(diagnostics)}
         return [
-            Influence(indices=f.indices, scores=row_scores, distances=f.distances, converged=converged,
-                      s_test_norm=float(s.norm()), cached=bool(was_cached), seconds=seconds)
+            Influence(indices=f.indices, scores=row_scores, distances=f.distances,
+                      converged=bool(diagnostics.get("converged", True)), s_test_norm=float(s.norm()),
+                      cached=bool(was_cached), seconds=seconds, solver=dict(diagnostics))
             for f, row_scores, s, was_cached in zip(found, scores, s_tests, cached)
         ]
 
@@ -605,7 +709,7 @@ class InfluenceEngine:
         self,
         queries: Sequence[Query],
         k: int | None = 1000,
-        solver: Solver = LissaConfig(),
+        solver: Solver = SolverConfig(),
         group: bool = False,
         cache: TensorCache | None = None,
         on_progress: ProgressCallback | None = None,
@@ -613,8 +717,8 @@ class InfluenceEngine:
         """FastIF's query: kNN candidates, s_test, scores; one Influence per query (one for a group)."""
         self.prepare(on_progress)
         plan = self.plan(queries, group, cache)
-        s_tests, converged, cached = self.cached_s_test(plan, solver, cache, on_progress)
-        return plan.encoded, self.influences(plan, s_tests, k, converged, cached, on_progress)
+        s_tests, diagnostics, cached = self.cached_s_test(plan, solver, cache, on_progress)
+        return plan.encoded, self.influences(plan, s_tests, k, diagnostics, cached, on_progress)
 
     @staticmethod
     def _query_key(query: Query, label: int) -> dict:

@@ -18,6 +18,7 @@ the JVPs where they disagree (a parameter that enters some other way).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,16 +31,31 @@ Contraction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 ``s`` has the parameter's shape, ``grad`` is ∂L/∂(the use's output) for the whole batch.
 """
+Pairs = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""``pairs(grad, rows) -> (left [n, t, out], right [n, t, in])``: a matrix parameter's per-example gradient
+as Σ_t left_t right_tᵀ (for a Linear weight, δ_t x_tᵀ over tokens). The Kronecker factors of
+fastif/curvature/kfac.py are the covariances of the two sides.
+"""
+
+
+@dataclass(frozen=True)
+class Use:
+    """One use of a parameter in a forward: its output, how to contract its gradient, and its factor pairs."""
+
+    param: nn.Parameter
+    output: torch.Tensor
+    contract: Contraction
+    pairs: Pairs | None = None
 
 
 class Tape:
-    """The uses of parameters in one forward: (parameter, its output, how to contract its gradient)."""
+    """The uses of parameters in one forward."""
 
     def __init__(self) -> None:
-        self.uses: list[tuple[nn.Parameter, torch.Tensor, Contraction]] = []
+        self.uses: list[Use] = []
 
-    def __call__(self, param: nn.Parameter, output: torch.Tensor, contract: Contraction) -> None:
-        self.uses.append((param, output, contract))
+    def __call__(self, param: nn.Parameter, output: torch.Tensor, contract: Contraction, pairs: Pairs | None = None) -> None:
+        self.uses.append(Use(param, output, contract, pairs))
 
 
 def _summed_over_tokens(picked: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -53,7 +69,8 @@ def bias_contraction(s: torch.Tensor, grad: torch.Tensor, rows: torch.Tensor) ->
 
 def _record_linear(tape: Tape, module: nn.Linear, x: torch.Tensor, output: torch.Tensor) -> None:
     x = x.detach()
-    tape(module.weight, output, lambda s, grad, rows: ((x[rows] @ s.T) * grad[rows]).reshape(len(rows), -1).sum(1))
+    tape(module.weight, output, lambda s, grad, rows: ((x[rows] @ s.T) * grad[rows]).reshape(len(rows), -1).sum(1),
+         lambda grad, rows: (grad[rows].reshape(len(rows), -1, grad.shape[-1]), x[rows].reshape(len(rows), -1, x.shape[-1])))
     if module.bias is not None:
         tape(module.bias, output, bias_contraction)
 
@@ -105,7 +122,7 @@ class FactoredScores:
         try:
             with torch.enable_grad():
                 logits = self.logits(hidden, batch.attention_mask, tape)
-                uses = [(self.position[id(p)], out, c) for p, out, c in tape.uses if id(p) in self.position]
+                uses = [(self.position[id(u.param)], u.output, u.contract) for u in tape.uses if id(u.param) in self.position]
                 outputs = list({id(out): out for _, out, _ in uses}.values())
                 # Summed, so each example's output gradients are those of its own loss.
                 loss = F.cross_entropy(logits, batch.labels, reduction="sum")

@@ -65,13 +65,22 @@ def bert_style_first_token(block: nn.Module, hidden: torch.Tensor, attention_mas
         # Per head, the key weight's per-example gradient is q_hᵀ ∂L/∂(q_h W_k,h), the value
         # weight's ∂L/∂context_hᵀ (p_h X): both rank one.
         query_, mixed_ = query.detach(), mixed.detach()
+
+        def head_rows(per_head_vectors: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            """[heads, B, head_size] -> [n, heads, heads·head_size]: head h's vector in head h's rows, zeros elsewhere."""
+            picked = per_head_vectors[:, rows].transpose(0, 1)  # [n, heads, head_size]
+            eye = torch.eye(heads, dtype=picked.dtype, device=picked.device)
+            return (eye[None, :, :, None] * picked[:, :, None, :]).reshape(len(rows), heads, heads * head_size)
+
         tape(attn.key.weight, folded_key, lambda s, grad, rows: torch.einsum(
-            "hbs,hsw,hbw->b", query_[:, rows], s.view(heads, head_size, width), grad[:, rows]))
+            "hbs,hsw,hbw->b", query_[:, rows], s.view(heads, head_size, width), grad[:, rows]),
+            lambda grad, rows: (head_rows(query_, rows), grad[:, rows].transpose(0, 1)))
         if attn.key.bias is not None:
             tape(attn.key.bias, key_bias, lambda s, grad, rows: torch.einsum(
                 "hbs,hs,hb->b", query_[:, rows], s.view(heads, head_size), grad[:, rows]))
         tape(attn.value.weight, per_head, lambda s, grad, rows: torch.einsum(
-            "hbw,hsw,hbs->b", mixed_[:, rows], s.view(heads, head_size, width), grad[:, rows]))
+            "hbw,hsw,hbs->b", mixed_[:, rows], s.view(heads, head_size, width), grad[:, rows]),
+            lambda grad, rows: (head_rows(grad, rows), mixed_[:, rows].transpose(0, 1)))
         if attn.value.bias is not None:
             tape(attn.value.bias, context, bias_contraction)
     out = block.attention.output

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, jvp
+from torch.func import functional_call, jvp, vjp
 
 from .encoding import Batch
 from .modeling import Classifier
@@ -77,6 +77,22 @@ class InfluenceObjective:
     def logits(self, batch: Batch, hidden: torch.Tensor | None = None) -> torch.Tensor:
         return self._forward(batch, hidden)
 
+    def logits_with(self, params: dict[str, torch.Tensor], batch: Batch, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits with ``params`` (influence-parameter name -> tensor) in place of the live ones (torch.func)."""
+        return self._forward(batch, hidden, params)
+
+    def loss_with(self, params: dict[str, torch.Tensor], batch: Batch, hidden: torch.Tensor | None = None,
+                  with_l2: bool = True, reduction: str = "mean") -> torch.Tensor:
+        """The training objective at ``params``: cross-entropy (mean or per example) plus the L2 term.
+
+        What retraining the influence parameters minimises (fastif/quality.py), so that
+        the scores and the retraining they are judged against optimise the same thing.
+        """
+        loss = F.cross_entropy(self._forward(batch, hidden, params), batch.labels, reduction=reduction)
+        if with_l2 and self.weight_decay:
+            loss = loss + self.regularizer([params[n] for n in self.names])
+        return loss
+
     def regularizer(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
         if self.weight_decay == 0.0:
             return torch.zeros((), device=self.classifier.device)
@@ -123,6 +139,40 @@ class InfluenceObjective:
             rows = torch.autograd.grad(grads, self.params, grad_outputs=self.unflatten(v), retain_graph=retain)
             torch.cat([g.reshape(-1) for g in rows], out=out[row])
         return out
+
+    def ggn_vp(self, batch: Batch, hidden: torch.Tensor | None, vectors: torch.Tensor,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """G·v for each row of ``vectors`` [m, P]: the Gauss-Newton matrix Jᵀ H_out J of the batch's mean loss.
+
+        J = ∂logits/∂θ and H_out = diag(p) − p pᵀ, the cross-entropy's Hessian in the
+        logits; for softmax cross-entropy G equals the Fisher. It is positive
+        semi-definite, so CG converges and LiSSA is stable for every λ > 0. Per row, one
+        forward-mode pass gives J v and one backward (the VJP built once per batch) gives
+        Jᵀ (H_out J v). The L2 term's Hessian, wd on the decayed entries, is added as in ``hvp``.
+        """
+        out = torch.empty_like(vectors) if out is None else out
+        primals = {n: p.detach() for n, p in zip(self.names, self.params)}
+
+        def logits_of(params: dict) -> torch.Tensor:
+            return self._forward(batch, hidden, params)
+
+        logits, pullback = vjp(logits_of, primals)
+        probs = torch.softmax(logits.detach(), dim=-1)
+        for row, v in enumerate(vectors):
+            _, jv = jvp(logits_of, (primals,), (dict(zip(self.names, self.unflatten(v))),))
+            curved = (probs * jv - probs * (probs * jv).sum(-1, keepdim=True)) / len(probs)
+            (grads,) = pullback(curved)
+            torch.cat([grads[n].reshape(-1) for n in self.names], out=out[row])
+        if self.weight_decay:
+            out.add_(vectors * self.decay_hessian)
+        return out
+
+    def curvature_vp(self, curvature: str, batch: Batch, hidden: torch.Tensor | None, vectors: torch.Tensor,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+        """C·v for ``curvature`` "hessian" or "gauss-newton", L2 term included."""
+        if curvature == "gauss-newton":
+            return self.ggn_vp(batch, hidden, vectors, out)
+        return self.hvp(batch, hidden, vectors, out)
 
     def l2_derivative(self, direction: torch.Tensor) -> float:
         """⟨∇θ of the L2 term, d⟩: the same for every example."""

@@ -21,6 +21,7 @@ HEADLINES = {
     "speed": ("speedup_c_vs_b", "speedup_d_vs_a", "spearman_d_vs_a", "speedup_c_compiled_vs_b"),
     "batch": ("per_input_cost_ratio_32_vs_1",),
     "service": ("cached_p50_ms", "throughput_ratio_2_vs_1_workers", "poll_p99_ms"),
+    "lds": ("lds_default", "lds_fastif_paper_config", "lds_graddot", "query_seconds_default", "retraining_noise"),
 }
 PLOTS = {"stest": "stest.png", "recall": "recall.png"}
 
@@ -36,7 +37,7 @@ def run_bench(suite: str, out: Path, *extra: str) -> subprocess.CompletedProcess
 
 
 @pytest.mark.parametrize("suite", [
-    "stest", "recall", "speed", "batch", pytest.param("service", marks=pytest.mark.integration),
+    "stest", "recall", "speed", "batch", "lds", pytest.param("service", marks=pytest.mark.integration),
 ])
 def test_suite_quick_writes_its_results(suite: str, out: Path) -> None:
     done = run_bench(suite, out)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastif import CancelledError, DataSpec, InfluenceEngine, InfluenceSpec, LissaConfig, LissaDivergedError, Query
-from fastif.solvers import lissa_generator
+from fastif.curvature import lissa_generator
 from tiny import make_tiny_family, sentences, write_jsonl
 
 NUM_TRAIN = 30

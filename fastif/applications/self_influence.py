@@ -21,7 +21,7 @@ from ..config import CGConfig, LissaConfig
 from ..engine import InfluenceEngine
 from ..errors import CancelledError
 from ..progress import ProgressCallback
-from ..solvers import lissa
+from ..curvature import lissa
 from .examples import ExampleSet, evaluate, per_example_gradients, training_set
 
 

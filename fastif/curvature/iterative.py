@@ -1,7 +1,9 @@
-"""Inverse-HVP solvers: s = (H + λI)⁻¹ v for one or several vectors at once.
+"""The iterative inverse-curvature solvers: s = (C + λI)⁻¹ v for one or several vectors at once.
 
-Both take an ``hvp(indices, vectors)`` callable that returns H_batch · v for the
-training examples ``indices``, so they are independent of how the model runs.
+LiSSA takes a ``product(indices, vectors)`` callable that returns C_batch · v for the
+training examples ``indices``, CG one that applies C over the whole training set, so
+both are independent of how the model runs and of which curvature C is (the Hessian
+or the Gauss-Newton matrix, fastif/objective.py).
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import CGConfig, LissaConfig
-from .errors import CancelledError, LissaDivergedError
+from ..config import CGConfig, LissaConfig
+from ..errors import CancelledError, LissaDivergedError
 
 HVP = Callable[..., torch.Tensor]
 """``hvp(indices, vectors, out=None)``: H_batch · v for each row of ``vectors``; it may write into ``out``.
@@ -27,10 +29,23 @@ StepCallback = Callable[[int, int], bool]
 
 @dataclass
 class Solution:
+    """What a solver returns: the solved rows and its own account of how well it solved them."""
+
     vectors: torch.Tensor  # [m, P]
     converged: bool
-    norms: list[float] = field(default_factory=list)  # ‖estimate‖ of row 0 along the run
+    norms: list[float] = field(default_factory=list)  # ‖estimate‖ of row 0 along the run (LiSSA)
     iterations: int = 0
+    solver: str = ""
+    damping: float = 0.0  # the λ actually used
+    residual: float | None = None  # CG: the largest relative residual ‖v − (C + λI)x‖ / ‖v‖ over the rows
+
+    def diagnostics(self) -> dict:
+        """The fields a result reports about its s_test."""
+        out = {"solver": self.solver, "converged": bool(self.converged), "iterations": int(self.iterations),
+               "damping": float(self.damping)}
+        if self.residual is not None:
+            out["relative_residual"] = float(self.residual)
+        return out
 
 
 def lissa_generator(seed: int, repeat: int) -> torch.Generator:
@@ -90,7 +105,8 @@ def lissa(
                 raise CancelledError("cancelled during LiSSA")
         stable = stable and _settled(window)
         estimates += h / config.scale
-    return Solution(vectors=estimates / config.repeats, converged=stable, norms=norms, iterations=total_steps)
+    return Solution(vectors=estimates / config.repeats, converged=stable, norms=norms, iterations=total_steps,
+                    solver="lissa", damping=config.damping)
 
 
 def _settled(norms: list[float]) -> bool:
@@ -111,11 +127,12 @@ def conjugate_gradient(
 ) -> Solution:
     """Solve ``(H + damping·I) x = v`` per row to a relative residual of ``tol``.
 
-    ``full_hvp`` must apply the Hessian of the mean loss over the whole training
-    set. CG assumes H + λI is positive definite; a direction of non-positive
-    curvature stops it early with ``converged=False``.
+    ``full_hvp`` must apply the curvature of the mean loss over the whole training
+    set. CG assumes C + λI is positive definite (always true of the Gauss-Newton
+    matrix for λ > 0); a direction of non-positive curvature (an indefinite Hessian
+    at small λ) stops it early with ``converged=False``.
     """
-    solutions, all_converged, iterations = [], True, 0
+    solutions, all_converged, iterations, worst = [], True, 0, 0.0
     for v in vectors:
         x = torch.zeros_like(v)
         r = v.clone()
@@ -141,5 +158,7 @@ def conjugate_gradient(
             p = r + (rs_new / rs) * p
             rs = rs_new
         all_converged = all_converged and converged
+        worst = max(worst, float(rs.sqrt() / v.norm().clamp_min(1e-30)))
         solutions.append(x)
-    return Solution(vectors=torch.stack(solutions), converged=all_converged, iterations=iterations)
+    return Solution(vectors=torch.stack(solutions), converged=all_converged, iterations=iterations, solver="cg",
+                    damping=config.damping, residual=worst)

@@ -1,0 +1,116 @@
+"""One protocol for every inverse-curvature solver, and the one place that picks a solver for a config.
+
+Each solver computes s = (C + λI)⁻¹ v for the rows of v and returns a ``Solution``
+that names itself and reports its own convergence:
+
+| solver | C | cost per query | converged means |
+|---|---|---|---|
+| ``lissa`` | Hessian or Gauss-Newton, sampled | depth × repeats batch products | the norm settled over the last tenth |
+| ``cg`` | Hessian or Gauss-Newton, whole training set | up to max_iter full products | relative residual ≤ tol |
+| ``ekfac`` / ``kfac`` | Gauss-Newton in Kronecker blocks, fitted once | four small matmuls per block | always (direct) |
+| ``identity`` | none: s = v / λ, a gradient dot product | nothing | always |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from ..config import CGConfig, SolverConfig
+from .damping import damping_of, lissa_knobs
+from .iterative import HVP, Solution, StepCallback, conjugate_gradient, lissa
+from .kfac import KroneckerFactors
+from .spectrum import Spectrum
+
+
+class InverseSolver(Protocol):
+    name: str
+
+    def solve(self, vectors: torch.Tensor, on_step: StepCallback | None = None) -> Solution: ...
+
+
+@dataclass(frozen=True)
+class CurvatureSource:
+    """What the solvers may ask of a model's training set; the engine builds it once.
+
+    ``batch_product(curvature)`` is LiSSA's ``hvp(indices, vectors, out)`` for that
+    curvature; ``full_product(curvature)`` applies it over the whole training set (CG);
+    ``spectrum(curvature)`` and ``factors()`` are fitted on first use and kept.
+    """
+
+    num_train: int
+    batch_product: Callable[[str], HVP]
+    full_product: Callable[[str], Callable[[torch.Tensor], torch.Tensor]]
+    spectrum: Callable[[str], Spectrum]
+    factors: Callable[[], KroneckerFactors]
+    decay: Sequence[float]  # per parameter position: the L2 term's weight decay, or 0
+
+
+@dataclass(frozen=True)
+class LissaSolver:
+    product: HVP
+    num_train: int
+    config: object  # LissaConfig
+    name: str = "lissa"
+
+    def solve(self, vectors: torch.Tensor, on_step: StepCallback | None = None) -> Solution:
+        return lissa(self.product, vectors, self.num_train, self.config, on_step)
+
+
+@dataclass(frozen=True)
+class ConjugateGradientSolver:
+    product: Callable[[torch.Tensor], torch.Tensor]
+    config: CGConfig
+    name: str = "cg"
+
+    def solve(self, vectors: torch.Tensor, on_step: StepCallback | None = None) -> Solution:
+        return conjugate_gradient(self.product, vectors, self.config, on_step)
+
+
+@dataclass(frozen=True)
+class KroneckerSolver:
+    factors: KroneckerFactors
+    damping: float
+    decay: Sequence[float]
+    name: str = "ekfac"  # or "kfac"
+
+    def solve(self, vectors: torch.Tensor, on_step: StepCallback | None = None) -> Solution:
+        solved = self.factors.inverse_apply(vectors, self.damping, self.decay, self.name)
+        if on_step is not None:
+            on_step(1, 1)
+        return Solution(vectors=solved.to(vectors.dtype), converged=True, iterations=1, solver=self.name,
+                        damping=self.damping)
+
+
+@dataclass(frozen=True)
+class IdentitySolver:
+    damping: float
+    name: str = "identity"
+
+    def solve(self, vectors: torch.Tensor, on_step: StepCallback | None = None) -> Solution:
+        if not self.damping > 0:
+            raise ValueError("the identity solver needs a positive damping")
+        return Solution(vectors=vectors / self.damping, converged=True, iterations=0, solver=self.name,
+                        damping=self.damping)
+
+
+def solver_for(config: SolverConfig, source: CurvatureSource) -> InverseSolver:
+    """The solver that ``config`` names, with λ (and LiSSA's knobs) resolved against the curvature's spectrum."""
+    if config.solver in ("ekfac", "kfac") and config.curvature != "gauss-newton":
+        raise ValueError(f"{config.solver} approximates the Gauss-Newton matrix; use curvature 'gauss-newton'")
+    needs_spectrum = config.damping is None and not config.lissa_absolute
+    spectrum = source.spectrum(config.curvature) if needs_spectrum else None
+    if config.solver == "lissa" and not config.lissa_absolute:
+        spectrum = spectrum or source.spectrum(config.curvature)
+    damping = damping_of(config, spectrum)
+    if config.solver == "lissa":
+        return LissaSolver(source.batch_product(config.curvature), source.num_train, lissa_knobs(config, damping, spectrum))
+    if config.solver == "cg":
+        cg = CGConfig(damping=damping, tol=config.cg_tol, max_iter=config.cg_max_iter)
+        return ConjugateGradientSolver(source.full_product(config.curvature), cg)
+    if config.solver in ("ekfac", "kfac"):
+        return KroneckerSolver(source.factors(), damping, source.decay, config.solver)
+    return IdentitySolver(damping)

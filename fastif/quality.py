@@ -1,0 +1,361 @@
+"""Are the influence scores true? The linear datamodeling score (LDS).
+
+Agreement between solvers only says that a solver solves its system. Whether the
+scores predict what *retraining* does is measured by the LDS (Park et al. 2023,
+TRAK; also reported by Kronfluence, dattri and Bergson):
+
+1. draw ``count`` random training subsets S_1..S_m, each holding a fixed fraction
+   of the N training examples (``random_subsets``);
+2. retrain on each subset and record every test input's loss (``retrained_test_losses``);
+3. per test input z_t, the Spearman correlation over subsets between the sum of
+   the included examples' scores Σ_{i∈S} I(z_i, z_t) and the retrained test loss
+   (``lds``); the LDS is its mean over test inputs.
+
+Scores follow the engine's convention, I(z, z_t) = -∇L(z_t)ᵀ(C + λI)⁻¹∇L(z):
+negative = helpful. Including helpful examples lowers the test loss, so good
+scores give a *positive* correlation between Σ_{i∈S} I_i and the retrained loss.
+
+The retraining here is what influence functions model: it starts from the model's
+fine-tuned influence parameters θ₀ (influence functions predict how the optimum
+responds to removing examples, so a warm start is the matching experiment), and
+trains only the influence parameters, on the cached frozen-prefix activations,
+minimising exactly the engine's objective (``InfluenceObjective.loss_with``:
+cross-entropy plus its L2 term). The live model is never modified: the parameters
+are cloned and trained through ``torch.func.functional_call``.
+
+No Celery, Redis or HTTP in here (engine side).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+
+from .encoding import Batch, collate
+from .errors import CancelledError
+from .progress import ProgressCallback
+
+if TYPE_CHECKING:
+    from .engine import InfluenceEngine, Query
+
+
+# -- subsets -----------------------------------------------------------------------------------------------
+def random_subsets(num_train: int, count: int, fraction: float = 0.5, seed: int = 0) -> np.ndarray:
+    """``count`` random subsets of ``range(num_train)`` as a boolean mask [count, num_train].
+
+    Every subset holds exactly ``round(fraction * num_train)`` examples (at least 1),
+    drawn uniformly without replacement and independently of the other subsets, from
+    ``numpy.random.default_rng(seed)``: the same arguments give the same subsets.
+    """
+    if num_train < 1 or count < 1:
+        raise ValueError("num_train and count must be at least 1")
+    if not (0.0 < fraction <= 1.0):
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    size = max(1, int(round(fraction * num_train)))
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((count, num_train), dtype=bool)
+    for row in range(count):
+        masks[row, rng.choice(num_train, size=size, replace=False)] = True
+    return masks
+
+
+def subset_sums(scores: np.ndarray, subsets: np.ndarray) -> np.ndarray:
+    """Σ_{i∈S_j} scores[t, i] for every subset j and test input t: [count, q].
+
+    ``scores`` [q, N] (one row per test input), ``subsets`` [count, N] boolean: the
+    linear datamodel's prediction of each subset's test loss, up to a constant and a
+    positive factor (removing z_i changes the loss by about -I_i / N).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    subsets = np.asarray(subsets)
+    if scores.ndim != 2 or subsets.ndim != 2 or scores.shape[1] != subsets.shape[1]:
+        raise ValueError(f"scores [q, N] and subsets [count, N] disagree: {scores.shape} vs {subsets.shape}")
+    return subsets.astype(np.float64) @ scores.T
+
+
+# -- retraining --------------------------------------------------------------------------------------------
+# Defaults, from measurements on the bench's LDS set-up (all-MiniLM-L6-v2 fine-tuned on SST-2,
+# top block + pooler + head trained, N = 2,000, half subsets of 1,000, 66-token inputs, one
+# CPU thread): see bench/results/lds.md, "Choosing the retraining". Adam at lr 1e-4 for 3 epochs
+# of batch 32 (about 94 steps) moves the test losses well beyond the seed-to-seed noise: the
+# Spearman between two shuffling seeds' losses over subsets is about 0.9, and one retraining
+# costs about 3-4 s. SGD at the same number of steps moves the parameters far less than the
+# shuffling noise (seed agreement below 0.5 at lr 1e-3), and one epoch of Adam leaves the
+# agreement lower (the subset's signal has had less time to accumulate). Full-batch training
+# would be noise-free but needs tens of passes over the subset for a comparable move.
+@dataclass(frozen=True)
+class RetrainConfig:
+    """How each subset is retrained: ``epochs`` passes of ``optimizer`` over shuffled batches.
+
+    ``batch_size`` None means full batch (one step per epoch). ``seeds`` retrainings
+    per subset differ only in the shuffling order (the model has no dropout at
+    evaluation); retraining r of subset j shuffles with seed ``(seed, j, r)``.
+    Adam runs with torch's default betas and eps, without weight decay of its own:
+    the objective's L2 term is the only regulariser.
+    """
+
+    epochs: int = 3
+    batch_size: int | None = 32
+    lr: float = 1e-4
+    optimizer: Literal["sgd", "adam"] = "adam"
+    seeds: int = 2
+    seed: int = 0
+    schedule: Literal["constant", "linear"] = "constant"  # linear: lr decays to 0 over the run's steps
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.seeds < 1:
+            raise ValueError("epochs and seeds must be at least 1")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError("batch_size must be None (full batch) or at least 1")
+        if not (self.lr > 0.0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if self.schedule not in ("constant", "linear"):
+            raise ValueError(f"schedule must be 'constant' or 'linear', got {self.schedule!r}")
+
+
+def initial_parameters(engine: InfluenceEngine) -> dict[str, torch.Tensor]:
+    """Detached copies of the model's influence parameters θ₀ (name -> tensor); the live ones are untouched."""
+    return {name: p.detach().clone() for name, p in zip(engine.objective.names, engine.objective.params)}
+
+
+def _generator(config: RetrainConfig, subset: int, repeat: int) -> torch.Generator:
+    # A fixed, distinct stream per (base seed, subset, retraining).
+    return torch.Generator().manual_seed((config.seed * 1_000_003 + subset) * 1_009 + repeat)
+
+
+class _Rows:
+    """A padded batch of examples (and their prefix activations) from which sub-batches are sliced.
+
+    ``take(positions)`` gives what ``collate`` (and ``PrefixStore.gather_batch``) would for
+    those rows: the same values, padded to the longest of them.
+    """
+
+    def __init__(self, batch: Batch, hidden: torch.Tensor | None):
+        self.batch, self.hidden = batch, hidden
+        self.lengths = batch.attention_mask.sum(dim=1).cpu()
+
+    def take(self, positions: torch.Tensor) -> tuple[Batch, torch.Tensor | None]:
+        width = int(self.lengths[positions].max())
+        at = positions.to(self.batch.input_ids.device)
+        b = self.batch
+        batch = Batch(input_ids=b.input_ids[at, :width], attention_mask=b.attention_mask[at, :width],
+                      token_type_ids=None if b.token_type_ids is None else b.token_type_ids[at, :width],
+                      labels=b.labels[at])
+        return batch, None if self.hidden is None else self.hidden[at, :width]
+
+
+def retrain(engine: InfluenceEngine, indices: Sequence[int], config: RetrainConfig = RetrainConfig(),
+            subset: int = 0, repeat: int = 0, start: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The influence parameters after retraining on training examples ``indices``, from θ₀ (or ``start``).
+
+    Minimises the engine's objective (mean cross-entropy over each batch plus the L2
+    term) over the influence parameters alone, on the cached prefix activations, with
+    ``config``'s optimizer; ``subset`` and ``repeat`` pick the shuffling stream. Returns
+    new tensors (name -> tensor); the model's own parameters are never written.
+    """
+    engine.prepare()
+    indices = np.asarray([int(i) for i in indices], dtype=np.int64)
+    if len(indices) == 0:
+        raise ValueError("cannot retrain on an empty subset")
+    objective = engine.objective
+    base = initial_parameters(engine) if start is None else start
+    params = {name: tensor.detach().clone().requires_grad_(True) for name, tensor in base.items()}
+    leaves = list(params.values())
+    optimizer = (torch.optim.Adam(leaves, lr=config.lr) if config.optimizer == "adam"
+                 else torch.optim.SGD(leaves, lr=config.lr))
+    generator = _generator(config, subset, repeat)
+    size = len(indices) if config.batch_size is None else min(config.batch_size, len(indices))
+    # The subset's examples and prefix activations are gathered once; each step slices its rows.
+    rows = _Rows(*engine.training_batch(indices.tolist()))
+    steps, step = config.epochs * math.ceil(len(indices) / size), 0
+    for _ in range(config.epochs):
+        order = torch.randperm(len(indices), generator=generator) if size < len(indices) else torch.arange(len(indices))
+        for begin in range(0, len(order), size):
+            batch, hidden = rows.take(order[begin:begin + size])
+            loss = objective.loss_with(params, batch, hidden, with_l2=True, reduction="mean")
+            if config.schedule == "linear":
+                for group in optimizer.param_groups:
+                    group["lr"] = config.lr * (1.0 - step / steps)
+            step += 1
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return {name: tensor.detach() for name, tensor in params.items()}
+
+
+@dataclass
+class EvalSet:
+    """Test inputs with gold labels, encoded once: padded batches and their prefix activations."""
+
+    batches: list[tuple[Batch, torch.Tensor | None]]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def eval_set(engine: InfluenceEngine, queries: Sequence[Query], batch_size: int = 64) -> EvalSet:
+    """Encode ``queries`` (each with its gold ``label``) for ``eval_losses``.
+
+    Uses ``engine.encode``: its prefix activations ([q, T, H], padded to the longest
+    input) are sliced to each batch of ``batch_size`` rows, as ``test_gradients`` does.
+    """
+    missing = [i for i, q in enumerate(queries) if q.label is None]
+    if missing:
+        raise ValueError(f"the LDS needs gold labels: inputs {missing[:5]} have none")
+    engine.prepare()
+    encoded = engine.encode(list(queries))
+    batches = []
+    for begin in range(0, len(queries), batch_size):
+        rows = list(range(begin, min(begin + batch_size, len(queries))))
+        batch = collate(encoded.tokens, rows, engine.pad_id, engine.classifier.device)
+        hidden = None if encoded.hidden is None else encoded.hidden[rows[0]:rows[-1] + 1, : batch.input_ids.shape[1]]
+        batches.append((batch, hidden))
+    return EvalSet(batches=batches, labels=list(encoded.labels_used))
+
+
+@torch.no_grad()
+def eval_losses(engine: InfluenceEngine, params: dict[str, torch.Tensor], tests: EvalSet) -> np.ndarray:
+    """Cross-entropy of every test input (gold label, no L2 term) at ``params``: float64 [q]."""
+    out = []
+    for batch, hidden in tests.batches:
+        loss = engine.objective.loss_with(params, batch, hidden, with_l2=False, reduction="none")
+        out.append(loss.double().cpu().numpy())
+    return np.concatenate(out)
+
+
+def retrained_test_losses(engine: InfluenceEngine, subsets: np.ndarray, tests: EvalSet | Sequence[Query],
+                          config: RetrainConfig = RetrainConfig(), on_progress: ProgressCallback | None = None) -> np.ndarray:
+    """The test cross-entropy after each retraining: float64 [count, config.seeds, q].
+
+    Entry [j, r, t] is test input t's loss (gold label) after retraining ``r`` on
+    subset ``j`` (``subsets`` [count, N] boolean, N the engine's training set), each
+    retraining starting from θ₀ (``retrain``). ``on_progress("retraining", done, total)``
+    after each retraining; returning True raises CancelledError.
+    """
+    subsets = np.asarray(subsets, dtype=bool)
+    if subsets.ndim != 2 or subsets.shape[1] != engine.num_train:
+        raise ValueError(f"subsets must be [count, {engine.num_train}], got {subsets.shape}")
+    tests = tests if isinstance(tests, EvalSet) else eval_set(engine, tests)
+    start = initial_parameters(engine)
+    losses = np.zeros((len(subsets), config.seeds, len(tests)), dtype=np.float64)
+    total, done = len(subsets) * config.seeds, 0
+    for j, mask in enumerate(subsets):
+        for r in range(config.seeds):
+            params = retrain(engine, np.flatnonzero(mask), config, subset=j, repeat=r, start=start)
+            losses[j, r] = eval_losses(engine, params, tests)
+            done += 1
+            if on_progress and on_progress("retraining", done, total):
+                raise CancelledError("cancelled while retraining")
+    return losses
+
+
+# -- the score ---------------------------------------------------------------------------------------------
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share the mean rank) along axis 0, as Spearman's correlation uses."""
+    from scipy.stats import rankdata
+
+    return rankdata(values, axis=0, method="average")
+
+
+def columnwise_spearman(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, int]:
+    """Spearman's ρ between column t of ``a`` and column t of ``b`` ([m, q] each), for every t: ([q], constant).
+
+    A column that is constant in either argument has no defined correlation: its ρ is
+    reported as 0 and counted in ``constant``.
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"expected two [m, q] arrays of one shape, got {a.shape} and {b.shape}")
+    ra, rb = _ranks(a), _ranks(b)
+    ra, rb = ra - ra.mean(axis=0), rb - rb.mean(axis=0)
+    denominator = np.sqrt((ra * ra).sum(axis=0) * (rb * rb).sum(axis=0))
+    constant = denominator <= 0.0
+    rho = np.where(constant, 0.0, (ra * rb).sum(axis=0) / np.where(constant, 1.0, denominator))
+    return np.clip(rho, -1.0, 1.0), int(constant.sum())
+
+
+@dataclass(frozen=True)
+class LDSResult:
+    """The linear datamodeling score of one set of scores.
+
+    ``per_input[t]``: Spearman's ρ over subsets between Σ_{i∈S} I(z_i, z_t) and the test
+    loss after retraining on S (averaged over the retraining seeds). ``mean`` and
+    ``standard_error`` (sample standard deviation / √q) are over test inputs.
+    ``retraining_noise``: the mean over inputs of Spearman's ρ between seed 0's and seed
+    1's losses across subsets (None with a single seed): how reproducible the retraining
+    itself is, so how much of an LDS of 1 is attainable at all. ``constant``: inputs
+    whose sums or losses did not vary over subsets (their ρ counted as 0).
+    """
+
+    per_input: tuple[float, ...]
+    mean: float
+    standard_error: float
+    retraining_noise: float | None
+    noise_per_input: tuple[float, ...] | None
+    constant: int
+    num_subsets: int
+    num_inputs: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"lds": self.mean, "se": self.standard_error, "retraining_noise": self.retraining_noise,
+                "constant": self.constant, "num_subsets": self.num_subsets, "num_inputs": self.num_inputs,
+                "per_input": list(self.per_input)}
+
+
+def _mean_se(values: np.ndarray) -> tuple[float, float]:
+    mean = float(values.mean())
+    se = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else float("nan")
+    return mean, se
+
+
+def lds(scores: np.ndarray, subsets: np.ndarray, losses: np.ndarray) -> LDSResult:
+    """The LDS of ``scores`` [q, N] against ``losses`` [count, seeds, q] retrained on ``subsets`` [count, N].
+
+    Per test input t: Spearman's ρ over the ``count`` subsets between
+    ``subset_sums(scores, subsets)[:, t]`` and ``losses[:, :, t].mean(axis=1)``.
+    """
+    losses = np.asarray(losses, dtype=np.float64)
+    if losses.ndim == 2:
+        losses = losses[:, None, :]
+    sums = subset_sums(scores, subsets)
+    if losses.shape[0] != sums.shape[0] or losses.shape[2] != sums.shape[1]:
+        raise ValueError(f"losses {losses.shape} do not match {sums.shape[0]} subsets and {sums.shape[1]} inputs")
+    per_input, constant = columnwise_spearman(sums, losses.mean(axis=1))
+    mean, se = _mean_se(per_input)
+    noise, noise_rows = None, None
+    if losses.shape[1] >= 2:
+        noise_values, _ = columnwise_spearman(losses[:, 0], losses[:, 1])
+        noise, noise_rows = float(noise_values.mean()), tuple(float(v) for v in noise_values)
+    return LDSResult(per_input=tuple(float(v) for v in per_input), mean=mean, standard_error=se,
+                     retraining_noise=noise, noise_per_input=noise_rows, constant=constant,
+                     num_subsets=int(losses.shape[0]), num_inputs=int(losses.shape[2]))
+
+
+# -- scores from the engine --------------------------------------------------------------------------------
+def score_matrix(influences: Sequence[Any], num_train: int) -> np.ndarray:
+    """The scores of ``Influence`` results (one per query) as a dense [q, num_train] array, by their ``indices``."""
+    scores = np.zeros((len(influences), num_train), dtype=np.float64)
+    for row, influence in enumerate(influences):
+        indices = np.asarray(influence.indices, dtype=np.int64)
+        if len(indices) != num_train:
+            raise ValueError(f"query {row} scored {len(indices)} of {num_train} training examples; the LDS needs all (k=None)")
+        scores[row, indices] = influence.scores
+    return scores
+
+
+def influence_scores(engine: InfluenceEngine, queries: Sequence[Query], solver: Any,
+                     on_progress: ProgressCallback | None = None) -> np.ndarray:
+    """I(z_i, z_t) for every training example i and query t, [q, N], from ``engine.analyze(k=None)``.
+
+    ``solver`` is passed to ``engine.analyze`` unchanged (any config it accepts).
+    """
+    _, influences = engine.analyze(list(queries), k=None, solver=solver, on_progress=on_progress)
+    return score_matrix(influences, engine.num_train)

@@ -1,0 +1,243 @@
+"""Curvature and its solvers against explicit matrices on tiny models.
+
+The reference is an independent float64 copy of the model (tests/tiny.py ``Reference``):
+its Jacobian of the logits by ``torch.func.jacrev``, one example at a time, gives the
+explicit Gauss-Newton matrix G = mean_i J_iᵀ (diag p_i − p_i p_iᵀ) J_i, against which
+the engine's G·v, CG, the spectrum estimate, K-FAC and EK-FAC are checked.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from fastif import DataSpec, InfluenceEngine, InfluenceSpec, Query
+from fastif.config import SolverConfig
+from fastif.curvature import KroneckerFactors
+from tiny import Reference, assert_close, make_tiny_family, sentences, write_jsonl
+
+NUM_TRAIN = 30
+TEST = [{"text": "the acting was superb but the plot dull", "label": "positive"},
+        {"text": "really boring film", "label": "negative"},
+        {"text": "quite a lovely story", "label": "positive"}]
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def explicit_ggn(ref: Reference, rows: list[dict], weight_decay: float = 0.0) -> torch.Tensor:
+    """mean_i J_iᵀ H_out,i J_i (+ the L2 term's wd on decayed entries), J_i = ∂logits_i/∂θ by jacrev."""
+    theta = ref.theta().clone()
+
+    def logits_of(flat: torch.Tensor, row: dict) -> torch.Tensor:
+        params, start = {}, 0
+        for name, p in zip(ref.names, ref.params):
+            params[name] = flat[start:start + p.numel()].view_as(p)
+            start += p.numel()
+        return ref.logits(row["text"], row.get("text_pair"), params)
+
+    total = torch.zeros(len(theta), len(theta), dtype=torch.float64)
+    for row in rows:
+        jac = torch.func.jacrev(lambda f: logits_of(f, row))(theta)  # [C, P]
+        p = torch.softmax(logits_of(theta, row).detach(), dim=-1)
+        total += jac.T @ (torch.diag(p) - torch.outer(p, p)) @ jac
+    ggn = total / len(rows)
+    if weight_decay:
+        mask = torch.cat([torch.full((p.numel(),), float(d), dtype=torch.float64) for p, d in zip(ref.params, ref.decay)])
+        ggn += torch.diag(weight_decay * mask)
+    return ggn
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("curvature")
+    model = make_tiny_family(root / "model", "bert", seed=3, initializer_range=0.3, layers=2)
+    rows = sentences(NUM_TRAIN, seed=5, noise=0.15)
+    return model, write_jsonl(root / "train.jsonl", rows), rows, root
+
+
+def engine_of(files, params="auto", weight_decay: float = 0.0, artefacts: bool = False) -> InfluenceEngine:
+    model, train, _, root = files
+    engine = InfluenceEngine.from_paths(model, DataSpec(str(train)), InfluenceSpec(params=params, weight_decay=weight_decay),
+                                        device="cpu", artefact_dir=root / "artefacts" if artefacts else None)
+    engine.prepare()
+    return engine
+
+
+@pytest.fixture(scope="module", params=[0.0, 0.1], ids=["no-decay", "weight-decay"])
+def top(request, files):
+    """The auto influence parameters (last block, pooler, head) on the fast path, and the explicit G."""
+    engine = engine_of(files, weight_decay=request.param)
+    assert engine.factored is not None and engine.objective.top is not None  # the folded, factored path is on
+    ref = Reference(files[0], engine.names, weight_decay=request.param)
+    return engine, ref, explicit_ggn(ref, files[2], request.param)
+
+
+def test_ggn_vector_product_equals_explicit_jacobian_form(top):
+    engine, ref, ggn = top
+    vectors = torch.randn(3, engine.num_params, generator=torch.Generator().manual_seed(1))
+    actual = engine.full_hvp(vectors, batch_size=7, curvature="gauss-newton")
+    for row in range(3):
+        assert_close(actual[row], ggn @ vectors[row].double(), rtol=1e-5)
+
+
+def test_ggn_is_positive_semidefinite_and_differs_from_the_hessian(top, files):
+    engine, ref, ggn = top
+    assert float(torch.linalg.eigvalsh(ggn)[0]) > -1e-9
+    hessian = ref.hessian(files[2])
+    assert float((hessian - ggn).abs().max()) > 1e-3 * float(ggn.abs().max())  # the curvature choice matters
+
+
+@pytest.mark.parametrize("damping", [1e-3, 1e-1, 10.0])
+def test_cg_on_the_ggn_converges_for_every_positive_damping(top, damping):
+    engine, ref, ggn = top
+    grads = ref.gradients(TEST[:1])
+    config = SolverConfig(solver="cg", curvature="gauss-newton", damping=damping, cg_tol=1e-6, cg_max_iter=2000)
+    solution = engine.solve(grads.float(), config)
+    assert solution.converged and solution.solver == "cg" and solution.residual <= 1e-6
+    expected = torch.linalg.solve(ggn + damping * torch.eye(len(ggn), dtype=ggn.dtype), grads[0])
+    assert_close(solution.vectors[0], expected, rtol=2e-3)
+
+
+def test_spectrum_largest_eigenvalue_within_five_percent(top):
+    engine, ref, ggn = top
+    spectrum = engine.spectrum("gauss-newton")  # NUM_TRAIN < the sample size: over the whole set
+    eigenvalues = torch.linalg.eigvalsh(ggn)
+    assert abs(spectrum.largest - float(eigenvalues[-1])) <= 0.05 * float(eigenvalues[-1])
+    # Hutchinson's trace: within four of its own standard errors of the exact one
+    assert abs(spectrum.trace - float(ggn.trace())) <= 4 * spectrum.trace_stderr + 1e-6
+    assert spectrum.mean == pytest.approx(spectrum.trace / engine.num_params)
+
+
+def test_relative_damping_is_a_multiple_of_the_mean_eigenvalue(top):
+    engine, ref, ggn = top
+    grads = ref.gradients(TEST[:1]).float()
+    solution = engine.solve(grads, SolverConfig(solver="identity", damping_ratio=0.5))
+    assert solution.damping == pytest.approx(0.5 * engine.spectrum("gauss-newton").mean)
+    assert_close(solution.vectors[0], grads[0] / solution.damping, rtol=1e-6)
+
+
+def test_kfac_on_a_lone_head_equals_the_explicit_kronecker_inverse(files):
+    """With the classifier alone, K-FAC's weight block is (A ⊗ G + λI)⁻¹ with A, G formed here by hand."""
+    engine = engine_of(files, params=("classifier",))
+    ref = Reference(files[0], engine.names)
+    rows = files[2]
+    damping = 0.05
+    features, probs = [], []
+    for row in rows:
+        inputs = ref.encode(row["text"])
+        with torch.no_grad():
+            base = ref.model.bert(**inputs)
+            pooled = base.pooler_output[0]
+            features.append(pooled)
+            probs.append(torch.softmax(ref.model.classifier(pooled), dim=-1))
+    x, p = torch.stack(features), torch.stack(probs)  # [N, A], [N, C]
+    a = x.T @ x / len(rows)
+    g = sum(torch.diag(pi) - torch.outer(pi, pi) for pi in p) / len(rows)  # E_y[(p − e_y)(p − e_y)ᵀ]
+    bias_diag = torch.diagonal(g)  # the bias's exact Gauss-Newton diagonal
+    vectors = torch.randn(2, engine.num_params, generator=torch.Generator().manual_seed(2))
+    solution = engine.solve(vectors, SolverConfig(solver="kfac", damping=damping))
+    classes, width = ref.params[0].shape
+    for row in range(2):
+        w = vectors[row, : classes * width].double().reshape(classes, width)
+        # vec over rows of W [C, A]: W ↦ G W A, i.e. the matrix kron(G, A) on the row-major vec
+        kron = torch.kron(g, a) + damping * torch.eye(classes * width, dtype=torch.float64)
+        expected_w = torch.linalg.solve(kron, w.reshape(-1))
+        expected_b = vectors[row, classes * width:].double() / (bias_diag + damping)
+        assert_close(solution.vectors[row], torch.cat([expected_w, expected_b]), rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def standard(tmp_path_factory):
+    """A tiny BERT at BERT's own initialisation scale (0.02), where layers are nearly independent.
+
+    At the 0.3 scale of the other fixtures even the exact block-diagonal Gauss-Newton
+    inverse ranks at only about 0.55 against the full one (measured), so no per-layer
+    method could pass; at 0.02 the cross-layer terms are small, as in trained encoders.
+    """
+    root = tmp_path_factory.mktemp("standard")
+    model = make_tiny_family(root / "model", "bert", seed=3, initializer_range=0.02, layers=2)
+    rows = sentences(NUM_TRAIN, seed=5, noise=0.15)
+    files = (model, write_jsonl(root / "train.jsonl", rows), rows, root)
+    engine = engine_of(files)
+    ref = Reference(model, engine.names)
+    return engine, ref, explicit_ggn(ref, rows), rows
+
+
+def test_ekfac_ranks_like_the_explicit_ggn_inverse(standard):
+    engine, ref, ggn, rows = standard
+    damping = 0.1 * float(torch.diagonal(ggn).mean())
+    train_grads = ref.gradients(rows)
+    test_grads = ref.gradients(TEST)
+    exact = -(train_grads @ torch.linalg.solve(ggn + damping * torch.eye(len(ggn), dtype=ggn.dtype), test_grads.T)).T
+    _, influences = engine.analyze([Query(t["text"], label=t["label"]) for t in TEST], k=None,
+                                   solver=SolverConfig(solver="ekfac", damping=damping))
+    graddot = -(train_grads @ test_grads.T).T
+    for row, influence in enumerate(influences):
+        assert influence.solver["solver"] == "ekfac" and influence.solver["converged"]
+        rho = spearmanr(influence.scores, exact[row].numpy()).statistic
+        assert rho >= 0.9, rho
+        # and it is closer to the exact inverse than a plain gradient dot product
+        assert rho > spearmanr(graddot[row].numpy(), exact[row].numpy()).statistic
+
+
+def test_ekfac_eigenvalues_are_the_exact_diagonal_in_its_basis(top):
+    """Per Kronecker block, Λ equals diag((Q_G ⊗ Q_A)ᵀ G_block (Q_G ⊗ Q_A)) of the explicit G; diagonal blocks equal diag(G)."""
+    engine, ref, ggn = top
+    factors = engine.factors()
+    starts = np.cumsum([0, *engine.objective.sizes])
+    decay = engine.curvature.decay
+    floor = 1e-6 * float(torch.diagonal(ggn).max())  # the key bias's gradient is exactly 0 (softmax ignores it)
+    for position, name in enumerate(engine.names):
+        block = ggn[starts[position]:starts[position + 1], starts[position]:starts[position + 1]]
+        block = block - decay[position] * torch.eye(len(block), dtype=block.dtype)  # the factors hold G alone
+        if position in factors.kronecker:
+            fitted = factors.kronecker[position]
+            basis = torch.kron(fitted.q_g.double(), fitted.q_a.double())
+            np.testing.assert_allclose(fitted.corrected.reshape(-1).double().numpy(),
+                                       torch.diagonal(basis.T @ block @ basis).numpy(), rtol=1e-4, atol=floor)
+        else:
+            np.testing.assert_allclose(factors.diagonal[position].reshape(-1).double().numpy(),
+                                       torch.diagonal(block).numpy(), rtol=1e-4, atol=floor)
+    assert set(factors.kronecker) | set(factors.diagonal) == set(range(len(engine.names)))
+
+
+def engine_train_rows(engine: InfluenceEngine) -> list[dict]:
+    labels = engine.classifier.labels
+    return [{"text": ex.text, "label": labels[ex.label]} for ex in engine.train]
+
+
+def test_ekfac_trace_is_the_exact_diagonal_trace(top):
+    """EK-FAC's eigenvalues are the exact second moments in its basis: their sum is tr(G) of the blocks."""
+    engine, ref, ggn = top
+    factors = engine.factors()
+    assert not factors.uncovered
+    decay = engine.objective.weight_decay * sum(p.numel() for p, d in zip(engine.objective.params, engine.objective.decay) if d)
+    assert factors.trace("ekfac") + decay == pytest.approx(float(ggn.trace()), rel=1e-4)
+
+
+def test_factors_saved_and_loaded_give_identical_scores(files):
+    first = engine_of(files, artefacts=True)
+    queries = [Query(t["text"], label=t["label"]) for t in TEST]
+    config = SolverConfig(solver="ekfac", damping=0.01)
+    _, before = first.analyze(queries, k=None, solver=config)
+    path = first.artefact_dir / "ekfac.safetensors"
+    assert path.is_file()
+    loaded = KroneckerFactors.load(path)
+    assert loaded is not None and loaded.names == first.names
+    second = engine_of(files, artefacts=True)
+    _, after = second.analyze(queries, k=None, solver=config)
+    assert second._factors is not None  # noqa: SLF001 - loaded, not refitted: same numbers bit for bit
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a.scores, b.scores)
+
+
+def test_bad_solver_configs_are_refused(files):
+    with pytest.raises(ValueError, match="unknown solver"):
+        SolverConfig(solver="newton")
+    with pytest.raises(ValueError, match="unknown curvature"):
+        SolverConfig(curvature="fisher-ish")
+    engine = engine_of(files, params=("classifier",))
+    with pytest.raises(ValueError, match="Gauss-Newton"):
+        engine.solve(torch.zeros(1, engine.num_params), SolverConfig(solver="ekfac", curvature="hessian"))
