@@ -18,7 +18,7 @@ from .applications import (
     SelfInfluenceRequest,
 )
 from .common import ErrorInfo, FiniteFloat
-from .influence import InfluenceInput, InfluenceRequest, LissaConfig
+from .influence import CGSettings, InfluenceInput, InfluenceRequest, LissaConfig, SolverSettings
 from .jobs import TERMINAL_STATUSES, Job, JobList, JobStatus, Progress
 from .models import IndexSettings, InfluenceSettings, Model, ModelCreate, ModelList, ModelStatus, TrainData
 from .problems import FieldError, Problem
@@ -53,6 +53,8 @@ __all__ = [
     "JobList",
     "JobStatus",
     "LissaConfig",
+    "SolverSettings",
+    "CGSettings",
     "Model",
     "ModelCreate",
     "ModelList",

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, StrictInt, StrictStr, model_validator
 
 from .common import FiniteFloat, RequestModel, ResponseModel
-from .influence import InfluenceInput, LissaConfig
+from .influence import InfluenceInput, LissaConfig, SolverSettings
 from .results import Diagnostics, Influential, Prediction
 
 ModelId = Annotated[str, Field(min_length=1, max_length=128)]
@@ -24,15 +24,13 @@ SaveName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 
 
 # -- explain -------------------------------------------------------------------------------------
-class ExplainRequest(RequestModel):
+class ExplainRequest(SolverSettings):
     """POST /v1/explain: per input, the prediction and its most helpful and harmful training examples."""
 
     model_id: ModelId
     inputs: Annotated[list[InfluenceInput], Field(min_length=1)]
     k: Count | None = 1000
     top: Annotated[int, Field(strict=True, ge=1, le=1000)] = 10
-    lissa: LissaConfig = Field(default_factory=LissaConfig)
-    solver: Literal["lissa", "cg"] = "lissa"
 
 
 class Agreement(ResponseModel):
@@ -65,7 +63,7 @@ class GraphInput(InfluenceInput):
     group: Annotated[str, Field(min_length=1, max_length=64)] | None = None
 
 
-class GraphRequest(RequestModel):
+class GraphRequest(SolverSettings):
     """POST /v1/graph: influence between test inputs and training examples as a graph."""
 
     model_id: ModelId
@@ -75,8 +73,6 @@ class GraphRequest(RequestModel):
     top: Annotated[int, Field(strict=True, ge=1, le=100)] = 5
     # ... and of those only |score| >= threshold, when given.
     threshold: Annotated[FiniteFloat, Field(ge=0)] | None = None
-    lissa: LissaConfig = Field(default_factory=LissaConfig)
-    solver: Literal["lissa", "cg"] = "lissa"
 
 
 class GraphNode(ResponseModel):
@@ -160,7 +156,7 @@ class CandidateSource(RequestModel):
     k: Count | None = 1000
 
 
-class CorrectRequest(RequestModel):
+class CorrectRequest(SolverSettings):
     """POST /v1/correct: FastIF §5 error correction with helpful points, against harmful and random."""
 
     model_id: ModelId
@@ -174,14 +170,12 @@ class CorrectRequest(RequestModel):
     seed: StrictInt = 0
     strategies: Annotated[list[Literal["helpful", "harmful", "random"]], Field(min_length=1)] = Field(
         default_factory=lambda: ["helpful", "harmful", "random"])
-    lissa: LissaConfig = Field(default_factory=LissaConfig)
-    solver: Literal["lissa", "cg"] = "lissa"
     # Save the model corrected with the helpful points of trial 0 and register it under this name.
     save_as: SaveName | None = None
 
 
 # -- self-influence ------------------------------------------------------------------------------
-class SelfInfluenceRequest(RequestModel):
+class SelfInfluenceRequest(SolverSettings):
     """POST /v1/self-influence: I(z, z) of training examples, most negative first (likely mislabels)."""
 
     model_id: ModelId
@@ -189,8 +183,7 @@ class SelfInfluenceRequest(RequestModel):
     sample: Count | None = None
     indices: Annotated[list[Annotated[int, Field(strict=True, ge=0)]], Field(min_length=1, max_length=100_000)] | None = None
     seed: StrictInt = 0
-    # `identity` uses (λI)⁻¹ with λ = lissa.damp · lissa.scale: -‖∇L(z)‖²/λ, no Hessian.
-    solver: Literal["lissa", "cg", "identity"] = "lissa"
+    # `identity`: (λI)⁻¹, i.e. -‖∇L(z)‖²/λ, no curvature. LiSSA runs shorter by default here (many rows per run).
     lissa: LissaConfig = Field(default_factory=lambda: LissaConfig(depth=100, batch_size=4))
     # Gradients solved together per LiSSA run.
     chunk: Annotated[int, Field(strict=True, ge=1, le=512)] = 32

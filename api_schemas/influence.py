@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, StrictInt, StrictStr
+from pydantic import Field, StrictInt, StrictStr, model_validator
 
 from .common import FiniteFloat, RequestModel
 
@@ -19,10 +19,15 @@ class InfluenceInput(RequestModel):
 
 
 class LissaConfig(RequestModel):
-    """LiSSA: h <- v + (1 - damp) h - HVP(h)/scale over `depth` batches, averaged over `repeats`."""
+    """LiSSA: h <- v + (1 - damp) h - C h / scale over `depth` batches, averaged over `repeats`.
 
-    damp: Annotated[FiniteFloat, Field(gt=0, lt=1)] = 0.005
-    scale: Annotated[FiniteFloat, Field(gt=0)] = 1e4
+    `damp` and `scale` null (the default): derived from the model's measured spectrum,
+    scale above the largest eigenvalue and damp = λ / scale. Both given: used exactly
+    as given, and λ = damp · scale (FastIF's published 0.005 and 1e4 give λ = 50).
+    """
+
+    damp: Annotated[FiniteFloat, Field(gt=0, lt=1)] | None = None
+    scale: Annotated[FiniteFloat, Field(gt=0)] | None = None
     depth: Annotated[int, Field(strict=True, ge=1, le=100_000)] = 1000
     batch_size: Annotated[int, Field(strict=True, ge=1, le=1024)] = 1
     repeats: Annotated[int, Field(strict=True, ge=1, le=64)] = 1
@@ -30,8 +35,63 @@ class LissaConfig(RequestModel):
     # index), and torch refuses seeds past 64 bits, so an unbounded seed failed the job late.
     seed: Annotated[int, Field(strict=True, ge=0, le=2**32 - 1)] = 0
 
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> LissaConfig:
+        if (self.damp is None) != (self.scale is None):
+            raise ValueError("give both lissa.damp and lissa.scale (an absolute configuration), or neither "
+                             "(derived from the model's spectrum)")
+        return self
 
-class InfluenceRequest(RequestModel):
+    @property
+    def absolute(self) -> bool:
+        return self.damp is not None
+
+
+class CGSettings(RequestModel):
+    """Conjugate gradient over the whole training set: stop at this relative residual or iteration count."""
+
+    tol: Annotated[FiniteFloat, Field(gt=0, lt=1)] = 1e-5
+    max_iter: Annotated[int, Field(strict=True, ge=1, le=10_000)] = 200
+
+
+SolverName = Literal["lissa", "cg", "ekfac", "kfac", "identity"]
+CurvatureName = Literal["gauss-newton", "hessian"]
+DEFAULT_SOLVER: SolverName = "ekfac"
+DEFAULT_DAMPING_RATIO = 0.1
+
+
+class SolverSettings(RequestModel):
+    """How s_test = (C + λI)⁻¹ ∇L(z_t) is computed; shared by every job that computes influence.
+
+    `curvature`: C is the Gauss-Newton matrix (positive semi-definite, the default) or
+    the Hessian. `damping`: an absolute λ; null means `damping_ratio` × the curvature's
+    mean eigenvalue, measured when the model was built (on the model record). FastIF's
+    published configuration: `{"solver": "lissa", "curvature": "hessian",
+    "lissa": {"damp": 0.005, "scale": 10000, "depth": 1000, "batch_size": 1}}`.
+    """
+
+    solver: SolverName = Field(DEFAULT_SOLVER, description=(
+        "ekfac (default): EK-FAC factors fitted once per model, a few matrix products per query; kfac: the same "
+        "without the eigenvalue correction; lissa: FastIF's stochastic recursion; cg: conjugate gradient over the "
+        "whole training set; identity: no curvature, a plain gradient dot product over λ"))
+    curvature: CurvatureName = "gauss-newton"
+    damping: Annotated[FiniteFloat, Field(ge=0)] | None = None
+    damping_ratio: Annotated[FiniteFloat, Field(gt=0, le=1e6)] = DEFAULT_DAMPING_RATIO
+    lissa: LissaConfig = Field(default_factory=LissaConfig)
+    cg: CGSettings = Field(default_factory=CGSettings)
+
+    @model_validator(mode="after")
+    def _consistent_solver(self) -> SolverSettings:
+        if self.solver in ("ekfac", "kfac") and self.curvature != "gauss-newton":
+            raise ValueError(f"solver {self.solver} approximates the Gauss-Newton matrix: use curvature 'gauss-newton'")
+        if self.lissa.absolute and self.damping is not None:
+            raise ValueError("give either 'damping' or lissa.damp and lissa.scale (whose product is λ), not both")
+        if self.lissa.absolute and self.solver != "lissa":
+            raise ValueError("lissa.damp and lissa.scale apply to solver 'lissa'; for other solvers give 'damping'")
+        return self
+
+
+class InfluenceRequest(SolverSettings):
     """Score the k nearest training examples of each input (or of the group) by influence."""
 
     model_id: Annotated[str, Field(min_length=1, max_length=128)]
@@ -39,7 +99,13 @@ class InfluenceRequest(RequestModel):
     # None scores every training example.
     k: Annotated[int, Field(strict=True, ge=1)] | None = 1000
     top: Annotated[int, Field(strict=True, ge=1, le=1000)] = 10
-    lissa: LissaConfig = Field(default_factory=LissaConfig)
-    solver: Literal["lissa", "cg"] = "lissa"
+    # LiSSA estimates from W shards with seeds seed + w, averaged (FastIF's parallel variant).
     parallel: Annotated[int, Field(strict=True, ge=1, le=64)] = 1
     group: bool = False
+
+    @model_validator(mode="after")
+    def _parallel_is_lissa(self) -> InfluenceRequest:
+        if self.parallel > 1 and self.solver != "lissa":
+            raise ValueError(f"parallel averages LiSSA estimates from several seeds; solver {self.solver} is "
+                             "deterministic: use parallel 1, or solver 'lissa'")
+        return self

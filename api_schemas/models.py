@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -53,8 +53,30 @@ class ModelCreate(RequestModel):
     index: IndexSettings = Field(default_factory=IndexSettings)
 
 
+class SpectrumInfo(ResponseModel):
+    """The curvature's spectrum, measured at build time on a fixed sample of the training set."""
+
+    curvature: str
+    largest: FiniteFloat  # largest eigenvalue (Lanczos)
+    smallest: FiniteFloat  # smallest Ritz value (an upper bound on the smallest eigenvalue)
+    mean: FiniteFloat  # trace / number of influence parameters (Hutchinson)
+    trace: FiniteFloat
+    trace_stderr: FiniteFloat | None = None
+    num_params: int
+    examples: int
+
+
+class CurvatureInfo(ResponseModel):
+    """What a relative damping is relative to, and the EK-FAC fit the default solver uses."""
+
+    spectra: dict[str, SpectrumInfo] = Field(default_factory=dict)
+    ekfac_examples: int | None = None  # training examples the EK-FAC factors were fitted on
+    ekfac_uncovered: list[str] = Field(default_factory=list)  # parameters preconditioned by a damped identity
+    seconds: dict[str, FiniteFloat] = Field(default_factory=dict)
+
+
 class Model(ResponseModel):
-    """A registered model and the state of its build (features, kNN index)."""
+    """A registered model and the state of its build (features, kNN index, curvature)."""
 
     id: str
     name: str
@@ -67,6 +89,9 @@ class Model(ResponseModel):
     labels: list[str] | None = None
     fingerprint: str | None = None
     build_job_id: str | None = None
+    curvature: CurvatureInfo | None = None
+    # The latest report of POST /v1/models/{id}/quality (LDS per solver configuration, ...).
+    quality: dict[str, Any] | None = None
 
 
 class ModelList(ResponseModel):

@@ -28,8 +28,18 @@ class Influential(ResponseModel):
 
 
 class Diagnostics(ResponseModel):
-    """How the result was obtained: solver convergence, cache use, seconds per stage."""
+    """How the result was obtained: which solver, its own convergence, cache use, seconds per stage.
 
+    `converged`: LiSSA's norm settled, CG reached its tolerance (`relative_residual`),
+    EK-FAC, K-FAC and identity are direct. `lissa_converged` repeats it for older clients.
+    """
+
+    solver: str | None = None
+    curvature: str | None = None
+    converged: bool | None = None
+    iterations: int | None = None
+    damping: FiniteFloat | None = None
+    relative_residual: FiniteFloat | None = None
     lissa_converged: bool
     s_test_norm: FiniteFloat
     cached: bool

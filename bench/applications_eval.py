@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fastif import DataSpec, Example, InfluenceEngine, InfluenceSpec, LissaConfig, Query  # noqa: E402
+from fastif.config import SolverConfig  # noqa: E402
 from fastif.applications import CorrectionConfig, correct, rank_self_influence  # noqa: E402
 
 LABELS = ["entailment", "neutral", "contradiction"]
@@ -241,7 +242,7 @@ def main() -> None:
     n = len(flipped)
     mislabel: dict = {"data": args.mislabel_data, "train": len(noisy_rows), "planted": n}
     clock = time.perf_counter()
-    ranked = rank_self_influence(noisy_engine, solver=None, damping=solver.damping, chunk=64)
+    ranked = rank_self_influence(noisy_engine, solver=SolverConfig(solver="identity", damping=solver.damping), chunk=64)
     order = [item["train_index"] for item in ranked]
     by_loss = [item["train_index"] for item in sorted(ranked, key=lambda item: -item["loss"])]
     mislabel["identity"] = {"precision_at_planted": precision_at(order, flipped, n),
@@ -262,7 +263,7 @@ def main() -> None:
                                 "precision_at_planted": precision_at(order, planted_in_sample, m) if m else None,
                                 "seconds": round(time.perf_counter() - clock, 1)}
     identity_sample = [i for i in (item["train_index"] for item in rank_self_influence(
-        noisy_engine, sample, solver=None, damping=solver.damping, chunk=64))]
+        noisy_engine, sample, solver=SolverConfig(solver="identity", damping=solver.damping), chunk=64))]
     mislabel["identity_sample"] = {"precision_at_planted": precision_at(identity_sample, planted_in_sample, m) if m else None}
     results["mislabels"] = mislabel
     print(json.dumps(mislabel), flush=True)

@@ -34,7 +34,9 @@ def result_item(
         "helpful": [_example(engine, influence, pos) for pos in helpful],
         "harmful": [_example(engine, influence, pos) for pos in harmful],
         "diagnostics": {
-            "lissa_converged": bool(influence.converged),
+            **{key: value for key, value in influence.solver.items() if key != "converged"},
+            "converged": bool(influence.converged),
+            "lissa_converged": bool(influence.converged),  # kept for existing clients
             "s_test_norm": float(influence.s_test_norm),
             "cached": bool(influence.cached),
             "seconds": {stage: round(float(sec), 4) for stage, sec in influence.seconds.items()},

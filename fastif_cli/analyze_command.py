@@ -18,7 +18,8 @@ def _fail(message: str) -> None:
 def run(**opts) -> None:
     import torch  # noqa: F401  (imported here so --help stays fast)
 
-    from fastif import CGConfig, DataSpec, FastIFError, IndexConfig, InfluenceEngine, InfluenceSpec, LissaConfig, Query
+    from fastif import DataSpec, FastIFError, IndexConfig, InfluenceEngine, InfluenceSpec, LissaConfig, Query
+    from fastif.config import CURVATURES, SOLVERS, SolverConfig
     from fastif.progress import rich_progress
     from fastif.report import result_items
 
@@ -27,8 +28,14 @@ def run(**opts) -> None:
         _fail(f"--text-pair given {len(pairs)} times for {len(texts)} --text inputs")
     if labels and len(labels) != len(texts):
         _fail(f"--label given {len(labels)} times for {len(texts)} --text inputs")
-    if opts["solver"] not in ("lissa", "cg"):
-        _fail(f"--solver must be lissa or cg, not {opts['solver']!r}")
+    if opts["solver"] not in SOLVERS:
+        _fail(f"--solver must be one of {', '.join(SOLVERS)}, not {opts['solver']!r}")
+    if opts["curvature"] not in CURVATURES:
+        _fail(f"--curvature must be one of {', '.join(CURVATURES)}, not {opts['curvature']!r}")
+    if (opts["damp"] is None) != (opts["scale"] is None):
+        _fail("give --damp and --scale together (LiSSA exactly as given), or neither (derived from the spectrum)")
+    if opts["damp"] is not None and opts["solver"] != "lissa":
+        _fail("--damp and --scale are LiSSA's; for other solvers give --damping")
     if opts["quoting"] not in ("minimal", "none"):
         _fail(f"--quoting must be minimal or none, not {opts['quoting']!r}")
     if opts["index_space"] not in ("gradient", "feature"):
@@ -36,9 +43,12 @@ def run(**opts) -> None:
     if opts["k"] < 0 or opts["top"] < 1:
         _fail("--k must be >= 0 and --top >= 1")
     try:
-        lissa = LissaConfig(damp=opts["damp"], scale=opts["scale"], depth=opts["depth"], batch_size=opts["batch_size"],
-                            repeats=opts["repeats"], seed=opts["seed"])
-        solver = lissa if opts["solver"] == "lissa" else CGConfig(damping=lissa.damping)
+        absolute = opts["damp"] is not None
+        lissa = LissaConfig(damp=opts["damp"] if absolute else 5e-3, scale=opts["scale"] if absolute else 1e4,
+                            depth=opts["depth"], batch_size=opts["batch_size"], repeats=opts["repeats"], seed=opts["seed"])
+        solver = SolverConfig(solver=opts["solver"], curvature=opts["curvature"],
+                              damping=lissa.damping if absolute else opts["damping"], damping_ratio=opts["damping_ratio"],
+                              lissa=lissa, lissa_absolute=absolute)
         spec = InfluenceSpec(params=tuple(opts["params"]) if opts["params"] else "auto",
                              weight_decay=opts["weight_decay"], max_length=opts["max_length"])
     except ValueError as err:
@@ -56,8 +66,14 @@ def run(**opts) -> None:
         with rich_progress(enabled=sys.stderr.isatty()) as on_progress:
             encoded, influences = engine.analyze(queries, k=opts["k"] or None, solver=solver, group=opts["group"],
                                                  on_progress=on_progress)
-    except FastIFError as err:
+    except (FastIFError, ValueError) as err:
         _fail(str(err))
+    for index, influence in enumerate(influences):
+        if not influence.converged:
+            details = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in influence.solver.items()
+                                if k in ("solver", "iterations", "relative_residual", "damping"))
+            typer.echo(f"fastif: warning: input {index}: the solver did not converge ({details}); "
+                       "the scores are an estimate of what it was asked", err=True)
     items = result_items(engine, encoded, influences, opts["top"], with_scores=opts["as_json"])
     if opts["as_json"]:
         for item in items:

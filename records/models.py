@@ -43,13 +43,21 @@ class ModelStore:
         """Remember which job builds the model; False if the model is gone."""
         return self._update(model_id, {"build_job_id": job_id})
 
-    def set_ready(self, model_id: str, fingerprint: str, num_train: int, labels: list[str]) -> bool:
-        """The build finished: the model can be queried; False if the model is gone."""
+    def set_ready(self, model_id: str, fingerprint: str, num_train: int, labels: list[str],
+                  curvature: dict | None = None) -> bool:
+        """The build finished: the model can be queried; False if the model is gone.
+
+        ``curvature``: what the build measured of the curvature (spectrum, EK-FAC fit), shown on the record.
+        """
         return self._update(model_id, {
             "status": "ready", "ready_at": repr(time.time()), "fingerprint": fingerprint,
             "num_train": int(num_train), "labels": json.dumps(list(labels)),
-            "error_code": "", "error_message": "",
+            "curvature": json.dumps(curvature or {}), "error_code": "", "error_message": "",
         })
+
+    def set_quality(self, model_id: str, report: dict) -> bool:
+        """The latest quality report of the model (POST /v1/models/{id}/quality); False if the model is gone."""
+        return self._update(model_id, {"quality": json.dumps(report)})
 
     def set_failed(self, model_id: str, code: str, message: str) -> bool:
         """The build failed with error {code, message}; False if the model is gone."""
@@ -119,4 +127,6 @@ def _to_model(fields: dict[str, str]) -> Model:
         labels=json.loads(labels) if labels else None,
         fingerprint=fields.get("fingerprint") or None,
         build_job_id=fields.get("build_job_id") or None,
+        curvature=json.loads(fields["curvature"]) if fields.get("curvature") else None,
+        quality=json.loads(fields["quality"]) if fields.get("quality") else None,
     )

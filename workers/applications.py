@@ -22,22 +22,18 @@ from api_schemas import (
     ModelCreate,
     SelfInfluenceRequest,
 )
-from fastif import CGConfig, DataSpec, Example, InfluenceEngine, LissaConfig, Query, load_examples
+from fastif import DataSpec, Example, InfluenceEngine, Query, load_examples
 from fastif.applications import CorrectionConfig, correct, explain, influence_graph, rank_self_influence, render
 from fastif.applications.correct import save_corrected
 from records.celery_app import BUILD_MODEL
 from records.keys import job as job_key
 
+from .configs import solver_config
 from .influence import engine_and_cache, ready_model, result_cache_key
 from .runner import JobFailed, JobRun
 
 SendTask = Callable[[str, list, str], None]
 """``send(task_name, args, task_id)``: publish a task (the Celery app's send_task)."""
-
-
-def _solver(request) -> LissaConfig | CGConfig:
-    lissa = LissaConfig(**request.lissa.model_dump())
-    return lissa if request.solver == "lissa" else CGConfig(damping=lissa.damping)
 
 
 def _queries(inputs) -> list[Query]:
@@ -86,7 +82,7 @@ def run_explain(run: JobRun) -> list[dict]:
         return items
     run.progress("loading", 0, 1)
     engine, cache = engine_and_cache(run, model)
-    items = explain(engine, _queries(request.inputs), k=request.k, top=request.top, solver=_solver(request),
+    items = explain(engine, _queries(request.inputs), k=request.k, top=request.top, solver=solver_config(request),
                     cache=cache, on_progress=run.progress)
     run.ctx.redis.set(key, json.dumps(items, separators=(",", ":")), ex=run.ctx.settings.cache_ttl_s)
     return items
@@ -104,7 +100,7 @@ def run_graph(run: JobRun) -> list[dict]:
     run.progress("loading", 0, 1)
     engine, cache = engine_and_cache(run, model)
     graph = influence_graph(engine, _queries(request.inputs), [i.group for i in request.inputs], k=request.k,
-                            top=request.top, threshold=request.threshold, solver=_solver(request), cache=cache,
+                            top=request.top, threshold=request.threshold, solver=solver_config(request), cache=cache,
                             on_progress=run.progress)
     run.progress("rendering", 0, 1)
     files = graph_files(run.job_id)
@@ -149,7 +145,7 @@ def run_correct(run: JobRun, send: SendTask) -> list[dict]:
     evaluation = _evaluation(run, engine, model, request)
     config = CorrectionConfig(num_points=request.num_points, lr=request.lr, steps=request.steps, trials=request.trials,
                               seed=request.seed, k=request.candidates.k, strategies=tuple(request.strategies))
-    outcome = correct(engine, _queries(request.anchors), evaluation, config=config, solver=_solver(request), pool=pool,
+    outcome = correct(engine, _queries(request.anchors), evaluation, config=config, solver=solver_config(request), pool=pool,
                       cache=cache, on_progress=run.progress)
     report = outcome.report
     report["saved_model"] = None
@@ -190,8 +186,6 @@ def run_self_influence(run: JobRun) -> list[dict]:
         indices = sorted(int(i) for i in rng.choice(engine.num_train, size=request.sample, replace=False))
     else:
         indices = None
-    lissa = LissaConfig(**request.lissa.model_dump())
-    solver = {"lissa": lissa, "cg": CGConfig(damping=lissa.damping), "identity": None}[request.solver]
-    items = rank_self_influence(engine, indices, solver=solver, damping=lissa.damping, chunk=request.chunk,
+    items = rank_self_influence(engine, indices, solver=solver_config(request), chunk=request.chunk,
                                 on_progress=run.progress)
     return items[: request.top] if request.top else items

@@ -7,10 +7,11 @@ import json
 import redis
 
 from api_schemas import InfluenceRequest, Model
-from fastif import CGConfig, InfluenceEngine, LissaConfig, Query
+from fastif import InfluenceEngine
 from fastif.report import result_items
 from records.keys import cache_key
 
+from .configs import queries_of, solver_config
 from .registry import engine_for
 from .runner import JobFailed, JobRun
 from .tensor_cache import RedisTensorCache
@@ -23,15 +24,6 @@ def ready_model(run: JobRun, model_id: str) -> Model:
     if model.status != "ready":
         raise JobFailed("model-not-ready", f"model {model_id} is {model.status}")
     return model
-
-
-def solver_of(request: InfluenceRequest) -> LissaConfig | CGConfig:
-    lissa = LissaConfig(**request.lissa.model_dump())
-    return lissa if request.solver == "lissa" else CGConfig(damping=lissa.damping)
-
-
-def queries_of(request: InfluenceRequest) -> list[Query]:
-    return [Query(text=i.text, text_pair=i.text_pair, label=i.label) for i in request.inputs]
 
 
 def result_cache_key(model: Model, request, kind: str = "result") -> str:
@@ -82,7 +74,7 @@ def run_influence(run: JobRun, start_parallel=None) -> list[dict] | None:
     run.progress("loading", 0, 1)
     engine, cache = engine_and_cache(run, model)
     encoded, influences = engine.analyze(
-        queries_of(request), k=request.k, solver=solver_of(request), group=request.group,
+        queries_of(request), k=request.k, solver=solver_config(request), group=request.group,
         cache=cache, on_progress=run.progress,
     )
     items = result_items(engine, encoded, influences, request.top)

@@ -19,11 +19,13 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from api_schemas import InfluenceRequest
-from fastif import CancelledError, FastIFError, Influence, LissaConfig
+from fastif import CancelledError, FastIFError, Influence
+from fastif.config import SolverConfig
 from fastif.report import result_items
 
 from .context import WorkerContext, context
-from .influence import engine_and_cache, queries_of, ready_model, result_cache_key, store_results
+from .configs import queries_of, solver_config
+from .influence import engine_and_cache, ready_model, result_cache_key, store_results
 from .runner import JobFailed, JobRun, ProgressReporter, wait_for_redis
 
 STEST_SHARD = "fastif.stest_shard"
@@ -35,8 +37,8 @@ def _key(job_id: str, *parts: object) -> str:
     return ":".join(["fastif", "job", job_id, *map(str, parts)])
 
 
-def shard_seed_config(request: InfluenceRequest, shard: int) -> LissaConfig:
-    return LissaConfig(**{**request.lissa.model_dump(), "seed": request.lissa.seed + shard})
+def shard_seed_config(request: InfluenceRequest, shard: int) -> SolverConfig:
+    return solver_config(request, seed_offset=shard)
 
 
 def averaged_key(request: InfluenceRequest) -> dict:
@@ -112,7 +114,8 @@ def _stest_work(run: JobRun, request: InfluenceRequest, shard: int, send) -> Non
     engine, cache = engine_and_cache(run, model)
     plan = engine.plan(queries_of(request), request.group, cache)
     # Each shard's own estimate is cached under its own seed, like any single-worker s_test.
-    s_tests, converged, _ = engine.cached_s_test(plan, shard_seed_config(request, shard), cache, run.progress)
+    s_tests, diagnostics, _ = engine.cached_s_test(plan, shard_seed_config(request, shard), cache, run.progress)
+    converged = bool(diagnostics["converged"])
     client = run.ctx.redis_bytes
     ttl = run.ctx.settings.result_ttl_s
     client.set(_key(run.job_id, "stest", shard), save_tensors({"s_test": s_tests.cpu().contiguous()}), ex=ttl)
@@ -132,7 +135,7 @@ def _average_and_cache(run: JobRun, request, engine, plan, cache) -> None:
     client = run.ctx.redis_bytes
     shards = [load_tensors(client.get(_key(run.job_id, "stest", w)))["s_test"] for w in range(request.parallel)]
     averaged = sum(shards) / len(shards)
-    solver_key = {"solver": "LissaConfig", **LissaConfig(**request.lissa.model_dump()).__dict__, **averaged_key(request)}
+    solver_key = {**solver_config(request).cache_identity(), **averaged_key(request)}
     for row, key in enumerate(plan.keys):
         cache.put("s_test", {**key, **solver_key}, averaged[row])
     client.set(_key(run.job_id, "stest_avg"), save_tensors({"s_test": averaged.contiguous()}),
@@ -182,6 +185,7 @@ def _merge(run: JobRun, request: InfluenceRequest, engine, plan, averaged) -> No
             indices=found.indices, scores=scores, distances=found.distances, converged=converged,
             s_test_norm=float(averaged[row].norm()), cached=False,
             seconds={**plan.seconds, "scoring": max(part["seconds"] for part in parts)},
+            solver={"solver": "lissa", "curvature": request.curvature, "converged": converged, "shards": request.parallel},
         ))
     items = result_items(engine, plan.encoded, influences, request.top)
     store_results(run, result_cache_key(ready_model(run, request.model_id), request), items)

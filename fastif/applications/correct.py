@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import LissaConfig
+from ..config import SolverConfig
 from ..data import Example
-from ..engine import InfluenceEngine, Query, Solver, TensorCache
+from ..engine import InfluenceEngine, Query, Solver, TensorCache, solver_config
 from ..errors import CancelledError
 from ..progress import ProgressCallback
 from .examples import ExampleSet, encode_examples, evaluate, gradient, influence_scores, restore, snapshot, step, training_set
@@ -93,7 +93,7 @@ def correct(
     evaluation: Sequence[Example],
     *,
     config: CorrectionConfig = CorrectionConfig(),
-    solver: Solver = LissaConfig(),
+    solver: Solver = SolverConfig(),
     pool: Sequence[Example] | None = None,
     cache: TensorCache | None = None,
     on_progress: ProgressCallback | None = None,
@@ -126,10 +126,11 @@ def correct(
             seed = config.seed + trial
             scores = None
             if {"helpful", "harmful"} & set(config.strategies):
-                trial_solver = dataclasses.replace(solver, seed=solver.seed + trial) if isinstance(solver, LissaConfig) else solver
+                config_ = solver_config(solver)
+                trial_solver = dataclasses.replace(config_, lissa=dataclasses.replace(config_.lissa, seed=config_.lissa.seed + trial))
                 clock = time.perf_counter()
-                s_tests, ok, _ = engine.cached_s_test(plan, trial_solver, cache, on_progress)
-                converged = converged and ok
+                s_tests, diagnostics, _ = engine.cached_s_test(plan, trial_solver, cache, on_progress)
+                converged = converged and bool(diagnostics["converged"])
                 seconds["s_test"] = seconds.get("s_test", 0.0) + time.perf_counter() - clock
                 clock = time.perf_counter()
                 scores = influence_scores(engine, candidates, s_tests[0], nearest, on_progress=on_progress)

@@ -5,8 +5,8 @@ gradient of its own loss along directions the rest of the data does not
 support, so its self-influence is strongly negative: ranked most negative
 first, mislabelled examples come early. The inverse-HVP is the engine's solver
 run on many gradients at once (``chunk`` rows per LiSSA run: one sampled batch
-serves every row); ``identity`` skips the Hessian and uses (λI)⁻¹, i.e.
--‖∇L(z)‖²/λ, which is cheap and a useful baseline.
+serves every row), with the same curvature and damping as a query; ``identity``
+skips the curvature and uses (λI)⁻¹, i.e. -‖∇L(z)‖²/λ, a useful baseline.
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..config import CGConfig, LissaConfig
-from ..engine import InfluenceEngine
+import dataclasses
+
+from ..config import CGConfig, LissaConfig, SolverConfig
+from ..curvature.solvers import LissaSolver, solver_for
+from ..engine import InfluenceEngine, solver_config
 from ..errors import CancelledError
 from ..progress import ProgressCallback
-from ..curvature import lissa
 from .examples import ExampleSet, evaluate, per_example_gradients, training_set
 
 
@@ -75,34 +77,26 @@ def self_influence_scores(
     engine: InfluenceEngine,
     indices: Sequence[int] | None = None,
     *,
-    solver: LissaConfig | CGConfig | None = LissaConfig(),
-    damping: float | None = None,
+    solver: SolverConfig | LissaConfig | CGConfig = SolverConfig(),
     chunk: int = 32,
     on_progress: ProgressCallback | None = None,
 ) -> np.ndarray:
-    """I(z_i, z_i) for each training index (all when None); ``solver`` None means (λI)⁻¹ with λ = ``damping``."""
+    """I(z_i, z_i) for each training index (all when None), with the same curvature and damping as a query."""
     data = training_set(engine)
     indices = list(range(len(data))) if indices is None else [int(i) for i in indices]
     values = np.zeros(len(indices), dtype=np.float64)
-    if solver is None:
-        lam = float(damping if damping is not None else LissaConfig().damping)
-        if lam <= 0:
-            raise ValueError("the identity solver needs a positive damping")
+    inverse = solver_for(solver_config(solver), engine.curvature)
+    if isinstance(inverse, LissaSolver) and solver_config(solver).curvature == "hessian":
+        inverse = dataclasses.replace(inverse, product=BatchedHVP(engine, data))  # many rows: batched double backward
 
     def cancel_only(stage: str, done: int, total: int) -> bool:
         return bool(on_progress("self_influence", finished, len(indices))) if on_progress else False
 
-    hvp = BatchedHVP(engine, data)
     finished = 0
     for start in range(0, len(indices), max(1, chunk)):
         members = indices[start : start + max(1, chunk)]
         grads = per_example_gradients(engine, data, members)
-        if solver is None:
-            solved = grads / lam
-        elif isinstance(solver, LissaConfig):
-            solved = lissa(hvp, grads, engine.num_train, solver, lambda d, t: cancel_only("s_test", d, t)).vectors
-        else:
-            solved = engine.solve(grads, solver, cancel_only).vectors.to(grads.device)
+        solved = inverse.solve(grads, lambda d, t: cancel_only("s_test", d, t)).vectors.to(grads.device)
         values[start : start + len(members)] = (-(grads * solved).sum(dim=1)).double().cpu().numpy()
         finished += len(members)
         if on_progress and on_progress("self_influence", finished, len(indices)):
@@ -115,15 +109,14 @@ def rank_self_influence(
     engine: InfluenceEngine,
     indices: Sequence[int] | None = None,
     *,
-    solver: LissaConfig | CGConfig | None = LissaConfig(),
-    damping: float | None = None,
+    solver: SolverConfig | LissaConfig | CGConfig = SolverConfig(),
     chunk: int = 32,
     on_progress: ProgressCallback | None = None,
 ) -> list[dict]:
     """One item per example, most negative self-influence first, with its loss and predicted label."""
     data = training_set(engine)
     indices = list(range(len(data))) if indices is None else [int(i) for i in indices]
-    values = self_influence_scores(engine, indices, solver=solver, damping=damping, chunk=chunk, on_progress=on_progress)
+    values = self_influence_scores(engine, indices, solver=solver, chunk=chunk, on_progress=on_progress)
     with torch.no_grad():
         evaluation = evaluate(engine, data, indices=indices)
     labels = engine.classifier.labels
