@@ -26,6 +26,7 @@ LISSA = LissaConfig(**SOLVER)
 
 def analyze_argv(model, train, *extra: str) -> list[str]:
     argv = [sys.executable, "-m", "fastif_cli.main", "analyze", "--model", str(model), "--train", str(train), "--device", "cpu",
+            "--solver", "lissa", "--curvature", "hessian",
             "--damp", str(SOLVER["damp"]), "--scale", str(SOLVER["scale"]), "--depth", str(SOLVER["depth"]),
             "--batch-size", str(SOLVER["batch_size"]), "--seed", str(SOLVER["seed"])]
     return argv + list(extra)
@@ -125,7 +126,7 @@ def test_k_limits_the_scores_to_the_nearest_candidates(runs, engine):
 
 @pytest.mark.parametrize("name, message", [
     ("missing-train", "absent.jsonl: no such file"),
-    ("bad-solver", "--solver must be lissa or cg"),
+    ("bad-solver", "--solver must be one of lissa, cg, ekfac, kfac, identity"),
     ("label-count", "--label given 1 times for 2 --text inputs"),
 ])
 def test_errors_are_one_line_without_traceback(runs, name, message):
@@ -163,6 +164,50 @@ def invoke(files, *extra: str):
 def test_more_errors_in_process(files, extra, message):
     result = invoke(files, "--text", TEXTS[0], *extra)
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert_one_line_error(result.exit_code, result.stdout, result.stderr, message)
+
+
+def test_default_solver_is_ekfac_on_the_gauss_newton_matrix(files, engine):
+    """Without solver flags: EK-FAC at λ = 0.1 × the mean eigenvalue, the same scores as the engine in process."""
+    from typer.testing import CliRunner
+
+    from fastif.config import SolverConfig
+    from fastif_cli.main import app
+
+    _, model, train = files
+    with single_thread():
+        result = CliRunner().invoke(app, ["analyze", "--model", str(model), "--train", str(train), "--device", "cpu",
+                                          "--text", TEXTS[0], "--k", "0", "--json"])
+        assert result.exit_code == 0, result.output
+        item = json.loads(result.stdout)["inputs"][0]
+        assert item["diagnostics"]["solver"] == "ekfac" and item["diagnostics"]["curvature"] == "gauss-newton"
+        assert item["diagnostics"]["damping"] == pytest.approx(0.1 * engine.spectrum("gauss-newton").mean, rel=1e-6)
+        _, influences = engine.analyze([Query(TEXTS[0])], k=0, solver=SolverConfig())
+    cli = np.array([s["score"] for s in sorted(item["scores"], key=lambda s: s["train_index"])])
+    np.testing.assert_allclose(cli, influences[0].scores[np.argsort(influences[0].indices)], rtol=1e-5,
+                               atol=1e-7 * np.abs(cli).max())
+
+
+def test_a_solver_that_did_not_converge_says_so_on_stderr(files):
+    result = invoke(files, "--text", TEXTS[0], "--k", "5", "--depth", "3", "--json")
+    assert result.exit_code == 0, result.output
+    assert "did not converge" in result.stderr and "solver lissa" in result.stderr
+    assert json.loads(result.stdout)["inputs"][0]["diagnostics"]["converged"] is False
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--solver", "ekfac", "--curvature", "hessian"), "Gauss-Newton"),
+    (("--curvature", "fisher"), "--curvature must be one of gauss-newton, hessian"),
+])
+def test_bad_curvature_choices(files, extra, message):
+    from typer.testing import CliRunner
+
+    from fastif_cli.main import app
+
+    _, model, train = files
+    with single_thread():
+        result = CliRunner().invoke(app, ["analyze", "--model", str(model), "--train", str(train), "--device", "cpu",
+                                          "--text", TEXTS[0], *extra])
     assert_one_line_error(result.exit_code, result.stdout, result.stderr, message)
 
 
