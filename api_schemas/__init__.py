@@ -22,6 +22,16 @@ from .influence import CGSettings, InfluenceInput, InfluenceRequest, LissaConfig
 from .jobs import TERMINAL_STATUSES, Job, JobList, JobStatus, Progress
 from .models import IndexSettings, InfluenceSettings, Model, ModelCreate, ModelList, ModelStatus, TrainData
 from .problems import FieldError, Problem
+from .quality import (
+    ConfigurationQuality,
+    KnnRecall,
+    NamedSolverSettings,
+    QualityJobRequest,
+    QualityReport,
+    QualityRequest,
+    QualitySizes,
+    RetrainSettings,
+)
 from .results import Diagnostics, Influential, Prediction, ResultItem, ResultsPage
 
 __all__ = [
@@ -62,6 +72,14 @@ __all__ = [
     "Prediction",
     "Problem",
     "Progress",
+    "ConfigurationQuality",
+    "KnnRecall",
+    "NamedSolverSettings",
+    "QualityJobRequest",
+    "QualityReport",
+    "QualityRequest",
+    "QualitySizes",
+    "RetrainSettings",
     "ResultItem",
     "ResultsPage",
     "TERMINAL_STATUSES",

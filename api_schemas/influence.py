@@ -67,7 +67,9 @@ class SolverSettings(RequestModel):
     the Hessian. `damping`: an absolute λ; null means `damping_ratio` × the curvature's
     mean eigenvalue, measured when the model was built (on the model record). FastIF's
     published configuration: `{"solver": "lissa", "curvature": "hessian",
-    "lissa": {"damp": 0.005, "scale": 10000, "depth": 1000, "batch_size": 1}}`.
+    "lissa": {"damp": 0.005, "scale": 10000, "depth": 1000, "batch_size": 1}}`; a
+    request that gives `lissa.damp` and `lissa.scale` but no `solver` means exactly that
+    (LiSSA on the Hessian unless `curvature` says otherwise), as before solvers were selectable.
     """
 
     solver: SolverName = Field(DEFAULT_SOLVER, description=(
@@ -82,6 +84,12 @@ class SolverSettings(RequestModel):
 
     @model_validator(mode="after")
     def _consistent_solver(self) -> SolverSettings:
+        # A request that gives LiSSA's damp and scale and no solver is what it meant before
+        # solvers were selectable: FastIF's LiSSA on the Hessian at exactly those knobs.
+        if self.lissa.absolute and "solver" not in self.model_fields_set:
+            self.solver = "lissa"
+            if "curvature" not in self.model_fields_set:
+                self.curvature = "hessian"
         if self.solver in ("ekfac", "kfac") and self.curvature != "gauss-newton":
             raise ValueError(f"solver {self.solver} approximates the Gauss-Newton matrix: use curvature 'gauss-newton'")
         if self.lissa.absolute and self.damping is not None:

@@ -83,22 +83,29 @@ class LdsConfig:
     num_subsets: int
     fraction: float
     retrain: RetrainConfig
-    slow_inputs: int  # inputs scored by the slow configurations (LiSSA at FastIF's depth, CG)
+    slow_inputs: int  # inputs scored by LiSSA at FastIF's depth
+    cg_inputs: int  # inputs scored by CG (each iteration is a curvature product over all N examples per input)
     lissa_depth: int  # FastIF's paper configuration: depth J (1000 in the paper)
     sweep_ratios: tuple[float, ...]  # damping_ratio values of the EK-FAC sweep
     cg_sweep_ratios: tuple[float, ...]
     cg_max_iter: int = 200
     kronfluence: bool = True
     seed: int = 0
+    # How much the ranking depends on the retraining: other retrainings of the first subsets, scored by
+    # the configurations that score every input.
+    sensitivity: tuple[RetrainConfig, ...] = ()
+    sensitivity_subsets: int = 24
 
 
 # Retraining: see RetrainConfig's defaults in fastif/quality.py and "the retraining" in lds.md.
 DEFAULT = LdsConfig(num_train=2000, num_inputs=48, num_subsets=48, fraction=0.5, retrain=RetrainConfig(),
-                    slow_inputs=8, lissa_depth=1000, sweep_ratios=(0.001, 0.01, 0.03, 0.1, 0.3, 1.0),
-                    cg_sweep_ratios=(0.01, 1.0))
+                    slow_inputs=8, cg_inputs=4, lissa_depth=1000, sweep_ratios=(0.001, 0.01, 0.03, 0.1, 0.3, 1.0),
+                    cg_sweep_ratios=(1.0,), cg_max_iter=50,
+                    sensitivity=(RetrainConfig(lr=1e-5, batch_size=32), RetrainConfig(epochs=10)), sensitivity_subsets=24)
 QUICK = LdsConfig(num_train=240, num_inputs=12, num_subsets=16, fraction=0.5,
-                  retrain=RetrainConfig(epochs=3, batch_size=16, lr=1e-3), slow_inputs=4, lissa_depth=60,
-                  sweep_ratios=(0.01, 1.0), cg_sweep_ratios=(1.0,), cg_max_iter=50)
+                  retrain=RetrainConfig(epochs=3, batch_size=16, lr=1e-3), slow_inputs=4, cg_inputs=4, lissa_depth=60,
+                  sweep_ratios=(0.01, 1.0), cg_sweep_ratios=(1.0,), cg_max_iter=50,
+                  sensitivity=(RetrainConfig(epochs=3, batch_size=16, lr=3e-4),), sensitivity_subsets=8)
 
 
 def entries(config: LdsConfig) -> list[Entry]:
@@ -113,7 +120,8 @@ def entries(config: LdsConfig) -> list[Entry]:
         Entry("lds_lissa_gauss_newton", f"LiSSA on Gauss-Newton, relative damping (ratio 0.1), depth {config.lissa_depth}, B 1",
               SolverConfig(solver="lissa", curvature="gauss-newton",
                            lissa=replace(SolverConfig().lissa, depth=config.lissa_depth, batch_size=1)), inputs=slow),
-        Entry("lds_cg_gauss_newton", "CG on Gauss-Newton, λ = 0.1 × mean eigenvalue", SolverConfig(**cg), inputs=slow),
+        Entry("lds_cg_gauss_newton", f"CG on Gauss-Newton, λ = 0.1 × mean eigenvalue, at most {config.cg_max_iter} iterations",
+              SolverConfig(**cg), inputs=config.cg_inputs),
         Entry("lds_ekfac", "EK-FAC (Gauss-Newton), λ = 0.1 × mean eigenvalue", SolverConfig(solver="ekfac")),
         Entry("lds_kfac", "K-FAC (Gauss-Newton), λ = 0.1 × mean eigenvalue", SolverConfig(solver="kfac")),
         Entry("lds_graddot", "identity: a plain gradient dot product", SolverConfig(solver="identity")),
@@ -122,8 +130,8 @@ def entries(config: LdsConfig) -> list[Entry]:
         rows.append(Entry(f"sweep_ekfac_{ratio:g}", f"EK-FAC, damping_ratio {ratio:g}",
                           SolverConfig(solver="ekfac", damping_ratio=ratio), group="sweep"))
     for ratio in config.cg_sweep_ratios:
-        rows.append(Entry(f"sweep_cg_{ratio:g}", f"CG (Gauss-Newton), damping_ratio {ratio:g}",
-                          SolverConfig(**cg, damping_ratio=ratio), inputs=slow, group="sweep"))
+        rows.append(Entry(f"sweep_cg_{ratio:g}", f"CG (Gauss-Newton), damping_ratio {ratio:g}, at most {config.cg_max_iter} iterations",
+                          SolverConfig(**cg, damping_ratio=ratio), inputs=config.cg_inputs, group="sweep"))
     return rows
 
 
@@ -166,12 +174,12 @@ def fit_seconds(engine: InfluenceEngine, solver: Any, fitted: dict[str, float]) 
     """
     needs = []
     if isinstance(solver, SolverConfig):
-        if solver.damping is None and solver.solver != "identity" and hasattr(engine, "spectrum"):
+        # As fastif/curvature/solvers.py's solver_for: a relative λ (and LiSSA's derived knobs) need the spectrum.
+        relative = solver.damping is None and not solver.lissa_absolute
+        if (relative or (solver.solver == "lissa" and not solver.lissa_absolute)) and hasattr(engine, "spectrum"):
             needs.append(f"spectrum:{solver.curvature}")
         if solver.solver in ("ekfac", "kfac") and hasattr(engine, "factors"):
             needs.append("factors")
-        if solver.solver == "identity" and solver.damping is None and hasattr(engine, "spectrum"):
-            needs.append(f"spectrum:{solver.curvature}")
     total = 0.0
     for need in needs:
         if need not in fitted:
@@ -478,6 +486,21 @@ def run(setup, out: Path, config: LdsConfig | None = None) -> dict:
             if "skipped" in kron:
                 log(f"[yellow]Kronfluence skipped[/]: {kron['skipped']}")
 
+        sensitivity = []
+        full = [(r["key"], computed_scores) for r in rows if r["inputs"] == len(queries)
+                for computed_scores in [_scores_of(r["key"], rows, computed, kron, entries(config), len(queries))]
+                if computed_scores is not None]
+        count = min(config.sensitivity_subsets, len(subsets))
+        for other in config.sensitivity:
+            other_losses, _, other_info = cached_losses(engine, folder, subsets[:count], queries, other, progress)
+            other_noise = lds(np.zeros((len(queries), engine.num_train)), subsets[:count], other_losses).retraining_noise
+            sensitivity.append({"retrain": asdict(other), "subsets": count, "noise": other_noise,
+                                "seconds_per_retraining": other_info["seconds_per_retraining"],
+                                "std_over_subsets": float(other_losses.mean(axis=1).std(axis=0).mean()),
+                                "lds": {key: lds(scores, subsets[:count], other_losses).mean for key, scores in full},
+                                "lds_default_retraining_same_subsets": {
+                                    key: lds(scores, subsets[:count], losses[:count]).mean for key, scores in full}})
+
     by_key = {r["key"]: r for r in rows}
     headline: dict[str, Any] = {}
     for key in ("lds_default", "lds_fastif_paper_config", "lds_graddot", "lds_kronfluence_ekfac"):
@@ -495,11 +518,24 @@ def run(setup, out: Path, config: LdsConfig | None = None) -> dict:
 
     data = {"config": {**{k: v for k, v in asdict(config).items() if k != "retrain"}, "num_train": engine.num_train,
                        "num_inputs": len(queries)},
-            "retraining": retraining, "results": rows, "failed": failed,
+            "retraining": retraining, "results": rows, "failed": failed, "sensitivity": sensitivity,
             "kronfluence": {k: v for k, v in kron.items() if k not in ("ekfac", "kfac")},
             "fitted_seconds": fitted, "forgotten_artefacts": forgotten, "suite_seconds": clock.seconds}
     write_results(out, "lds", headline, data, _markdown(setup, config, headline, data))
     return headline
+
+
+def _scores_of(key: str, rows: list[dict], computed: dict, kron: dict, table_entries: list[Entry],
+               count: int) -> np.ndarray | None:
+    """The score matrix behind result ``key`` (an entry of the table, or Kronfluence's)."""
+    if key.startswith("lds_kronfluence_"):
+        part = kron.get(key.rsplit("_", 1)[1])
+        return None if part is None else part["scores"]
+    entry = next((e for e in table_entries if e.key == key), None)
+    if entry is None:
+        return None
+    found = computed.get(f"{_identity(entry.solver)}|{min(entry.inputs or count, count)}")
+    return None if found is None else found[0]
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -563,8 +599,9 @@ own reproducibility (the Spearman between two shuffling seeds) is roughly the ce
     f"- training set: the first {data['config']['num_train']} examples of the bench's packed set; "
     f"{data['config']['num_inputs']} test inputs (gold labels) from the packed dev rows",
     f"- subsets: {config.num_subsets} of {config.fraction:g} × N examples each, seed {config.seed}; the same for every configuration",
-    f"- scores: `engine.analyze(k=None, solver=…)` over all N examples; slow configurations score the first "
-    f"{config.slow_inputs} inputs only (their row says how many, next to the default's LDS on the same inputs)",
+    f"- scores: `engine.analyze(k=None, solver=…)` over all N examples; slow configurations score the first inputs "
+    f"only ({config.slow_inputs} for LiSSA, {config.cg_inputs} for CG: their row says how many, next to the default's "
+    "LDS on the same inputs)",
     f"- fitted once per model and timed here: {fitted} (a configuration's fit column counts what it needs)",
 ])}
 
@@ -587,9 +624,34 @@ cached frozen-prefix activations, minimising the engine's own objective: {r['opt
 
 {kron_note}{failed}
 
+## How much depends on the retraining
+
+{_sensitivity_markdown(data["sensitivity"], retraining)}
+
 ## Damping sweep
 
 The best default is the one that measures best; λ is `damping_ratio` × the curvature's mean eigenvalue.
 
 {table(headers, [line(r) for r in sweep]) if sweep else 'No sweep in this configuration.'}
 """
+
+
+def _sensitivity_markdown(sensitivity: list[dict], retraining: dict) -> str:
+    if not sensitivity:
+        return "Not measured in this configuration."
+
+    def name(r: dict) -> str:
+        batch = "full batch" if r["batch_size"] is None else f"batch {r['batch_size']}"
+        return f"{r['optimizer']} lr {r['lr']:g}, {r['epochs']} ep, {batch}, {r['schedule']}"
+
+    keys = list(sensitivity[0]["lds"])
+    headers = ["retraining", "s each", "noise", "spread", *[f"`{k}`" for k in keys]]
+    lines = [[f"{name(retraining)} (the one above)", retraining["seconds_per_retraining"], retraining["noise"], "–",
+              *[sensitivity[0]["lds_default_retraining_same_subsets"][k] for k in keys]]]
+    for s in sensitivity:
+        lines.append([name(s["retrain"]), s["seconds_per_retraining"], s["noise"], s["std_over_subsets"],
+                      *[s["lds"][k] for k in keys]])
+    return (f"The same scores against other retrainings of the first {sensitivity[0]['subsets']} subsets (noise: the "
+            "seeds' agreement; spread: the loss's standard deviation over subsets, mean over inputs). Absolute LDS "
+            "values depend on how far the retraining goes; compare configurations within a row.\n\n"
+            + table(headers, lines))

@@ -28,6 +28,11 @@ def run(**opts) -> None:
         _fail(f"--text-pair given {len(pairs)} times for {len(texts)} --text inputs")
     if labels and len(labels) != len(texts):
         _fail(f"--label given {len(labels)} times for {len(texts)} --text inputs")
+    # --damp and --scale without --solver: FastIF's LiSSA on the Hessian, as before solvers were selectable
+    # (the API's rule for a request that gives lissa.damp and lissa.scale alone).
+    fastif_style = opts["solver"] is None and opts["damp"] is not None
+    opts["solver"] = opts["solver"] or ("lissa" if fastif_style else "ekfac")
+    opts["curvature"] = opts["curvature"] or ("hessian" if fastif_style else "gauss-newton")
     if opts["solver"] not in SOLVERS:
         _fail(f"--solver must be one of {', '.join(SOLVERS)}, not {opts['solver']!r}")
     if opts["curvature"] not in CURVATURES:

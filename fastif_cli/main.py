@@ -36,8 +36,10 @@ def analyze(
     k: Annotated[int, typer.Option(help="kNN candidates; 0 scores every training example")] = 1000,
     index_space: Annotated[str, typer.Option(help="kNN space: gradient (output-layer gradients) or feature (FastIF's)")] = "gradient",
     top: Annotated[int, typer.Option(help="helpful and harmful examples to show")] = 10,
-    solver: Annotated[str, typer.Option(help="ekfac (default), kfac, lissa, cg or identity (gradient dot product)")] = "ekfac",
-    curvature: Annotated[str, typer.Option(help="gauss-newton (default) or hessian")] = "gauss-newton",
+    solver: Annotated[Optional[str], typer.Option(help="ekfac (default), kfac, lissa, cg or identity (gradient dot product); "
+                                                  "--damp and --scale alone mean lissa")] = None,
+    curvature: Annotated[Optional[str], typer.Option(help="gauss-newton (default) or hessian (the default of "
+                                                     "--damp/--scale without --solver, as FastIF)")] = None,
     damping: Annotated[Optional[float], typer.Option(help="absolute λ; default: --damping-ratio × the mean eigenvalue")] = None,
     damping_ratio: Annotated[float, typer.Option(help="λ relative to the curvature's mean eigenvalue")] = 0.1,
     damp: Annotated[Optional[float], typer.Option(help="LiSSA damp, with --scale: used exactly (FastIF: 0.005)")] = None,

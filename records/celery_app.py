@@ -20,6 +20,7 @@ EXPLAIN = "fastif.explain"  # (job_id)
 GRAPH = "fastif.graph"  # (job_id)
 CORRECT = "fastif.correct"  # (job_id)
 SELF_INFLUENCE = "fastif.self_influence"  # (job_id)
+QUALITY = "fastif.quality"  # (job_id)
 
 
 def make_celery(settings: Settings) -> Celery:

@@ -150,3 +150,37 @@ def test_diverging_lissa_fails_the_job_with_the_knob_to_turn(live_stack, model):
 def test_job_list_shows_recent_jobs(live_stack, model):  # noqa: F811
     listing = live_stack.client.get("/v1/jobs", params={"status": "succeeded", "limit": 5}).json()
     assert listing["items"] and all(j["status"] == "succeeded" for j in listing["items"])
+
+
+def test_the_build_measured_the_curvature_and_the_default_is_ekfac(live_stack, model):  # noqa: F811
+    """The record shows the spectrum the build measured; a default job is EK-FAC at λ = 0.1 × its mean eigenvalue,
+    with the factors the build fitted, and equals ``fastif analyze`` with its defaults (which fits its own)."""
+    curvature = model["curvature"]
+    spectrum = curvature["spectra"]["gauss-newton"]
+    assert spectrum["largest"] > spectrum["mean"] > 0 and spectrum["examples"] == 60
+    assert curvature["ekfac_examples"] == 60 and curvature["ekfac_uncovered"] == []
+    text = "a warm and lovely story"
+    job = live_stack.wait_job(live_stack.submit({"model_id": model["id"], "inputs": [{"text": text}], "k": 20,
+                                                 "top": 5})["id"])
+    assert job["status"] == "succeeded", job["error"]
+    item = live_stack.results(job["id"])[0]
+    diagnostics = item["diagnostics"]
+    assert diagnostics["solver"] == "ekfac" and diagnostics["curvature"] == "gauss-newton" and diagnostics["converged"]
+    assert diagnostics["damping"] == pytest.approx(0.1 * spectrum["mean"], rel=1e-6)
+    argv = [sys.executable, "-m", "fastif_cli.main", "analyze", "--model", str(live_stack.data_root / "model"),
+            "--train", str(live_stack.data_root / "train.jsonl"), "--k", "20", "--top", "5", "--json", "--text", text]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert_same_influence(item, json.loads(done.stdout)["inputs"][0])
+
+
+def test_every_solver_answers_and_names_itself(live_stack, model):  # noqa: F811
+    for solver in ("kfac", "cg", "identity", "lissa"):
+        body = {"model_id": model["id"], "inputs": [{"text": "quite dull film"}], "k": 10, "top": 3, "solver": solver,
+                "lissa": {"depth": 20, "batch_size": 2}, "cg": {"max_iter": 50}}
+        job = live_stack.wait_job(live_stack.submit(body)["id"])
+        assert job["status"] == "succeeded", (solver, job["error"])
+        diagnostics = live_stack.results(job["id"])[0]["diagnostics"]
+        assert diagnostics["solver"] == solver and isinstance(diagnostics["converged"], bool)
+        if solver == "cg":
+            assert diagnostics["relative_residual"] is not None and diagnostics["iterations"] >= 1

@@ -251,7 +251,10 @@ def test_influence_job_is_queued_then_cancelled(client: TestClient, redis_client
     [message] = queued_messages(redis_client, "accel")
     assert message["headers"]["task"] == "fastif.influence"
     assert json.loads(base64.b64decode(message["body"]))[0] == [job["id"]]
-    assert JobStore(redis_client).request(job["id"])["lissa"]["damp"] == 0.005
+    # The stored request has the defaults filled in: EK-FAC on the Gauss-Newton matrix, λ relative to its spectrum.
+    stored = JobStore(redis_client).request(job["id"])
+    assert (stored["solver"], stored["curvature"], stored["damping"], stored["damping_ratio"]) == ("ekfac", "gauss-newton", None, 0.1)
+    assert stored["lissa"]["damp"] is None and stored["lissa"]["scale"] is None
 
     assert_problem(client.get(f"/v1/jobs/{job['id']}/results"), 409, "job-not-finished")
     cancelled = client.post(f"/v1/jobs/{job['id']}/cancel")

@@ -14,11 +14,11 @@ import threading
 import redis
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
-from records.celery_app import BUILD_MODEL, CORRECT, EXPLAIN, GRAPH, INFLUENCE, SELF_INFLUENCE, make_celery
+from records.celery_app import BUILD_MODEL, CORRECT, EXPLAIN, GRAPH, INFLUENCE, QUALITY, SELF_INFLUENCE, make_celery
 from records.heartbeat import beat
 from records.settings import get_settings
 
-from . import applications, parallel
+from . import applications, parallel, quality
 from .build import run_build
 from .context import context
 from .influence import run_influence
@@ -82,6 +82,11 @@ def correct(job_id: str) -> str:
 @celery_app.task(name=SELF_INFLUENCE, **_RETRY)
 def self_influence(job_id: str) -> str:
     return run_job(job_id, applications.run_self_influence)
+
+
+@celery_app.task(name=QUALITY, **_RETRY)
+def model_quality(job_id: str) -> str:
+    return run_job(job_id, quality.run_quality)
 
 
 class Heartbeat:

@@ -3,7 +3,7 @@
 from fastapi import APIRouter
 
 from .deps import Authenticated
-from .routes import applications, health, influence, jobs, models
+from .routes import applications, health, influence, jobs, models, quality
 
 # Everything under /v1 needs an API key when keys are configured.
 api_router = APIRouter(dependencies=[Authenticated])
@@ -11,5 +11,6 @@ api_router.include_router(models.router)
 api_router.include_router(influence.router)
 api_router.include_router(jobs.router)
 api_router.include_router(applications.router)
+api_router.include_router(quality.router)
 
 __all__ = ["api_router", "health"]
