@@ -57,7 +57,10 @@ class CGSettings(RequestModel):
 SolverName = Literal["lissa", "cg", "ekfac", "kfac", "identity"]
 CurvatureName = Literal["gauss-newton", "hessian"]
 DEFAULT_SOLVER: SolverName = "ekfac"
-DEFAULT_DAMPING_RATIO = 0.1
+# The engine's defaults (fastif.config.DEFAULT_DAMPING_RATIO; a test checks that they agree), measured by
+# `fastif bench lds`: λ of each EK-FAC / K-FAC block 10 × its mean eigenvalue; for the other solvers 0.1 × the
+# whole curvature's mean eigenvalue.
+DEFAULT_DAMPING_RATIO: dict[str, float] = {"block": 10.0, "curvature": 0.1}
 
 
 class SolverSettings(RequestModel):
@@ -78,24 +81,35 @@ class SolverSettings(RequestModel):
         "whole training set; identity: no curvature, a plain gradient dot product over λ"))
     curvature: CurvatureName = "gauss-newton"
     damping: Annotated[FiniteFloat, Field(ge=0)] | None = None
-    damping_ratio: Annotated[FiniteFloat, Field(gt=0, le=1e6)] = DEFAULT_DAMPING_RATIO
+    damping_ratio: Annotated[FiniteFloat, Field(gt=0, le=1e6)] | None = Field(None, description=(
+        "λ relative to the mean eigenvalue that damping_scope names; null: 10 for scope block, 0.1 for curvature"))
+    damping_scope: Literal["curvature", "block"] | None = Field(None, description=(
+        "what damping_ratio multiplies: each parameter block's own mean eigenvalue (ekfac and kfac; their default) "
+        "or the whole curvature's (the other solvers' default)"))
     lissa: LissaConfig = Field(default_factory=LissaConfig)
     cg: CGSettings = Field(default_factory=CGSettings)
 
     @model_validator(mode="after")
     def _consistent_solver(self) -> SolverSettings:
-        # A request that gives LiSSA's damp and scale and no solver is what it meant before
-        # solvers were selectable: FastIF's LiSSA on the Hessian at exactly those knobs.
-        if self.lissa.absolute and "solver" not in self.model_fields_set:
-            self.solver = "lissa"
-            if "curvature" not in self.model_fields_set:
+        # LiSSA's damp and scale are what a request meant before solvers were selectable:
+        # λ = damp · scale for whichever solver it names (cg and identity used that λ too),
+        # FastIF's LiSSA when it names none, and the Hessian when it names no curvature.
+        if self.lissa.absolute:
+            if self.damping is not None:
+                raise ValueError("give either 'damping' or lissa.damp and lissa.scale (whose product is λ), not both")
+            if "solver" not in self.model_fields_set:
+                self.solver = "lissa"
+            if "curvature" not in self.model_fields_set and self.solver in ("lissa", "cg"):
                 self.curvature = "hessian"
         if self.solver in ("ekfac", "kfac") and self.curvature != "gauss-newton":
             raise ValueError(f"solver {self.solver} approximates the Gauss-Newton matrix: use curvature 'gauss-newton'")
-        if self.lissa.absolute and self.damping is not None:
-            raise ValueError("give either 'damping' or lissa.damp and lissa.scale (whose product is λ), not both")
-        if self.lissa.absolute and self.solver != "lissa":
-            raise ValueError("lissa.damp and lissa.scale apply to solver 'lissa'; for other solvers give 'damping'")
+        if self.damping_scope == "block" and self.solver not in ("ekfac", "kfac"):
+            raise ValueError("damping_scope 'block' needs the blocks of solver ekfac or kfac")
+        # Defaults resolved here, so that the stored request says what ran.
+        if self.damping_scope is None:
+            self.damping_scope = "block" if self.solver in ("ekfac", "kfac") else "curvature"
+        if self.damping_ratio is None:
+            self.damping_ratio = DEFAULT_DAMPING_RATIO[self.damping_scope]
         return self
 
 

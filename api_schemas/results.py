@@ -38,8 +38,12 @@ class Diagnostics(ResponseModel):
     curvature: str | None = None
     converged: bool | None = None
     iterations: int | None = None
-    damping: FiniteFloat | None = None
+    damping: FiniteFloat | None = None  # λ (per-block λ: their mean over the parameters)
+    damping_scope: str | None = None  # when λ was relative: to the whole curvature or to each block
+    damping_ratio: FiniteFloat | None = None
     relative_residual: FiniteFloat | None = None
+    lissa_scale: FiniteFloat | None = None  # LiSSA's scale: as given, or derived (and raised 10× per restart)
+    lissa_retries: int | None = None
     lissa_converged: bool
     s_test_norm: FiniteFloat
     cached: bool

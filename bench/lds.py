@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +28,7 @@ import torch
 
 from fastif import IndexConfig, InfluenceEngine, Query
 from fastif.config import SolverConfig
-from fastif.quality import (LDSResult, RetrainConfig, eval_set, influence_scores, lds, random_subsets,
-                            retrained_test_losses)
+from fastif.quality import LDSResult, RetrainConfig, eval_set, lds, random_subsets, retrained_test_losses
 
 from .common import Clock, bars, engine_progress, fmt, headline_block, log, setup_block, table, write_results
 from .data import read_rows, tsv_spec, write_tsv
@@ -357,7 +355,9 @@ def kronfluence_scores(engine: InfluenceEngine, queries: list[Query], folder: Pa
             return tracked
 
         def get_attention_mask(self, batch):
-            return None  # every input has its own length in the mask; padded positions carry zero activations
+            # None: every token counts. The bench's inputs are packed to exactly max_length tokens, so nothing is
+            # padded; elsewhere padded positions would add their (zero-activation) bias column to the K/V factors.
+            return None
 
     train_set = Examples(hidden, batch.attention_mask, batch.labels)
     query_set = Examples(*test_batch)

@@ -674,6 +674,8 @@ class InfluenceEngine:
         found = [cache.get("s_test", {**key, **solver_key}) if cache else None for key in plan.keys]
         missing = [i for i, s in enumerate(found) if s is None]
         diagnostics = {"solver": config.solver, "curvature": config.curvature, "converged": True}
+        if config.damping is None:
+            diagnostics.update(damping_scope=config.damping_scope, damping_ratio=config.damping_ratio)
         if missing:
             solution = self.solve(plan.vectors[missing], config, on_progress)
             diagnostics.update(solution.diagnostics(), curvature=config.curvature)

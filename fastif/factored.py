@@ -40,12 +40,18 @@ fastif/curvature/kfac.py are the covariances of the two sides.
 
 @dataclass(frozen=True)
 class Use:
-    """One use of a parameter in a forward: its output, how to contract its gradient, and its factor pairs."""
+    """One use of a parameter in a forward: its output, how to contract its gradient, and its factor pairs.
+
+    ``joins``: for a bias whose per-example gradient is Σ_t left_t of that weight's pairs (a
+    Linear's bias; the folded value bias), the weight; the Kronecker factors then treat the
+    bias as one more input column of the weight, whose input is always 1, as Kronfluence does.
+    """
 
     param: nn.Parameter
     output: torch.Tensor
     contract: Contraction
     pairs: Pairs | None = None
+    joins: nn.Parameter | None = None
 
 
 class Tape:
@@ -54,8 +60,9 @@ class Tape:
     def __init__(self) -> None:
         self.uses: list[Use] = []
 
-    def __call__(self, param: nn.Parameter, output: torch.Tensor, contract: Contraction, pairs: Pairs | None = None) -> None:
-        self.uses.append(Use(param, output, contract, pairs))
+    def __call__(self, param: nn.Parameter, output: torch.Tensor, contract: Contraction, pairs: Pairs | None = None,
+                 joins: nn.Parameter | None = None) -> None:
+        self.uses.append(Use(param, output, contract, pairs, joins))
 
 
 def _summed_over_tokens(picked: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -72,7 +79,7 @@ def _record_linear(tape: Tape, module: nn.Linear, x: torch.Tensor, output: torch
     tape(module.weight, output, lambda s, grad, rows: ((x[rows] @ s.T) * grad[rows]).reshape(len(rows), -1).sum(1),
          lambda grad, rows: (grad[rows].reshape(len(rows), -1, grad.shape[-1]), x[rows].reshape(len(rows), -1, x.shape[-1])))
     if module.bias is not None:
-        tape(module.bias, output, bias_contraction)
+        tape(module.bias, output, bias_contraction, joins=module.weight)
 
 
 def _record_layer_norm(tape: Tape, module: nn.LayerNorm, x: torch.Tensor, output: torch.Tensor) -> None:

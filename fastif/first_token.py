@@ -81,8 +81,8 @@ def bert_style_first_token(block: nn.Module, hidden: torch.Tensor, attention_mas
         tape(attn.value.weight, per_head, lambda s, grad, rows: torch.einsum(
             "hbw,hsw,hbs->b", mixed_[:, rows], s.view(heads, head_size, width), grad[:, rows]),
             lambda grad, rows: (head_rows(grad, rows), mixed_[:, rows].transpose(0, 1)))
-        if attn.value.bias is not None:
-            tape(attn.value.bias, context, bias_contraction)
+        if attn.value.bias is not None:  # Σ_t p_h,t = 1: the bias of the value projection of p_h X
+            tape(attn.value.bias, context, bias_contraction, joins=attn.value.weight)
     out = block.attention.output
     attended = out.LayerNorm(out.dense(context) + first)
     return block.output.LayerNorm(block.output.dense(block.intermediate(attended)) + attended)

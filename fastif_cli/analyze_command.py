@@ -33,6 +33,8 @@ def run(**opts) -> None:
     fastif_style = opts["solver"] is None and opts["damp"] is not None
     opts["solver"] = opts["solver"] or ("lissa" if fastif_style else "ekfac")
     opts["curvature"] = opts["curvature"] or ("hessian" if fastif_style else "gauss-newton")
+    if opts["damping_scope"] not in (None, "curvature", "block"):
+        _fail(f"--damping-scope must be curvature or block, not {opts['damping_scope']!r}")
     if opts["solver"] not in SOLVERS:
         _fail(f"--solver must be one of {', '.join(SOLVERS)}, not {opts['solver']!r}")
     if opts["curvature"] not in CURVATURES:
@@ -53,6 +55,7 @@ def run(**opts) -> None:
                             depth=opts["depth"], batch_size=opts["batch_size"], repeats=opts["repeats"], seed=opts["seed"])
         solver = SolverConfig(solver=opts["solver"], curvature=opts["curvature"],
                               damping=lissa.damping if absolute else opts["damping"], damping_ratio=opts["damping_ratio"],
+                              damping_scope=opts["damping_scope"],
                               lissa=lissa, lissa_absolute=absolute)
         spec = InfluenceSpec(params=tuple(opts["params"]) if opts["params"] else "auto",
                              weight_decay=opts["weight_decay"], max_length=opts["max_length"])

@@ -41,7 +41,9 @@ def analyze(
     curvature: Annotated[Optional[str], typer.Option(help="gauss-newton (default) or hessian (the default of "
                                                      "--damp/--scale without --solver, as FastIF)")] = None,
     damping: Annotated[Optional[float], typer.Option(help="absolute λ; default: --damping-ratio × the mean eigenvalue")] = None,
-    damping_ratio: Annotated[float, typer.Option(help="λ relative to the curvature's mean eigenvalue")] = 0.1,
+    damping_ratio: Annotated[Optional[float], typer.Option(help="λ relative to the mean eigenvalue (default: the service's)")] = None,
+    damping_scope: Annotated[Optional[str], typer.Option(help="curvature: the whole curvature's mean eigenvalue; block "
+                                                         "(ekfac, kfac): each block's own")] = None,
     damp: Annotated[Optional[float], typer.Option(help="LiSSA damp, with --scale: used exactly (FastIF: 0.005)")] = None,
     scale: Annotated[Optional[float], typer.Option(help="LiSSA scale, with --damp (FastIF: 1e4)")] = None,
     depth: Annotated[int, typer.Option(help="LiSSA steps J")] = 1000,

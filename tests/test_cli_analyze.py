@@ -168,7 +168,7 @@ def test_more_errors_in_process(files, extra, message):
 
 
 def test_default_solver_is_ekfac_on_the_gauss_newton_matrix(files, engine):
-    """Without solver flags: EK-FAC at λ = 0.1 × the mean eigenvalue, the same scores as the engine in process."""
+    """Without solver flags: EK-FAC, each block's λ 10 × its mean eigenvalue, the same scores as the engine in process."""
     from typer.testing import CliRunner
 
     from fastif.config import SolverConfig
@@ -181,7 +181,10 @@ def test_default_solver_is_ekfac_on_the_gauss_newton_matrix(files, engine):
         assert result.exit_code == 0, result.output
         item = json.loads(result.stdout)["inputs"][0]
         assert item["diagnostics"]["solver"] == "ekfac" and item["diagnostics"]["curvature"] == "gauss-newton"
-        assert item["diagnostics"]["damping"] == pytest.approx(0.1 * engine.spectrum("gauss-newton").mean, rel=1e-6)
+        assert (item["diagnostics"]["damping_scope"], item["diagnostics"]["damping_ratio"]) == ("block", 10.0)
+        # the per-block λ's mean over the parameters is 10 × the fitted trace over the parameters
+        factors = engine.factors()
+        assert item["diagnostics"]["damping"] == pytest.approx(10.0 * factors.trace() / factors.num_params, rel=1e-4)
         _, influences = engine.analyze([Query(TEXTS[0])], k=0, solver=SolverConfig())
     cli = np.array([s["score"] for s in sorted(item["scores"], key=lambda s: s["train_index"])])
     np.testing.assert_allclose(cli, influences[0].scores[np.argsort(influences[0].indices)], rtol=1e-5,

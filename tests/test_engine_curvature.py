@@ -119,7 +119,8 @@ def test_relative_damping_is_a_multiple_of_the_mean_eigenvalue(top):
 
 
 def test_kfac_on_a_lone_head_equals_the_explicit_kronecker_inverse(files):
-    """With the classifier alone, K-FAC's weight block is (A ⊗ G + λI)⁻¹ with A, G formed here by hand."""
+    """With the classifier alone, K-FAC's block over [W | b] is (G ⊗ A + λI)⁻¹, with A over the inputs and a
+    constant 1 (the bias's input) and G = E_y[(p − e_y)(p − e_y)ᵀ], both formed here by hand."""
     engine = engine_of(files, params=("classifier",))
     ref = Reference(files[0], engine.names)
     rows = files[2]
@@ -128,24 +129,24 @@ def test_kfac_on_a_lone_head_equals_the_explicit_kronecker_inverse(files):
     for row in rows:
         inputs = ref.encode(row["text"])
         with torch.no_grad():
-            base = ref.model.bert(**inputs)
-            pooled = base.pooler_output[0]
-            features.append(pooled)
+            pooled = ref.model.bert(**inputs).pooler_output[0]
+            features.append(torch.cat([pooled, torch.ones(1, dtype=pooled.dtype)]))
             probs.append(torch.softmax(ref.model.classifier(pooled), dim=-1))
-    x, p = torch.stack(features), torch.stack(probs)  # [N, A], [N, C]
+    x, p = torch.stack(features), torch.stack(probs)  # [N, A + 1], [N, C]
     a = x.T @ x / len(rows)
-    g = sum(torch.diag(pi) - torch.outer(pi, pi) for pi in p) / len(rows)  # E_y[(p − e_y)(p − e_y)ᵀ]
-    bias_diag = torch.diagonal(g)  # the bias's exact Gauss-Newton diagonal
+    g = sum(torch.diag(pi) - torch.outer(pi, pi) for pi in p) / len(rows)
     vectors = torch.randn(2, engine.num_params, generator=torch.Generator().manual_seed(2))
     solution = engine.solve(vectors, SolverConfig(solver="kfac", damping=damping))
     classes, width = ref.params[0].shape
+    factors = engine.factors()
+    assert factors.kronecker[0].bias == 1 and not factors.diagonal  # the bias joined its weight's block
     for row in range(2):
         w = vectors[row, : classes * width].double().reshape(classes, width)
-        # vec over rows of W [C, A]: W ↦ G W A, i.e. the matrix kron(G, A) on the row-major vec
-        kron = torch.kron(g, a) + damping * torch.eye(classes * width, dtype=torch.float64)
-        expected_w = torch.linalg.solve(kron, w.reshape(-1))
-        expected_b = vectors[row, classes * width:].double() / (bias_diag + damping)
-        assert_close(solution.vectors[row], torch.cat([expected_w, expected_b]), rtol=1e-4)
+        joint = torch.cat([w, vectors[row, classes * width:].double().unsqueeze(1)], dim=1)  # [C, A + 1]
+        # vec over rows of [W | b]: V ↦ G V A, i.e. the matrix kron(G, A) on the row-major vec
+        kron = torch.kron(g, a) + damping * torch.eye(classes * (width + 1), dtype=torch.float64)
+        expected = torch.linalg.solve(kron, joint.reshape(-1)).reshape(classes, width + 1)
+        assert_close(solution.vectors[row], torch.cat([expected[:, :-1].reshape(-1), expected[:, -1]]), rtol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -183,24 +184,32 @@ def test_ekfac_ranks_like_the_explicit_ggn_inverse(standard):
 
 
 def test_ekfac_eigenvalues_are_the_exact_diagonal_in_its_basis(top):
-    """Per Kronecker block, Λ equals diag((Q_G ⊗ Q_A)ᵀ G_block (Q_G ⊗ Q_A)) of the explicit G; diagonal blocks equal diag(G)."""
+    """Per Kronecker block ([W | b] where the bias joined), Λ = diag((Q_G ⊗ Q_A)ᵀ G_block (Q_G ⊗ Q_A)) of the explicit
+    G; the diagonal blocks (LayerNorm, the key bias) equal diag(G)."""
     engine, ref, ggn = top
     factors = engine.factors()
     starts = np.cumsum([0, *engine.objective.sizes])
-    decay = engine.curvature.decay
+    decay = torch.cat([torch.full((size,), d, dtype=torch.float64) for size, d in zip(engine.objective.sizes, engine.curvature.decay)])
+    plain = ggn - torch.diag(decay)  # the factors hold G alone, without the L2 term
     floor = 1e-6 * float(torch.diagonal(ggn).max())  # the key bias's gradient is exactly 0 (softmax ignores it)
-    for position, name in enumerate(engine.names):
-        block = ggn[starts[position]:starts[position + 1], starts[position]:starts[position + 1]]
-        block = block - decay[position] * torch.eye(len(block), dtype=block.dtype)  # the factors hold G alone
-        if position in factors.kronecker:
-            fitted = factors.kronecker[position]
-            basis = torch.kron(fitted.q_g.double(), fitted.q_a.double())
-            np.testing.assert_allclose(fitted.corrected.reshape(-1).double().numpy(),
-                                       torch.diagonal(basis.T @ block @ basis).numpy(), rtol=1e-4, atol=floor)
-        else:
-            np.testing.assert_allclose(factors.diagonal[position].reshape(-1).double().numpy(),
-                                       torch.diagonal(block).numpy(), rtol=1e-4, atol=floor)
-    assert set(factors.kronecker) | set(factors.diagonal) == set(range(len(engine.names)))
+    for position, fitted in factors.kronecker.items():
+        out, width = engine.objective.shapes[position]
+        flat = torch.arange(starts[position], starts[position + 1]).reshape(out, width)
+        if fitted.bias is not None:  # the joined bias is the last input column
+            bias = torch.arange(starts[fitted.bias], starts[fitted.bias + 1]).reshape(out, 1)
+            flat = torch.cat([flat, bias], dim=1)
+        block = plain[flat.reshape(-1)][:, flat.reshape(-1)]
+        basis = torch.kron(fitted.q_g.double(), fitted.q_a.double())
+        np.testing.assert_allclose(fitted.corrected.reshape(-1).double().numpy(),
+                                   torch.diagonal(basis.T @ block @ basis).numpy(), rtol=1e-4, atol=floor)
+    for position, values in factors.diagonal.items():
+        sl = slice(starts[position], starts[position + 1])
+        np.testing.assert_allclose(values.reshape(-1).double().numpy(), torch.diagonal(plain[sl, sl]).numpy(),
+                                   rtol=1e-4, atol=floor)
+    joined = {b.bias for b in factors.kronecker.values() if b.bias is not None}
+    assert set(factors.kronecker) | set(factors.diagonal) | joined == set(range(len(engine.names)))
+    assert all(not engine.names[pos].endswith("LayerNorm.weight") for pos in joined)
+    assert len(joined) == sum(1 for n in engine.names if n.endswith(".bias") and "LayerNorm" not in n and "key" not in n)
 
 
 def engine_train_rows(engine: InfluenceEngine) -> list[dict]:
@@ -241,3 +250,60 @@ def test_bad_solver_configs_are_refused(files):
     engine = engine_of(files, params=("classifier",))
     with pytest.raises(ValueError, match="Gauss-Newton"):
         engine.solve(torch.zeros(1, engine.num_params), SolverConfig(solver="ekfac", curvature="hessian"))
+
+
+def test_lissa_at_derived_knobs_restarts_at_a_larger_scale_instead_of_diverging(top):
+    """A scale below a sampled example's curvature diverges; at derived knobs LiSSA restarts at 10× and still
+    converges to (G + λI)⁻¹ v, while knobs given exactly fail with the error that says which knob to turn."""
+    import dataclasses
+
+    from fastif import LissaDivergedError
+    from fastif.curvature.solvers import LissaSolver
+
+    engine, ref, ggn = top
+    grads = ref.gradients(TEST[:1]).float()
+    damping = 0.5
+    lissa = dataclasses.replace(SolverConfig().lissa, depth=3000, batch_size=1)
+    base = engine.curvature.batch_product("gauss-newton")
+    low = float(torch.linalg.eigvalsh(ggn)[-1]) / 20  # far below the largest eigenvalue: diverges at first
+    knobs = dataclasses.replace(lissa, damp=damping / low, scale=low)
+    with pytest.raises(LissaDivergedError):
+        LissaSolver(base, engine.num_train, knobs).solve(grads)
+    solution = LissaSolver(base, engine.num_train, knobs, retries=3).solve(grads)
+    assert solution.retries >= 1 and solution.scale == pytest.approx(low * 10**solution.retries)
+    expected = torch.linalg.solve(ggn + damping * torch.eye(len(ggn), dtype=ggn.dtype), grads[0].double())
+    assert float((solution.vectors[0].double() - expected).norm() / expected.norm()) < 0.2  # a stochastic estimate
+
+
+def test_per_block_damping_is_each_blocks_mean_eigenvalue_times_the_ratio(top):
+    """damping_scope "block": (G_b + ratio · mean(Λ_b) I)⁻¹ per block, checked on the classifier's joined [W | b] block."""
+    engine, ref, ggn = top
+    factors = engine.factors()
+    grads = ref.gradients(TEST[:1]).float()
+    solution = engine.solve(grads, SolverConfig(solver="ekfac", damping_scope="block", damping_ratio=2.0))
+    position = engine.names.index("classifier.weight")
+    block = factors.kronecker[position]
+    assert block.bias == engine.names.index("classifier.bias")
+    starts = np.cumsum([0, *engine.objective.sizes])
+    w = grads[0, starts[position]:starts[position + 1]].reshape(engine.objective.shapes[position])
+    joint = torch.cat([w, grads[0, starts[block.bias]:starts[block.bias + 1]].unsqueeze(1)], dim=1).double()
+    lam = 2.0 * float(block.corrected.double().mean()) + engine.curvature.decay[position]
+    qg, qa = block.q_g.double(), block.q_a.double()
+    expected = qg @ ((qg.T @ joint @ qa) / (block.corrected.double() + lam)) @ qa.T
+    got = solution.vectors[0]
+    assert_close(got[starts[position]:starts[position + 1]], expected[:, :-1].reshape(-1), rtol=1e-4)
+    assert_close(got[starts[block.bias]:starts[block.bias + 1]], expected[:, -1], rtol=1e-4)
+    with pytest.raises(ValueError, match="block"):
+        SolverConfig(solver="cg", damping_scope="block")
+
+
+def test_the_api_and_the_engine_default_alike():
+    from api_schemas import InfluenceRequest
+    from api_schemas.influence import DEFAULT_DAMPING_RATIO
+    from fastif.config import DEFAULT_DAMPING_RATIO as ENGINE_RATIO
+    from workers.configs import solver_config
+
+    assert DEFAULT_DAMPING_RATIO == ENGINE_RATIO
+    for solver in ("ekfac", "kfac", "lissa", "cg", "identity"):
+        request = InfluenceRequest.model_validate({"model_id": "m", "inputs": [{"text": "a"}], "solver": solver})
+        assert solver_config(request) == SolverConfig(solver=solver, lissa=solver_config(request).lissa)

@@ -105,6 +105,8 @@ CASES = [
      "invalid-request"),
     ("damping-and-lissa-knobs", *POST_INF, {"json": influence(damping=1.0, lissa={"damp": 0.01, "scale": 10})}, 422,
      "invalid-request"),
+    ("lissa-knobs-ekfac-hessian", *POST_INF, {"json": influence(solver="ekfac", curvature="hessian",
+                                                                lissa={"damp": 0.01, "scale": 10})}, 422, "invalid-request"),
     ("parallel-with-ekfac", *POST_INF, {"json": influence(parallel=2)}, 422, "invalid-request"),
     ("cg-tol-zero", *POST_INF, {"json": influence(solver="cg", cg={"tol": 0})}, 422, "invalid-request"),
     ("parallel-zero", *POST_INF, {"json": influence(parallel=0)}, 422, "invalid-request"),

@@ -137,7 +137,8 @@ def test_one_full_batch_sgd_epoch_is_one_gradient_step_of_the_objective(tiny) ->
     engine, ref, rows, queries = tiny
     subset = [1, 2, 3, 5, 8, 13, 21, 22]
     lr = 0.5
-    params = retrain(engine, subset, RetrainConfig(epochs=1, batch_size=None, lr=lr, optimizer="sgd", seeds=1))
+    params = retrain(engine, subset, RetrainConfig(epochs=1, batch_size=None, lr=lr, optimizer="sgd", seeds=1,
+                                                   schedule="constant"))
 
     # By hand: θ₁ = θ₀ - lr ∇θ [mean over the subset of CE + (wd/2)||θ_decay||²], float64, full forward.
     grads = torch.autograd.grad(ref.mean_loss([rows[i] for i in subset]), ref.params)
@@ -156,17 +157,20 @@ def test_one_full_batch_sgd_epoch_is_one_gradient_step_of_the_objective(tiny) ->
     assert_close(losses, np.array(by_hand), rtol=2e-5)
 
 
-def test_two_full_batch_sgd_epochs_are_two_steps(tiny) -> None:
+@pytest.mark.parametrize("schedule", ["constant", "linear"])
+def test_two_full_batch_sgd_epochs_are_two_steps(tiny, schedule: str) -> None:
     engine, ref, rows, _ = tiny
     subset = list(range(0, NUM_TRAIN, 2))
     lr = 0.3
-    params = retrain(engine, subset, RetrainConfig(epochs=2, batch_size=None, lr=lr, optimizer="sgd", seeds=1))
+    params = retrain(engine, subset, RetrainConfig(epochs=2, batch_size=None, lr=lr, optimizer="sgd", seeds=1,
+                                                   schedule=schedule))
     theta = [p.detach().clone() for p in ref.params]
-    for _ in range(2):
+    # linear: the learning rate decays to 0 over the run, so the two steps take lr and lr / 2
+    for rate in ((lr, lr) if schedule == "constant" else (lr, lr / 2)):
         current = {n: t.requires_grad_(True) for n, t in zip(ref.names, theta)}
         loss = sum(ref.loss(rows[i], current) for i in subset) / len(subset)
         grads = torch.autograd.grad(loss, list(current.values()))
-        theta = [(t - lr * g).detach() for t, g in zip(theta, grads)]
+        theta = [(t - rate * g).detach() for t, g in zip(theta, grads)]
     _assert_same_steps(params, dict(zip(ref.names, theta)), ref, rtol=5e-5)
 
 

@@ -251,9 +251,15 @@ def test_influence_job_is_queued_then_cancelled(client: TestClient, redis_client
     [message] = queued_messages(redis_client, "accel")
     assert message["headers"]["task"] == "fastif.influence"
     assert json.loads(base64.b64decode(message["body"]))[0] == [job["id"]]
-    # The stored request has the defaults filled in: EK-FAC on the Gauss-Newton matrix, λ relative to its spectrum.
+    # The stored request has the defaults filled in: EK-FAC on the Gauss-Newton matrix, λ of each block 10 × its
+    # mean eigenvalue, the same defaults as the engine's.
+    from fastif.config import SolverConfig
+
     stored = JobStore(redis_client).request(job["id"])
-    assert (stored["solver"], stored["curvature"], stored["damping"], stored["damping_ratio"]) == ("ekfac", "gauss-newton", None, 0.1)
+    engine_default = SolverConfig()
+    assert (stored["solver"], stored["curvature"], stored["damping"], stored["damping_scope"], stored["damping_ratio"]) == (
+        engine_default.solver, engine_default.curvature, None, engine_default.damping_scope, engine_default.damping_ratio)
+    assert stored["damping_scope"] == "block" and stored["damping_ratio"] == 10.0
     assert stored["lissa"]["damp"] is None and stored["lissa"]["scale"] is None
 
     assert_problem(client.get(f"/v1/jobs/{job['id']}/results"), 409, "job-not-finished")

@@ -13,14 +13,15 @@ def solver_config(request: SolverSettings, seed_offset: int = 0) -> SolverConfig
     """The engine's SolverConfig for a request; ``seed_offset`` shifts LiSSA's seed (parallel shards, trials)."""
     lissa = request.lissa
     knobs = {"depth": lissa.depth, "batch_size": lissa.batch_size, "repeats": lissa.repeats, "seed": lissa.seed + seed_offset}
-    if lissa.absolute:
+    if lissa.absolute:  # λ = damp · scale, for LiSSA with exactly these knobs (api_schemas.SolverSettings)
         engine_lissa = LissaConfig(damp=lissa.damp, scale=lissa.scale, **knobs)
         damping = engine_lissa.damping
     else:
         engine_lissa = dataclasses.replace(LissaConfig(), **knobs)
         damping = request.damping
     return SolverConfig(solver=request.solver, curvature=request.curvature, damping=damping,
-                        damping_ratio=request.damping_ratio, lissa=engine_lissa, lissa_absolute=lissa.absolute,
+                        damping_ratio=request.damping_ratio, damping_scope=request.damping_scope, lissa=engine_lissa,
+                        lissa_absolute=lissa.absolute and request.solver == "lissa",
                         cg_tol=request.cg.tol, cg_max_iter=request.cg.max_iter)
 
 

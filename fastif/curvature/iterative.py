@@ -38,6 +38,8 @@ class Solution:
     solver: str = ""
     damping: float = 0.0  # the λ actually used
     residual: float | None = None  # CG: the largest relative residual ‖v − (C + λI)x‖ / ‖v‖ over the rows
+    scale: float | None = None  # LiSSA: the scale it ran at
+    retries: int = 0  # LiSSA at derived knobs: how many times it restarted at 10× the scale
 
     def diagnostics(self) -> dict:
         """The fields a result reports about its s_test."""
@@ -45,6 +47,9 @@ class Solution:
                "damping": float(self.damping)}
         if self.residual is not None:
             out["relative_residual"] = float(self.residual)
+        if self.scale is not None:
+            out["lissa_scale"] = float(self.scale)
+            out["lissa_retries"] = int(self.retries)
         return out
 
 
@@ -132,7 +137,7 @@ def conjugate_gradient(
     matrix for λ > 0); a direction of non-positive curvature (an indefinite Hessian
     at small λ) stops it early with ``converged=False``.
     """
-    solutions, all_converged, iterations, worst = [], True, 0, 0.0
+    solutions, all_converged, iterations, worst = [], True, 0, 0.0  # iterations: the most any row took
     for v in vectors:
         x = torch.zeros_like(v)
         r = v.clone()
@@ -151,7 +156,7 @@ def conjugate_gradient(
             x = x + alpha * p
             r = r - alpha * Ap
             rs_new = torch.dot(r, r)
-            iterations += 1
+            iterations = max(iterations, step + 1)
             if on_step is not None and on_step(step + 1, config.max_iter):
                 raise CancelledError("cancelled during conjugate gradient")
             converged = bool(rs_new <= target)

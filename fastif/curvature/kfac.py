@@ -20,9 +20,16 @@ the block in that basis. Then
 
 costs four small matrix products per block: a query's s_test without LiSSA.
 
-Parameters that are not matrices of that form (biases, LayerNorm scales and shifts)
-are their own *diagonal* blocks, Λ = E_i E_y (∇θ L)², the exact diagonal of the
-Gauss-Newton matrix over them. A parameter that no recorded use covers (a shape
+A bias whose gradient is the sum of its weight's output-side factors (a Linear's
+bias, and the folded value bias) joins its weight's block as one more input column
+whose input is always 1, as Kronfluence does: [W | b] is one Kronecker block, so
+the bias shares the weight's eigenbasis and damping. (Fitted as diagonal blocks of
+their own, the biases' few small eigenvalues, divided by a small λ, dominated the
+scores: LDS 0.50 on SST-2, against 0.63 with the bias components left out.) Other
+parameters (LayerNorm scales and shifts, the key bias, whose gradient softmax makes
+exactly zero) are their own *diagonal* blocks, Λ = E_i E_y (∇θ L)², the exact
+diagonal of the Gauss-Newton matrix over them. With weight decay the L2 term wd is
+added to the joined bias column too (biases are not decayed): a small approximation. A parameter that no recorded use covers (a shape
 this module does not know) is preconditioned by the mean eigenvalue of the rest, a
 damped identity; ``KroneckerFactors.uncovered`` names them.
 """
@@ -43,18 +50,19 @@ from ..encoding import Batch
 from ..errors import CancelledError
 from ..factored import Tape, Use, recording
 
-FACTORS_VERSION = 1
+FACTORS_VERSION = 2
 Forward = Callable[[Batch, torch.Tensor | None, Tape], torch.Tensor]
 """``forward(batch, hidden, tape) -> logits`` with the uses of the influence parameters recorded on ``tape``."""
 
 
 @dataclass
 class KroneckerBlock:
-    q_a: torch.Tensor  # [in, in] eigenvectors of A
-    eig_a: torch.Tensor  # [in]
+    q_a: torch.Tensor  # [in(+1), in(+1)] eigenvectors of A (the last input is the joined bias's constant 1)
+    eig_a: torch.Tensor  # [in(+1)]
     q_g: torch.Tensor  # [out, out] eigenvectors of G
     eig_g: torch.Tensor  # [out]
-    corrected: torch.Tensor | None = None  # [out, in] EK-FAC's eigenvalues in the Q_G ⊗ Q_A basis
+    corrected: torch.Tensor | None = None  # [out, in(+1)] EK-FAC's eigenvalues in the Q_G ⊗ Q_A basis
+    bias: int | None = None  # position of the bias joined as the last input column, if any
 
     def eigenvalues(self, kind: str) -> torch.Tensor:
         if kind == "kfac":
@@ -77,6 +85,11 @@ class KroneckerFactors:
     def num_params(self) -> int:
         return sum(int(torch.Size(s).numel()) for s in self.shapes)
 
+    @property
+    def joined(self) -> dict[int, int]:
+        """Bias position -> the position of the weight whose block holds it."""
+        return {b.bias: pos for pos, b in self.kronecker.items() if b.bias is not None}
+
     def trace(self, kind: str = "ekfac") -> float:
         """tr of the fitted curvature over the covered parameters (EK-FAC: exactly that of the block diagonal)."""
         total = sum(float(b.eigenvalues(kind).double().sum()) for b in self.kronecker.values())
@@ -86,18 +99,46 @@ class KroneckerFactors:
         covered = self.num_params - sum(int(torch.Size(self.shapes[self.names.index(n)]).numel()) for n in self.uncovered)
         return self.trace(kind) / max(covered, 1)
 
-    def inverse_apply(self, vectors: torch.Tensor, damping: float, decay: Sequence[float], kind: str = "ekfac") -> torch.Tensor:
-        """(C + λI)⁻¹ v for each row of ``vectors`` [m, P], C the fitted curvature plus the L2 term (``decay[pos]`` = wd or 0)."""
+    def block_means(self, kind: str = "ekfac") -> list[float]:
+        """Each parameter's mean eigenvalue (its block's trace over its size); uncovered ones get the overall mean."""
+        overall = self.mean_eigenvalue(kind)
+        means, joined = [], self.joined
+        for position, shape in enumerate(self.shapes):
+            position = joined.get(position, position)
+            if position in self.kronecker:
+                means.append(float(self.kronecker[position].eigenvalues(kind).double().mean()))
+            elif position in self.diagonal:
+                means.append(float(self.diagonal[position].double().mean()))
+            else:
+                means.append(overall)
+        return means
+
+    def inverse_apply(self, vectors: torch.Tensor, damping: float | Sequence[float], decay: Sequence[float],
+                      kind: str = "ekfac") -> torch.Tensor:
+        """(C + λI)⁻¹ v for each row of ``vectors`` [m, P], C the fitted curvature plus the L2 term (``decay[pos]`` = wd or 0).
+
+        ``damping`` is one λ, or one per parameter (``block_means`` × a ratio: Kronfluence's per-module heuristic).
+        """
         sizes = [int(torch.Size(s).numel()) for s in self.shapes]
         out = torch.empty_like(vectors)
         fallback = self.mean_eigenvalue(kind)
-        for position, (chunk, target) in enumerate(zip(torch.split(vectors, sizes, dim=1), torch.split(out, sizes, dim=1))):
-            shift = damping + float(decay[position])
+        dampings = [float(damping)] * len(sizes) if isinstance(damping, (int, float)) else [float(d) for d in damping]
+        chunks, targets = torch.split(vectors, sizes, dim=1), torch.split(out, sizes, dim=1)
+        joined = self.joined
+        for position, (chunk, target) in enumerate(zip(chunks, targets)):
+            shift = dampings[position] + float(decay[position])
+            if position in joined:
+                continue  # solved with its weight's block
             if position in self.kronecker:
                 block = self.kronecker[position]
                 v = chunk.reshape(len(vectors), *self.shapes[position]).to(block.q_a.dtype)
+                if block.bias is not None:
+                    v = torch.cat([v, chunks[block.bias].to(v.dtype).unsqueeze(-1)], dim=-1)
                 rotated = block.q_g.T @ v @ block.q_a
                 solved = block.q_g @ (rotated / (block.eigenvalues(kind) + shift)) @ block.q_a.T
+                if block.bias is not None:
+                    targets[block.bias].copy_(solved[..., -1])
+                    solved = solved[..., :-1]
                 target.copy_(solved.reshape(len(vectors), -1))
             elif position in self.diagonal:
                 target.copy_(chunk / (self.diagonal[position].reshape(1, -1) + shift))
@@ -116,7 +157,8 @@ class KroneckerFactors:
         for position, values in self.diagonal.items():
             tensors[f"diag.{self.names[position]}"] = values
         meta = {"version": FACTORS_VERSION, "names": self.names, "shapes": [list(s) for s in self.shapes],
-                "examples": self.examples, "uncovered": self.uncovered}
+                "examples": self.examples, "uncovered": self.uncovered,
+                "joined": {self.names[b]: self.names[w] for b, w in self.joined.items()}}
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial), metadata={"fastif": json.dumps(meta)})
@@ -135,11 +177,13 @@ class KroneckerFactors:
             return None
         tensors = load_file(str(path))
         names = meta["names"]
+        bias_of = {weight: names.index(bias) for bias, weight in meta.get("joined", {}).items()}
         kronecker, diagonal = {}, {}
         for position, name in enumerate(names):
             if f"kron.{name}.q_a" in tensors:
                 kronecker[position] = KroneckerBlock(*(tensors[f"kron.{name}.{part}"] for part in
-                                                       ("q_a", "eig_a", "q_g", "eig_g", "corrected")))
+                                                       ("q_a", "eig_a", "q_g", "eig_g", "corrected")),
+                                                     bias=bias_of.get(name))
             elif f"diag.{name}" in tensors:
                 diagonal[position] = tensors[f"diag.{name}"]
         return cls(names=names, shapes=[tuple(s) for s in meta["shapes"]], kronecker=kronecker, diagonal=diagonal,
@@ -164,10 +208,28 @@ def _per_example_gradient(uses: list[Use], grads: dict[int, torch.Tensor], shape
     return torch.func.jacrev(contracted)(zero).reshape(len(rows), -1)
 
 
-def _pairs(uses: list[Use], grads: dict[int, torch.Tensor], rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _pairs(uses: list[Use], grads: dict[int, torch.Tensor], rows: torch.Tensor,
+           with_bias: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The weight's (left, right) factor pairs over all its uses; ``with_bias`` appends the joined bias's input 1."""
     lefts, rights = zip(*(use.pairs(grads[id(use.output)], rows) for use in uses))
     left, right = torch.cat(lefts, dim=1), torch.cat(rights, dim=1)
+    if with_bias:
+        right = torch.cat([right, torch.ones_like(right[..., :1])], dim=-1)
     return left, right, left.shape[1]
+
+
+def _joined_biases(uses: dict[int, list[Use]], position: dict[int, int], shapes) -> dict[int, int]:
+    """Weight position -> bias position, for each bias all of whose uses join one matrix weight with factor pairs."""
+    joined = {}
+    for pos, group in uses.items():
+        weights = {id(u.joins) for u in group}
+        if len(weights) != 1 or group[0].joins is None or id(group[0].joins) not in position:
+            continue
+        weight = position[id(group[0].joins)]
+        weight_uses = uses.get(weight, [])
+        if weight_uses and all(u.pairs is not None for u in weight_uses) and len(shapes[weight]) == 2:
+            joined[weight] = pos
+    return joined
 
 
 class _Pass:
@@ -214,6 +276,7 @@ def fit_factors(
     g_cov: dict[int, torch.Tensor] = {}
     diagonal: dict[int, torch.Tensor] = {}
     kinds: dict[int, str] = {}
+    bias_of: dict[int, int] | None = None  # weight position -> its joined bias, decided on the first batch
     count = 0
 
     def report(stage: str, done: int) -> None:
@@ -224,11 +287,16 @@ def fit_factors(
     for number, (batch, hidden) in enumerate(batches()):
         rows = torch.arange(len(batch), device=batch.input_ids.device)
         for uses, grads, weight in passes.classes(batch, hidden):
+            if bias_of is None:
+                bias_of = _joined_biases(uses, position, shapes)
+            joined_biases = set(bias_of.values())
             for pos, group in uses.items():
+                if pos in joined_biases:
+                    continue  # fitted as its weight's last input column
                 kind = kinds.setdefault(pos, "kron" if all(u.pairs is not None for u in group) and len(shapes[pos]) == 2 else "diag")
                 with torch.no_grad():
                     if kind == "kron":
-                        left, right, tokens = _pairs(group, grads, rows)
+                        left, right, tokens = _pairs(group, grads, rows, with_bias=pos in bias_of)
                         a = torch.einsum("nti,ntj,n->ij", right, right, weight)
                         g = torch.einsum("nti,ntj,n->ij", left, left, weight) / tokens
                         a_cov[pos] = a_cov.get(pos, 0) + a.double()
@@ -247,10 +315,11 @@ def fit_factors(
         eig_g, q_g = torch.linalg.eigh(g_cov[pos] / count)
         dtype = params[pos].dtype
         kronecker[pos] = KroneckerBlock(q_a=q_a.to(dtype), eig_a=eig_a.clamp_min(0).to(dtype),
-                                        q_g=q_g.to(dtype), eig_g=eig_g.clamp_min(0).to(dtype))
+                                        q_g=q_g.to(dtype), eig_g=eig_g.clamp_min(0).to(dtype), bias=(bias_of or {}).get(pos))
 
     # Pass 2: EK-FAC's eigenvalues, the second moments of the gradients in the Kronecker eigenbasis.
-    corrected: dict[int, torch.Tensor] = {pos: torch.zeros(shapes[pos], dtype=torch.float64) for pos in kronecker}
+    corrected: dict[int, torch.Tensor] = {pos: torch.zeros(len(b.q_g), len(b.q_a), dtype=torch.float64)
+                                          for pos, b in kronecker.items()}
     if kronecker:
         for number, (batch, hidden) in enumerate(batches()):
             rows = torch.arange(len(batch), device=batch.input_ids.device)
@@ -259,13 +328,13 @@ def fit_factors(
                     for pos, block in kronecker.items():
                         if pos not in uses:
                             continue
-                        left, right, _ = _pairs(uses[pos], grads, rows)
+                        left, right, _ = _pairs(uses[pos], grads, rows, with_bias=block.bias is not None)
                         rotated = torch.einsum("nta,ntb->nab", left @ block.q_g, right @ block.q_a)
                         corrected[pos] += torch.einsum("n,nab->ab", weight, rotated**2).double().cpu()
             report("curvature eigenvalues", number + 1)
     for pos, block in kronecker.items():
         block.corrected = (corrected[pos] / count).to(block.q_a.dtype)
-    covered = set(kronecker) | set(diagonal)
+    covered = set(kronecker) | set(diagonal) | {b.bias for b in kronecker.values() if b.bias is not None}
     return KroneckerFactors(
         names=list(names), shapes=shapes, kronecker=kronecker,
         diagonal={pos: (values / count).to(params[pos].dtype).reshape(shapes[pos]) for pos, values in diagonal.items()},

@@ -13,6 +13,7 @@ that names itself and reports its own convergence:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -20,6 +21,7 @@ from typing import Protocol
 import torch
 
 from ..config import CGConfig, SolverConfig
+from ..errors import LissaDivergedError
 from .damping import damping_of, lissa_knobs
 from .iterative import HVP, Solution, StepCallback, conjugate_gradient, lissa
 from .kfac import KroneckerFactors
@@ -51,13 +53,34 @@ class CurvatureSource:
 
 @dataclass(frozen=True)
 class LissaSolver:
+    """LiSSA; with ``retries`` > 0 (knobs derived from the spectrum), a divergence is retried at 10× the scale.
+
+    The scale derived from the mean curvature's largest eigenvalue can still be below a
+    sampled batch's (at B = 1 one example's Gauss-Newton matrix is rank one with all of
+    its trace in one eigenvalue), so a run at derived knobs that diverges starts again
+    with scale × 10 and damp / 10: the same λ, the same fixed point, slower contraction.
+    Knobs the caller gave exactly (FastIF's) are never changed: they fail with the error.
+    """
+
     product: HVP
     num_train: int
     config: object  # LissaConfig
     name: str = "lissa"
+    retries: int = 0
 
     def solve(self, vectors: torch.Tensor, on_step: StepCallback | None = None) -> Solution:
-        return lissa(self.product, vectors, self.num_train, self.config, on_step)
+        config = self.config
+        for attempt in range(self.retries + 1):
+            try:
+                solution = lissa(self.product, vectors, self.num_train, config, on_step)
+            except LissaDivergedError:
+                if attempt == self.retries:
+                    raise
+                config = dataclasses.replace(config, damp=config.damp / 10, scale=config.scale * 10)
+                continue
+            solution.scale, solution.retries = config.scale, attempt
+            return solution
+        raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
@@ -72,8 +95,10 @@ class ConjugateGradientSolver:
 
 @dataclass(frozen=True)
 class KroneckerSolver:
+    """EK-FAC or K-FAC; ``damping`` is one λ, or one per parameter block (``damping_scope`` "block")."""
+
     factors: KroneckerFactors
-    damping: float
+    damping: float | tuple[float, ...]
     decay: Sequence[float]
     name: str = "ekfac"  # or "kfac"
 
@@ -81,8 +106,11 @@ class KroneckerSolver:
         solved = self.factors.inverse_apply(vectors, self.damping, self.decay, self.name)
         if on_step is not None:
             on_step(1, 1)
+        # A per-block λ is reported as its mean over the parameters.
+        damping = self.damping if isinstance(self.damping, float) else float(
+            sum(d * float(torch.Size(s).numel()) for d, s in zip(self.damping, self.factors.shapes)) / self.factors.num_params)
         return Solution(vectors=solved.to(vectors.dtype), converged=True, iterations=1, solver=self.name,
-                        damping=self.damping)
+                        damping=damping)
 
 
 @dataclass(frozen=True)
@@ -101,16 +129,20 @@ def solver_for(config: SolverConfig, source: CurvatureSource) -> InverseSolver:
     """The solver that ``config`` names, with λ (and LiSSA's knobs) resolved against the curvature's spectrum."""
     if config.solver in ("ekfac", "kfac") and config.curvature != "gauss-newton":
         raise ValueError(f"{config.solver} approximates the Gauss-Newton matrix; use curvature 'gauss-newton'")
-    needs_spectrum = config.damping is None and not config.lissa_absolute
-    spectrum = source.spectrum(config.curvature) if needs_spectrum else None
-    if config.solver == "lissa" and not config.lissa_absolute:
-        spectrum = spectrum or source.spectrum(config.curvature)
-    damping = damping_of(config, spectrum)
+    per_block = config.damping is None and config.damping_scope == "block"
+    relative = config.damping is None and not config.lissa_absolute and not per_block
+    spectrum = source.spectrum(config.curvature) if relative or (config.solver == "lissa" and not config.lissa_absolute) else None
+    damping = 0.0 if per_block else damping_of(config, spectrum)
     if config.solver == "lissa":
-        return LissaSolver(source.batch_product(config.curvature), source.num_train, lissa_knobs(config, damping, spectrum))
+        return LissaSolver(source.batch_product(config.curvature), source.num_train, lissa_knobs(config, damping, spectrum),
+                           retries=0 if config.lissa_absolute else 3)
     if config.solver == "cg":
         cg = CGConfig(damping=damping, tol=config.cg_tol, max_iter=config.cg_max_iter)
         return ConjugateGradientSolver(source.full_product(config.curvature), cg)
     if config.solver in ("ekfac", "kfac"):
-        return KroneckerSolver(source.factors(), damping, source.decay, config.solver)
+        factors = source.factors()
+        if per_block:
+            dampings = tuple(config.damping_ratio * mean for mean in factors.block_means(config.solver))
+            return KroneckerSolver(factors, dampings, source.decay, config.solver)
+        return KroneckerSolver(factors, damping, source.decay, config.solver)
     return IdentitySolver(damping)
