@@ -42,7 +42,7 @@ HELD_OUT = [{"text": "the movie was really great", "label": "positive"},
 DAMPING = 0.1
 # Adam at a large rate for this tiny model: the retrained losses move far beyond rounding,
 # so the ranks over subsets do not depend on the order of floating-point sums.
-RETRAIN = {"epochs": 2, "lr": 0.01, "batch_size": 8, "optimizer": "adam"}
+RETRAIN = {"epochs": 2, "lr": 0.01, "batch_size": 8, "optimizer": "adam", "schedule": "constant"}
 BODY = {"held_out": HELD_OUT, "train_sample": SAMPLE, "subsets": 6, "fraction": 0.5, "seeds": 2, "seed": 3,
         "retrain": RETRAIN, "knn_k": 10, "top": 3,
         "configurations": [{"name": "identity", "solver": "identity", "damping": DAMPING},
@@ -118,7 +118,8 @@ def _naive(root) -> dict:
     masks[:, sample] = small
     queries = [Query(h["text"], label=h["label"]) for h in HELD_OUT]
     config = RetrainConfig(epochs=RETRAIN["epochs"], batch_size=RETRAIN["batch_size"], lr=RETRAIN["lr"],
-                           optimizer=RETRAIN["optimizer"], seeds=BODY["seeds"], seed=BODY["seed"])
+                           optimizer=RETRAIN["optimizer"], schedule=RETRAIN["schedule"], seeds=BODY["seeds"],
+                           seed=BODY["seed"])
     losses = retrained_test_losses(engine, masks, queries, config)  # [subsets, seeds, q]
 
     # Per-example gradients of every training example (gold label) and of every held-out input.
@@ -170,7 +171,7 @@ def test_lds_equals_a_naive_loop_and_the_report_is_on_the_model(stack):
     for name in ("identity", "ekfac"):
         item = by_name[name]
         assert item["error"] is None and item["same_as"] is None and item["constant"] == 0
-        assert item["lds"] == pytest.approx(naive["lds"][name], abs=1e-6), name
+        assert item["lds"] == pytest.approx(naive["lds"][name], abs=1e-6), (name, item["per_input"], naive["per_input"][name])
         np.testing.assert_allclose(item["per_input"], naive["per_input"][name], atol=1e-6, err_msg=name)
         rhos = np.asarray(naive["per_input"][name])
         assert item["lds_stderr"] == pytest.approx(rhos.std(ddof=1) / math.sqrt(len(rhos)), abs=1e-6)
@@ -308,3 +309,11 @@ def test_the_route_is_in_the_openapi_document(stack):
     fields = document["components"]["schemas"]["QualityRequest"]["properties"]
     assert {"held_out", "held_out_from", "train_sample", "subsets", "fraction", "seeds", "seed", "retrain",
             "configurations"} <= set(fields)
+
+
+def test_the_retraining_defaults_are_the_engines():
+    from api_schemas.quality import RetrainSettings
+    from fastif.quality import RetrainConfig
+
+    settings, engine = RetrainSettings(), RetrainConfig()
+    assert {k: getattr(engine, k) for k in settings.model_dump()} == settings.model_dump()
