@@ -275,7 +275,7 @@ def _markdown(setup, config, best, headline, data) -> str:
          q["c_compiled"]["top10_harmful"]),
         ("(d) this engine, best config", f"kNN k = {data['k']}", f"B={best.batch_size}, J={best.depth}, T={best.repeats}",
          s["d"], "measured", s["a"] / s["d"], q["d"]["spearman"], q["d"]["top10_helpful"], q["d"]["top10_harmful"]),
-        ("(e) this engine, the service's default", f"kNN k = {data['k']}", "EK-FAC, Gauss-Newton, λ = 0.1 × mean eig.",
+        ("(e) this engine, the service's default", f"kNN k = {data['k']}", "EK-FAC, Gauss-Newton, λ per block 10 × its mean eig.",
          s["e"], "measured", s["a"] / s["e"], "—", "—", "—"),
     ]
     checks = data["checks"]
