@@ -1,10 +1,12 @@
 """λ and LiSSA's knobs from a SolverConfig and the curvature's spectrum.
 
-A relative damping is λ = ratio × mean eigenvalue (Kronfluence's heuristic, 0.1 by
-default). LiSSA's recursion ``h ← v + (1 − damp)h − C_B h / scale`` contracts when
-every eigenvalue μ of the sampled C_B satisfies 0 < damp + μ / scale < 2; the sampled
-batch's eigenvalues exceed the mean curvature's, so scale is set at
-``LISSA_SCALE_MARGIN`` × the largest eigenvalue, and damp = λ / scale.
+A relative damping is λ = ratio × the whole curvature's mean eigenvalue (0.1 by
+default, Kronfluence's heuristic; EK-FAC's per-block damping is resolved in
+solvers.py from its own blocks). LiSSA's recursion ``h ← v + (1 − damp)h − C_B h / scale``
+contracts when every eigenvalue μ of the sampled C_B satisfies 0 < damp + μ / scale < 2;
+a sampled batch's eigenvalues can exceed the mean curvature's, so scale is set at
+``LISSA_SCALE_MARGIN`` × (largest eigenvalue + λ) and damp = λ / scale, and a run that
+still diverges is restarted at a larger scale by ``LissaSolver``.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def damping_of(config: SolverConfig, spectrum: Spectrum | None) -> float:
 
 
 def lissa_knobs(config: SolverConfig, damping: float, spectrum: Spectrum | None) -> LissaConfig:
-    """``config.lissa`` with damp and scale that converge to (C + λI)⁻¹ v and cannot diverge."""
+    """``config.lissa`` with damp and scale whose fixed point is (C + λI)⁻¹ v, scale above the largest eigenvalue."""
     if config.lissa_absolute:
         return config.lissa
     if spectrum is None or not spectrum.largest > 0:
