@@ -3,6 +3,7 @@
 from .applications import (
     Agreement,
     CandidateSource,
+    CorrectionReport,
     CorrectRequest,
     DataRef,
     EvaluationSet,
@@ -37,6 +38,7 @@ from .results import Diagnostics, Influential, Prediction, ResultItem, ResultsPa
 __all__ = [
     "Agreement",
     "CandidateSource",
+    "CorrectionReport",
     "CorrectRequest",
     "DataRef",
     "EvaluationSet",

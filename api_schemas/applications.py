@@ -157,21 +157,148 @@ class CandidateSource(RequestModel):
 
 
 class CorrectRequest(SolverSettings):
-    """POST /v1/correct: FastIF §5 error correction with helpful points, against harmful and random."""
+    """POST /v1/correct: FastIF §5 error correction by its iterative protocol, against harmful and random points.
+
+    Each of `rounds` rounds draws `anchors_per_round` anchors from `anchors` (a pool of
+    labelled failing or validation examples, inline or a file in the data root), recomputes
+    influence on the model as the earlier rounds left it, and takes `steps` optimiser steps
+    on the `num_points` chosen points. `rounds: 1` with every anchor is the single-shot correction.
+    """
 
     model_id: ModelId
-    anchors: Annotated[list[LabelledInput], Field(min_length=1)]
+    anchors: Annotated[list[LabelledInput], Field(min_length=1)] | EvaluationSet
     evaluation: EvaluationSet
     candidates: CandidateSource = Field(default_factory=CandidateSource)
+    rounds: Annotated[int, Field(strict=True, ge=1, le=100)] = 10
+    # Default: 10, or every anchor when there are fewer.
+    anchors_per_round: Annotated[int, Field(strict=True, ge=1, le=1000)] | None = None
     num_points: Annotated[int, Field(strict=True, ge=1, le=1000)] = 10
     lr: Annotated[FiniteFloat, Field(gt=0, le=10)] = 1e-4
+    # Optimiser steps per round.
     steps: Annotated[int, Field(strict=True, ge=1, le=1000)] = 1
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    # "influence": the model's influence parameters; "trainable": every parameter above the frozen
+    # prefix (the fine-tuned top); or name prefixes among those.
+    params: Literal["influence", "trainable"] | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] = "influence"
+    # The step's loss carries the training objective's L2 term.
+    l2: bool = True
     trials: Annotated[int, Field(strict=True, ge=1, le=50)] = 3
     seed: StrictInt = 0
     strategies: Annotated[list[Literal["helpful", "harmful", "random"]], Field(min_length=1)] = Field(
         default_factory=lambda: ["helpful", "harmful", "random"])
-    # Save the model corrected with the helpful points of trial 0 and register it under this name.
+    # Save the model as the helpful strategy's trial 0 left it and register it under this name.
     save_as: SaveName | None = None
+
+    @model_validator(mode="after")
+    def _enough_anchors(self) -> CorrectRequest:
+        inline = self.anchors if isinstance(self.anchors, list) else self.anchors.examples
+        if inline is not None and self.anchors_per_round is not None and self.anchors_per_round > len(inline):
+            raise ValueError(f"anchors_per_round is {self.anchors_per_round} but there are only {len(inline)} anchors")
+        if self.save_as is not None and "helpful" not in self.strategies:
+            raise ValueError("save_as needs the 'helpful' strategy")
+        return self
+
+
+class Summary(ResponseModel):
+    """A figure over trials: mean, sample standard deviation, extremes, and every trial's value."""
+
+    mean: FiniteFloat
+    std: FiniteFloat
+    min: FiniteFloat
+    max: FiniteFloat
+    values: list[FiniteFloat]
+
+
+class LabelAccuracy(ResponseModel):
+    count: int
+    correct: int
+    accuracy: FiniteFloat
+
+
+class ChosenPoint(ResponseModel):
+    index: int  # into the candidates (training set or pool)
+    score: FiniteFloat | None = None  # influence on the round's anchors; none for random points
+
+
+class ChangedExample(ResponseModel):
+    """An evaluation example whose prediction the correction fixed or broke."""
+
+    index: int
+    text: str
+    text_pair: str | None = None
+    label: str
+    before: str
+    after: str
+
+
+class Outcome(ResponseModel):
+    """The evaluation set after a round (or at the end of a trial), against before the correction."""
+
+    accuracy: FiniteFloat
+    loss: FiniteFloat
+    delta_accuracy: FiniteFloat
+    delta_loss: FiniteFloat
+    fixed: int
+    broken: int
+    per_label: dict[str, LabelAccuracy]
+    confusion: list[list[int]]  # rows: gold label, columns: predicted label (the model's label order)
+
+
+class RoundReport(Outcome):
+    round: int
+    anchors: list[int]  # positions in the anchor pool drawn this round
+    points: list[ChosenPoint]
+    points_used: int
+    points_available: int  # candidates of the strategy's sign (every candidate for random)
+    s_test_norm: FiniteFloat | None = None
+
+
+class TrialFinal(Outcome):
+    anchor_accuracy: FiniteFloat
+    anchor_loss: FiniteFloat
+    fixed_examples: list[ChangedExample]  # the first 20; `fixed` counts all
+    broken_examples: list[ChangedExample]
+
+
+class TrialReport(ResponseModel):
+    trial: int
+    seed: int
+    points: list[int]  # every point stepped on, round by round
+    rounds: list[RoundReport]
+    final: TrialFinal
+
+
+class RoundSummary(ResponseModel):
+    round: int
+    accuracy: Summary
+    loss: Summary
+    delta_accuracy: Summary
+
+
+class StrategyReport(ResponseModel):
+    accuracy: Summary
+    loss: Summary
+    delta_accuracy: Summary
+    delta_loss: Summary
+    anchor_accuracy: Summary
+    anchor_loss: Summary
+    by_round: list[RoundSummary]
+    trials: list[TrialReport]
+    first_trial_points: list[dict[str, Any]]  # round 0 of trial 0, with texts
+
+
+class CorrectionReport(ResponseModel):
+    """The one result item of a correct job; `plot` is the URL of accuracy by round (PNG)."""
+
+    candidates: dict[str, Any]
+    anchors: dict[str, Any]
+    evaluation: dict[str, Any]
+    settings: dict[str, Any]
+    strategies: dict[Literal["helpful", "harmful", "random"], StrategyReport]
+    diagnostics: dict[str, Any]
+    saved_model: dict[str, Any] | None = None
+    plot: str | None = None
+    files: dict[str, str] = Field(default_factory=dict)
 
 
 # -- self-influence ------------------------------------------------------------------------------

@@ -102,16 +102,26 @@ def _search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray
     return index.search(queries, k)
 
 
-def search(index: faiss.Index, key: np.ndarray, k: int) -> np.ndarray:
+SIDES = ("both", "aligned", "opposed")
+
+
+def search(index: faiss.Index, key: np.ndarray, k: int, side: str = "both") -> np.ndarray:
     """The k training examples nearest to ``key`` [D] in the index's space, nearest first.
 
-    Feature space: smallest L2 distance. Gradient space: largest |inner product|, i.e.
-    the k best of the most aligned and the most opposed keys.
+    Feature space: smallest L2 distance (``side`` has no meaning there). Gradient space:
+    ``aligned`` the largest inner products (the side of helpful examples, since influence
+    is -⟨∇L(z), s_test⟩), ``opposed`` the most negative ones (harmful), ``both`` the k
+    largest in absolute value of the two.
     """
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
     key = np.asarray(key, dtype=np.float32).reshape(1, -1)
     if index.metric_type != faiss.METRIC_INNER_PRODUCT:
         _, indices = _search(index, key, k)
         return indices[0][indices[0] >= 0]
+    if side != "both":
+        _, ids = _search(index, key if side == "aligned" else -key, k)
+        return ids[0][ids[0] >= 0]
     aligned, aligned_ids = _search(index, key, k)
     opposed, opposed_ids = _search(index, -key, k)
     ids = np.concatenate([aligned_ids[0], opposed_ids[0]])

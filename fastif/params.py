@@ -107,6 +107,20 @@ def first_influence_layer(model: PreTrainedModel, stack: LayerStack, names: Sequ
     return first
 
 
+def above_prefix(model: PreTrainedModel, stack: LayerStack, first: int | None) -> list[str]:
+    """Every parameter the frozen prefix does not cover: blocks ``first`` and up, and all after the encoder.
+
+    Changing these keeps the cached prefix activations valid. ``first`` None (nothing
+    is cached) means every parameter of the model.
+    """
+    names = [name for name, _ in model.named_parameters()]
+    if first is None:
+        return names
+    _, after = _around_encoder(model, stack)
+    prefixes = [stack.layer_prefix(i) for i in range(first, len(stack.layers))] + after
+    return [n for n in names if any(_under(n, p) for p in prefixes)]
+
+
 def decay_mask(names: Sequence[str], ignores: Sequence[str]) -> list[bool]:
     """True for the parameters the explicit L2 term applies to (not biases or LayerNorm weights)."""
     return [not any(token in name for token in ignores) for name in names]

@@ -44,6 +44,7 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "path-not-found": (422, "Path not found"),
     "unknown-label": (422, "Unknown label"),
     "too-few-training-examples": (422, "Too few training examples"),
+    "empty-data": (422, "Data file holds no examples"),
     "queue-full": (429, "Too many queued jobs"),
     "internal-error": (500, "Internal server error"),
     "redis-unavailable": (503, "Redis unavailable"),

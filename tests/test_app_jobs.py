@@ -159,8 +159,9 @@ def test_graph_pictures_only_for_finished_graph_jobs(stack):
 
 
 def _correction_body(twist: dict, **extra) -> dict:
+    """Single-shot (one round on every anchor) unless ``extra`` says otherwise."""
     return {"model_id": twist["record"]["id"], "anchors": twist["anchors"], "evaluation": {"path": twist["eval"]},
-            "num_points": 8, "lr": 0.2, "steps": 3, "trials": 3, "lissa": LISSA, **extra}
+            "num_points": 8, "lr": 0.2, "steps": 3, "rounds": 1, "trials": 3, "lissa": LISSA, **extra}
 
 
 def test_correct_with_training_points(stack):
@@ -168,7 +169,7 @@ def test_correct_with_training_points(stack):
     api, twist, _ = stack
     _, (report,) = api.run("/v1/correct", _correction_body(twist, candidates={"k": None}))
     assert report["evaluation"]["size"] == 40 and report["evaluation"]["before"]["accuracy"] < 0.2
-    assert report["candidates"] == {"source": "train", "size": twist["num_train"], "scored": twist["num_train"], "k": None}
+    assert report["candidates"] == {"source": "train", "size": twist["num_train"], "k": None}
     helpful, harmful, random_ = (report["strategies"][s] for s in ("helpful", "harmful", "random"))
     assert len(helpful["trials"]) == len(random_["trials"]) == 3
     found = set(helpful["trials"][0]["points"]) & set(twist["fix_train_indices"])
@@ -208,6 +209,43 @@ def test_correct_with_a_pool_and_save_the_corrected_model(stack):
     assert sum(i["prediction"]["label"] == "negative" for i in after) >= 4
 
 
+def test_correct_round_by_round(stack):
+    """FastIF's protocol: fresh anchors per round, influence on the updated model, signs kept, a report that adds up."""
+    api, twist, _ = stack
+    model_id = twist["record"]["id"]
+    probe = {"model_id": model_id, "inputs": [{"text": r["text"]} for r in reviews(3, seed=77)], "top": 1}
+    _, before = api.run("/v1/explain", {**probe, "k": 10})
+    anchors = [{"text": r["text"], "label": r["label"]} for r in reviews(6, seed=8, marker=True)]
+    body = _correction_body(twist, anchors=anchors, rounds=3, anchors_per_round=2, steps=1, num_points=4, trials=2,
+                            candidates={"k": 40})
+    job, (report,) = api.run("/v1/correct", body)
+    assert report["settings"]["rounds"] == 3 and report["anchors"] == {**report["anchors"], "count": 6, "per_round": 2}
+    helpful, harmful = report["strategies"]["helpful"], report["strategies"]["harmful"]
+    for trial in helpful["trials"]:
+        assert all(p["score"] < 0 for r in trial["rounds"] for p in r["points"])
+        assert len({r["s_test_norm"] for r in trial["rounds"]}) == 3  # recomputed on the model as it moves
+    assert all(p["score"] > 0 for t in harmful["trials"] for r in t["rounds"] for p in r["points"])
+    assert [r["anchors"] for r in helpful["trials"][0]["rounds"]] != [r["anchors"] for r in helpful["trials"][1]["rounds"]]
+    size = report["evaluation"]["size"]
+    for strategy in report["strategies"].values():
+        assert len(strategy["by_round"]) == 3 and len(strategy["delta_accuracy"]["values"]) == 2
+        for trial in strategy["trials"]:
+            for outcome in [*trial["rounds"], trial["final"]]:
+                assert sum(map(sum, outcome["confusion"])) == size
+                assert sum(v["count"] for v in outcome["per_label"].values()) == size
+    assert helpful["delta_accuracy"]["mean"] > report["strategies"]["random"]["delta_accuracy"]["mean"]
+    # The plot of accuracy by round.
+    assert report["plot"] == f"/v1/jobs/{job['id']}/correction.png"
+    picture = api.client.get(report["plot"])
+    assert picture.status_code == 200 and picture.headers["content-type"] == "image/png"
+    assert picture.content[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", picture.content[16:24])[0] > 300
+    assert api.client.get(f"/v1/jobs/{job['id']}/graph.png").status_code == 404
+    # The registered model is as it was, on whichever worker answers (distinct k: no cached result).
+    for k in (11, 12, 13, 14):
+        _, after = api.run("/v1/explain", {**probe, "k": k})
+        assert [i["prediction"] for i in after] == [i["prediction"] for i in before]
+
+
 def test_correct_refuses_bad_requests(stack):
     api, twist, _ = stack
     both = _correction_body(twist, evaluation={"path": twist["eval"], "examples": [{"text": "a", "label": 0}]})
@@ -221,6 +259,23 @@ def test_correct_refuses_bad_requests(stack):
     wrong_label = _correction_body(twist, anchors=[{"text": "a twist", "label": "sarcastic"}])
     assert api.client.post("/v1/correct", json=wrong_label).json()["type"].endswith("/unknown-label")
     assert api.client.post("/v1/correct", json=_correction_body(twist, save_as="../x")).status_code == 422
+    (api.root / "empty.jsonl").write_text("")
+    queued = len(api.client.get("/v1/jobs", params={"limit": 1000}).json()["items"])
+    for bad, slug in [
+        ({"rounds": 0}, "invalid-request"),
+        ({"anchors_per_round": len(twist["anchors"]) + 1}, "invalid-request"),
+        ({"anchors": {"examples": twist["anchors"]}, "anchors_per_round": 99}, "invalid-request"),
+        ({"anchors": [{"text": "a twist", "label": 7}]}, "unknown-label"),
+        ({"anchors": {"path": "empty.jsonl"}}, "empty-data"),
+        ({"evaluation": {"examples": []}}, "invalid-request"),
+        ({"evaluation": {"path": "empty.jsonl"}}, "empty-data"),
+        ({"optimizer": "rmsprop"}, "invalid-request"),
+        ({"strategies": ["random"], "save_as": "x"}, "invalid-request"),
+    ]:
+        answer = api.client.post("/v1/correct", json=_correction_body(twist, **bad))
+        assert answer.status_code == 422 and answer.headers["content-type"] == "application/problem+json", (bad, answer.text)
+        assert answer.json()["type"].endswith("/" + slug), (bad, answer.json())
+    assert len(api.client.get("/v1/jobs", params={"limit": 1000}).json()["items"]) == queued  # nothing queued
     unknown = api.client.post("/v1/explain", json={"model_id": "nope", "inputs": [{"text": "x"}]})
     assert unknown.status_code == 404 and unknown.json()["type"].endswith("/model-not-found")
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from api_schemas import (
+    CorrectionReport,
     CorrectRequest,
     DataRef,
     ExplainRequest,
@@ -23,8 +24,16 @@ from api_schemas import (
     SelfInfluenceRequest,
 )
 from fastif import DataSpec, Example, InfluenceEngine, Query, load_examples
-from fastif.applications import CorrectionConfig, correct, explain, influence_graph, rank_self_influence, render
-from fastif.applications.correct import save_corrected
+from fastif.applications import (
+    CorrectionConfig,
+    correct,
+    explain,
+    influence_graph,
+    rank_self_influence,
+    render,
+    render_rounds,
+    save_corrected,
+)
 from records.celery_app import BUILD_MODEL
 from records.keys import job as job_key
 
@@ -113,12 +122,13 @@ def run_graph(run: JobRun) -> list[dict]:
 
 
 # -- correct -------------------------------------------------------------------------------------
-def _evaluation(run: JobRun, engine: InfluenceEngine, model: Model, request: CorrectRequest) -> list[Example]:
-    ev = request.evaluation
-    if ev.examples is not None:
-        encoded = engine.encode(_queries(ev.examples))  # resolves the labels (names or ids)
-        return [Example(e.text, e.text_pair, label) for e, label in zip(ev.examples, encoded.labels_used)]
-    return _load(run, engine, model, DataRef(**ev.model_dump(exclude={"examples"})))
+def _labelled(run: JobRun, engine: InfluenceEngine, model: Model, source) -> list[Example]:
+    """Inline labelled inputs (label names or ids) or the examples of a file, as label ids."""
+    inline = source if isinstance(source, list) else source.examples
+    if inline is not None:
+        encoded = engine.encode(_queries(inline))  # resolves the labels (names or ids)
+        return [Example(e.text, e.text_pair, label) for e, label in zip(inline, encoded.labels_used)]
+    return _load(run, engine, model, DataRef(**source.model_dump(exclude={"examples"})))
 
 
 def _register_corrected(run: JobRun, model: Model, name: str, folder: Path, send: SendTask) -> dict:
@@ -133,6 +143,11 @@ def _register_corrected(run: JobRun, model: Model, name: str, folder: Path, send
     return {"model_id": new.id, "name": name, "model_path": relative, "build_job_id": build.id}
 
 
+def correction_files(job_id: str) -> dict[str, str]:
+    """Where a correct job's plot lives, relative to the state dir."""
+    return {"png": f"corrections/{job_id}.png"}
+
+
 def run_correct(run: JobRun, send: SendTask) -> list[dict]:
     request = CorrectRequest.model_validate(run.request)
     model = ready_model(run, request.model_id)
@@ -142,29 +157,37 @@ def run_correct(run: JobRun, send: SendTask) -> list[dict]:
     if request.candidates.pool is not None:
         ref = request.candidates.pool
         pool = _load(run, engine, model, DataRef(path=ref) if isinstance(ref, str) else ref)
-    evaluation = _evaluation(run, engine, model, request)
-    config = CorrectionConfig(num_points=request.num_points, lr=request.lr, steps=request.steps, trials=request.trials,
-                              seed=request.seed, k=request.candidates.k, strategies=tuple(request.strategies))
-    outcome = correct(engine, _queries(request.anchors), evaluation, config=config, solver=solver_config(request), pool=pool,
-                      cache=cache, on_progress=run.progress)
+    anchors = [Query(e.text, e.text_pair, e.label) for e in _labelled(run, engine, model, request.anchors)]
+    evaluation = _labelled(run, engine, model, request.evaluation)
+    try:
+        config = CorrectionConfig(
+            num_points=request.num_points, lr=request.lr, steps=request.steps, rounds=request.rounds,
+            anchors_per_round=request.anchors_per_round, trials=request.trials, seed=request.seed, k=request.candidates.k,
+            strategies=tuple(request.strategies), optimizer=request.optimizer,
+            params=request.params if isinstance(request.params, str) else tuple(request.params), l2=request.l2)
+        outcome = correct(engine, anchors, evaluation, config=config, solver=solver_config(request), pool=pool,
+                          cache=cache, on_progress=run.progress)
+    except ValueError as err:  # a pool or file with too few anchors, an empty evaluation file, params below the prefix
+        raise JobFailed("invalid-request", str(err)) from err
     report = outcome.report
-    report["saved_model"] = None
+    files = correction_files(run.job_id)
+    render_rounds(report, _state_dir(run) / files["png"],
+                  title=f"{model.name}: accuracy by round, {request.trials} trial(s), mean ± std")
+    report.update(files=files, plot=f"/v1/jobs/{run.job_id}/correction.png", saved_model=None)
     if request.save_as is not None:
-        report["saved_model"] = _save(run, engine, model, request, outcome, config, send)
-    return [report]
+        report["saved_model"] = _save(run, engine, model, request, outcome, send)
+    # Validated against the contract before it is stored: a drift fails here, not in a client.
+    return [CorrectionReport.model_validate(report).model_dump(mode="json")]
 
 
-def _save(run: JobRun, engine: InfluenceEngine, model: Model, request: CorrectRequest, outcome, config, send) -> dict:
+def _save(run: JobRun, engine: InfluenceEngine, model: Model, request: CorrectRequest, outcome, send) -> dict:
     # A redelivered job must not register the corrected model twice.
     previous = run.ctx.redis.hget(job_key(run.job_id), "saved_model")
     if previous:
         return json.loads(previous)
-    helpful = outcome.points.get("helpful")
-    if not helpful:
-        raise JobFailed("invalid-request", "save_as needs the 'helpful' strategy")
     run.progress("saving", 0, 1)
     folder = run.ctx.settings.data_root / "corrected" / f"{request.save_as}-{run.job_id[:8]}"
-    save_corrected(engine, outcome.candidates, helpful[0], config, folder)
+    save_corrected(engine, outcome, "helpful", folder)
     saved = _register_corrected(run, model, request.save_as, folder, send)
     run.ctx.jobs.hset(run.job_id, {"saved_model": json.dumps(saved)})
     return saved

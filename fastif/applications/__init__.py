@@ -5,7 +5,7 @@ Each module uses the engine's public methods and its one training objective; non
 imports Celery, Redis or HTTP.
 """
 
-from .correct import STRATEGIES, Correction, CorrectionConfig, correct, save_corrected
+from .correction import STRATEGIES, Correction, CorrectionConfig, correct, render_rounds, save_corrected
 from .examples import ExampleSet, encode_examples, evaluate, training_set
 from .explain import agreement, explain
 from .graph import influence_graph, layout, render
@@ -13,6 +13,6 @@ from .self_influence import rank_self_influence, self_influence_scores
 
 __all__ = [
     "STRATEGIES", "Correction", "CorrectionConfig", "ExampleSet", "agreement", "correct", "encode_examples", "evaluate",
-    "explain", "influence_graph", "layout", "rank_self_influence", "render", "save_corrected", "self_influence_scores",
+    "explain", "influence_graph", "layout", "rank_self_influence", "render", "render_rounds", "save_corrected", "self_influence_scores",
     "training_set",
 ]

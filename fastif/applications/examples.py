@@ -35,6 +35,7 @@ class ExampleSet:
     features: np.ndarray  # [N, H] first-token features of the last block
     prefix: PrefixStore | None  # activations entering the first influence block (None: run the whole model)
     index: object | None = None  # faiss index in the engine's space (gradient keys or features)
+    is_training: bool = False  # the engine's own training set: scored through the engine's fast paths
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -44,18 +45,21 @@ class ExampleSet:
         hidden = self.prefix.gather_batch(list(indices), batch) if self.prefix is not None and engine.prefix is not None else None
         return batch, hidden
 
-    def nearest(self, query: SearchQuery, k: int | None) -> tuple[np.ndarray, np.ndarray | None]:
-        """The k nearest examples to ``query`` (indices, L2 feature distances); all of them when k is None or 0."""
+    def nearest(self, query: SearchQuery, k: int | None, side: str = "both") -> tuple[np.ndarray, np.ndarray | None]:
+        """The k nearest examples to ``query`` (indices, L2 feature distances); all of them when k is None or 0.
+
+        ``side`` picks one end of a gradient-space index (fastif/knn.py's ``search``).
+        """
         if not k or k >= len(self) or self.index is None:
             return np.arange(len(self)), None
-        indices = knn.search(self.index, query.key, k)
+        indices = knn.search(self.index, query.key, k, side)
         return indices, feature_distances(self.features, indices, query.feature)
 
 
 def training_set(engine: InfluenceEngine) -> ExampleSet:
     """The engine's own training set, as prepared (features, index, prefix cache)."""
     engine.prepare()
-    return ExampleSet(engine.train, engine.tokens, engine.features, engine.prefix_store, engine.index)
+    return ExampleSet(engine.train, engine.tokens, engine.features, engine.prefix_store, engine.index, is_training=True)
 
 
 def encode_examples(
@@ -134,25 +138,12 @@ def influence_scores(
     batch_size: int = 64,
     on_progress: ProgressCallback | None = None,
 ) -> np.ndarray:
-    """I(z_i, z_t) = -⟨∇L(z_i), s_test⟩ for ``indices`` of ``data`` by batched JVPs."""
+    """I(z_i, z_t) = -⟨∇L(z_i), s_test⟩ for ``indices`` of ``data``.
+
+    The training set goes through the engine's own scoring (per-example factors where it
+    has them); any other set by batched JVPs.
+    """
+    if data.is_training:
+        return engine.score(s_test, indices, batch_size, on_progress)
     return engine.scores_by_jvp(s_test, indices, batch_size, on_progress, tokens=data.tokens,
                                 batch_of=lambda members: data.batch(engine, members))
-
-
-# -- changing the influence parameters, and putting them back ------------------------------
-def snapshot(engine: InfluenceEngine) -> list[torch.Tensor]:
-    """A copy of the influence parameters (the only ones the applications ever change)."""
-    return [p.detach().clone() for p in engine.objective.params]
-
-
-@torch.no_grad()
-def restore(engine: InfluenceEngine, saved: Sequence[torch.Tensor]) -> None:
-    for param, value in zip(engine.objective.params, saved):
-        param.copy_(value)
-
-
-@torch.no_grad()
-def step(engine: InfluenceEngine, direction: torch.Tensor, lr: float) -> None:
-    """θ ← θ − lr · direction on the influence parameters."""
-    for param, chunk in zip(engine.objective.params, engine.objective.unflatten(direction.to(engine.classifier.device))):
-        param.sub_(chunk, alpha=lr)

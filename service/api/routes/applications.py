@@ -1,4 +1,4 @@
-"""FastIF's applications as jobs: explain, graph, correct, self-influence; the graph's pictures.
+"""FastIF's applications as jobs: explain, graph, correct, self-influence; the graph's and correction's pictures.
 
 Each POST validates the body against the model, records the job and sends its task by
 name, like POST /v1/influence; results come from GET /v1/jobs/{id}/results.
@@ -14,7 +14,7 @@ from fastapi import APIRouter, Header, Response
 from fastapi.responses import FileResponse
 from pydantic import BaseModel
 
-from api_schemas import CorrectRequest, ExplainRequest, GraphRequest, Job, Model, SelfInfluenceRequest
+from api_schemas import CorrectRequest, EvaluationSet, ExplainRequest, GraphRequest, Job, Model, SelfInfluenceRequest
 from records.celery_app import CORRECT, EXPLAIN, GRAPH, SELF_INFLUENCE
 from records.settings import Settings
 
@@ -105,17 +105,15 @@ def start_graph(body: GraphRequest, response: Response, settings: SettingsDep, m
 @router.post("/correct", status_code=202, response_model=Job)
 def start_correct(body: CorrectRequest, response: Response, settings: SettingsDep, models: ModelsDep, jobs: JobsDep,
                   celery: CeleryDep, idempotency_key: IdempotencyKey = None) -> Job:
-    """Correct the model on failing anchors with its most helpful points, against harmful and random points."""
-    _check_inputs(body.anchors, "anchors", settings)
+    """Correct the model round by round on failing anchors with its most helpful points, against harmful and random points."""
     model = _ready_model(models, body.model_id)
-    _check_labels(body.anchors, "anchors", model)
     updates: dict[str, Any] = {}
-    if body.evaluation.path is not None:
-        path = resolve_in_root(settings.data_root, body.evaluation.path, "evaluation.path")
-        updates["evaluation"] = body.evaluation.model_copy(update={"path": path})
+    if isinstance(body.anchors, list):
+        _check_inputs(body.anchors, "anchors", _many(settings))
+        _check_labels(body.anchors, "anchors", model)
     else:
-        _check_inputs(body.evaluation.examples or [], "evaluation.examples", _many(settings))
-        _check_labels(body.evaluation.examples or [], "evaluation.examples", model)
+        updates["anchors"] = _labelled_set(body.anchors, "anchors", settings, model)
+    updates["evaluation"] = _labelled_set(body.evaluation, "evaluation", settings, model)
     pool = body.candidates.pool
     if pool is not None:
         if isinstance(pool, str):
@@ -125,6 +123,20 @@ def start_correct(body: CorrectRequest, response: Response, settings: SettingsDe
         updates["candidates"] = body.candidates.model_copy(update={"pool": pool})
     body = body.model_copy(update=updates)
     return _start("correct", CORRECT, body, model, response, settings, jobs, celery, idempotency_key)
+
+
+def _labelled_set(source: EvaluationSet, where: str, settings: Settings, model: Model) -> EvaluationSet:
+    """Inline examples checked like inputs; a file resolved inside the data root and refused when empty."""
+    if source.path is None:
+        _check_inputs(source.examples or [], f"{where}.examples", _many(settings))
+        _check_labels(source.examples or [], f"{where}.examples", model)
+        return source
+    path = resolve_in_root(settings.data_root, source.path, f"{where}.path")
+    file = settings.data_root.resolve() / path
+    if file.is_file() and not file.read_bytes()[:65536].strip():
+        raise ProblemError("empty-data", f"{where}.path {source.path!r} holds no examples",
+                           errors=[{"loc": ["body", where, "path"], "msg": "empty file", "type": "empty_data"}])
+    return source.model_copy(update={"path": path})
 
 
 def _many(settings: Settings) -> Settings:
@@ -145,16 +157,16 @@ def start_self_influence(body: SelfInfluenceRequest, response: Response, setting
     return _start("self_influence", SELF_INFLUENCE, body, model, response, settings, jobs, celery, idempotency_key)
 
 
-# -- the graph's pictures --------------------------------------------------------------------------
+# -- the pictures of graph and correct jobs ----------------------------------------------------------
 _MEDIA = {"png": "image/png", "svg": "image/svg+xml"}
 
 
-def _picture(job_id: str, fmt: str, jobs: JobsDep, settings: Settings) -> FileResponse:
+def _picture(job_id: str, kind: str, fmt: str, jobs: JobsDep, settings: Settings) -> FileResponse:
     job = jobs.get(job_id)
     if job is None:
         raise ProblemError("job-not-found", f"no job {job_id}")
-    if job.kind != "graph":
-        raise ProblemError("not-found", f"job {job_id} is a {job.kind} job; only graph jobs have pictures")
+    if job.kind != kind:
+        raise ProblemError("not-found", f"job {job_id} is a {job.kind} job; only {kind} jobs have this picture")
     if job.status != "succeeded":
         raise ProblemError("job-not-finished", f"job {job_id} is {job.status}; the picture exists once it succeeds")
     _, items = jobs.results(job_id, 0, 1)
@@ -173,11 +185,18 @@ def _picture(job_id: str, fmt: str, jobs: JobsDep, settings: Settings) -> FileRe
             responses={200: {"content": {"image/png": {}}, "description": "The rendered graph"}})
 def graph_png(job_id: str, jobs: JobsDep, settings: SettingsDep) -> FileResponse:
     """The graph job's picture as PNG."""
-    return _picture(job_id, "png", jobs, settings)
+    return _picture(job_id, "graph", "png", jobs, settings)
 
 
 @router.get("/jobs/{job_id}/graph.svg", response_class=FileResponse,
             responses={200: {"content": {"image/svg+xml": {}}, "description": "The rendered graph"}})
 def graph_svg(job_id: str, jobs: JobsDep, settings: SettingsDep) -> FileResponse:
     """The graph job's picture as SVG."""
-    return _picture(job_id, "svg", jobs, settings)
+    return _picture(job_id, "graph", "svg", jobs, settings)
+
+
+@router.get("/jobs/{job_id}/correction.png", response_class=FileResponse,
+            responses={200: {"content": {"image/png": {}}, "description": "Accuracy by round, per strategy"}})
+def correction_png(job_id: str, jobs: JobsDep, settings: SettingsDep) -> FileResponse:
+    """The correct job's plot: evaluation accuracy by round for each strategy (mean ± std over trials)."""
+    return _picture(job_id, "correct", "png", jobs, settings)
