@@ -168,6 +168,9 @@ class CorrectRequest(SolverSettings):
     model_id: ModelId
     anchors: Annotated[list[LabelledInput], Field(min_length=1)] | EvaluationSet
     evaluation: EvaluationSet
+    # A second evaluation set measured after every round too (say, held-out data of every label):
+    # what the correction costs outside the slice.
+    control: EvaluationSet | None = None
     candidates: CandidateSource = Field(default_factory=CandidateSource)
     rounds: Annotated[int, Field(strict=True, ge=1, le=100)] = 10
     # Default: 10, or every anchor when there are fewer.
@@ -246,11 +249,14 @@ class Outcome(ResponseModel):
 
 class RoundReport(Outcome):
     round: int
+    control: Outcome | None = None  # the control set after this round, when the request gave one
     anchors: list[int]  # positions in the anchor pool drawn this round
     points: list[ChosenPoint]
     points_used: int
     points_available: int  # candidates of the strategy's sign (every candidate for random)
     s_test_norm: FiniteFloat | None = None
+    fixed_ids: list[int] = Field(default_factory=list)  # positions in the evaluation set, against before the correction
+    broken_ids: list[int] = Field(default_factory=list)
 
 
 class TrialFinal(Outcome):
@@ -258,6 +264,7 @@ class TrialFinal(Outcome):
     anchor_loss: FiniteFloat
     fixed_examples: list[ChangedExample]  # the first 20; `fixed` counts all
     broken_examples: list[ChangedExample]
+    control: Outcome | None = None
 
 
 class TrialReport(ResponseModel):
@@ -273,6 +280,7 @@ class RoundSummary(ResponseModel):
     accuracy: Summary
     loss: Summary
     delta_accuracy: Summary
+    control_accuracy: Summary | None = None
 
 
 class StrategyReport(ResponseModel):
@@ -283,6 +291,7 @@ class StrategyReport(ResponseModel):
     anchor_accuracy: Summary
     anchor_loss: Summary
     by_round: list[RoundSummary]
+    control: dict[Literal["accuracy", "delta_accuracy"], Summary] | None = None  # the control set's, at the end
     trials: list[TrialReport]
     first_trial_points: list[dict[str, Any]]  # round 0 of trial 0, with texts
 
@@ -293,6 +302,7 @@ class CorrectionReport(ResponseModel):
     candidates: dict[str, Any]
     anchors: dict[str, Any]
     evaluation: dict[str, Any]
+    control: dict[str, Any] | None = None
     settings: dict[str, Any]
     strategies: dict[Literal["helpful", "harmful", "random"], StrategyReport]
     diagnostics: dict[str, Any]

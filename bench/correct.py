@@ -61,8 +61,6 @@ def _overlap(row: dict) -> float:
 SLICES = {
     "overlap-non-entailment": lambda r: _overlap(r) >= 0.8 and r["label"] == "non-entailment",
     "negation-entailment": lambda r: bool(NEGATION.search(r["hypothesis"])) and r["label"] == "entailment",
-    "overlap-entailment-negated": lambda r: _overlap(r) >= 0.8 and bool(NEGATION.search(r["hypothesis"]))
-    and r["label"] == "non-entailment",
 }
 
 
@@ -81,8 +79,8 @@ def run_standalone(data: Path | None, quick: bool, out: Path, work: Path | None 
     data = Path(data) if data is not None else DEFAULT_DATA.parents[1]
     if not (data / "mnli" / "dev_matched.jsonl").is_file():
         raise SystemExit(f"fastif: error: {data} has no mnli/dev_matched.jsonl (give the shared data folder with --data)")
-    sizes = dict(train=300, pool=200, anchors=30, evaluation=60, rounds=3, trials=2, k=100) if quick else \
-        dict(train=6000, pool=3000, anchors=100, evaluation=400, rounds=10, trials=3, k=1000)
+    sizes = dict(train=300, pool=200, anchors=30, evaluation=60, control=60, rounds=3, trials=2, k=100) if quick else \
+        dict(train=6000, pool=3000, anchors=100, evaluation=400, control=400, rounds=10, trials=3, k=500)
     work = Path(work or DEFAULT_WORKDIR / "correct")
     rng = random.Random(0)
     matched = _rows(data / "mnli" / "dev_matched.jsonl")
@@ -101,7 +99,7 @@ def run_standalone(data: Path | None, quick: bool, out: Path, work: Path | None 
     sources = {"mnli-mismatched": _rows(data / "mnli" / "dev_mismatched.jsonl"), "snli": _rows(data / "snli" / "dev.jsonl")}
     pool = [_example(r) for r in pool_rows]
     runs, slices = [], []
-    lrs = (1e-4, 3e-2)  # FastIF's, and one large enough to flip predictions of a MiniLM top
+    lrs = (1e-4, 1e-2)  # FastIF's, and one large enough to flip predictions of a MiniLM top
     for source_name, rows in sources.items():
         for slice_name, member in SLICES.items():
             chosen = [r for r in rows if member(r)]
@@ -111,8 +109,11 @@ def run_standalone(data: Path | None, quick: bool, out: Path, work: Path | None 
                 continue
             anchors = [Query(r["premise"], r["hypothesis"], r["label"]) for r in chosen[: sizes["anchors"]]]
             evaluation = [_example(r) for r in chosen[sizes["anchors"] : sizes["anchors"] + sizes["evaluation"]]]
+            # Held-out data of every label from the same source: what the correction costs outside the slice.
+            outside = [r for r in rows if not member(r)]
+            control = [_example(r) for r in random.Random(1).sample(outside, min(sizes["control"], len(outside)))]
             entry = {"slice": f"{source_name}/{slice_name}", "size": len(chosen), "anchors": len(anchors),
-                     "evaluation": len(evaluation)}
+                     "evaluation": len(evaluation), "control": len(control)}
             slices.append(entry)
             for candidates in ("train", "pool"):
                 for lr in lrs:
@@ -120,9 +121,10 @@ def run_standalone(data: Path | None, quick: bool, out: Path, work: Path | None 
                                               trials=sizes["trials"], k=sizes["k"])
                     clock = time.perf_counter()
                     outcome = correct(engine, anchors, evaluation, config=config, solver=SolverConfig(),
-                                      pool=pool if candidates == "pool" else None)
+                                      pool=pool if candidates == "pool" else None, control=control)
                     report = outcome.report
                     entry.setdefault("before_accuracy", report["evaluation"]["before"]["accuracy"])
+                    entry.setdefault("control_before_accuracy", report["control"]["before"]["accuracy"])
                     run = _row(entry["slice"], candidates, lr, report, time.perf_counter() - clock)
                     runs.append(run)
                     log(f"{run['slice']} {candidates} lr {lr:g}: before {100 * run['before']:.1f}%, helpful−random "
@@ -152,6 +154,7 @@ def _row(slice_name: str, candidates: str, lr: float, report: dict, seconds: flo
         "harmful_minus_random": float(paired["harmful"].mean()), "harmful_minus_random_std": float(paired["harmful"].std(ddof=1)),
         "delta_accuracy": {s: [float(v) for v in delta[s]] for s in delta},
         "delta_loss": {s: strategies[s]["delta_loss"]["mean"] for s in strategies},
+        "control_delta_accuracy": {s: [100 * v for v in strategies[s]["control"]["delta_accuracy"]["values"]] for s in strategies},
         "fixed_broken": {s: [(t["final"]["fixed"], t["final"]["broken"]) for t in strategies[s]["trials"]] for s in strategies},
         "per_label_after": {s: strategies[s]["trials"][0]["final"]["per_label"] for s in strategies},
         "converged": report["diagnostics"]["converged"], "seconds": round(seconds, 1),
@@ -172,19 +175,25 @@ def _headline(runs: list[dict]) -> dict:
 
 def _markdown(results: dict) -> str:
     lines = ["# Error correction on NLI failure slices (`fastif bench correct`)", "",
-             f"sizes: {results['sizes']}", "", "| slice | examples | anchors | evaluation | accuracy before |", "|---|---|---|---|---|"]
+             f"sizes: {results['sizes']}", "", "| slice | examples | anchors | evaluation | accuracy before | control set | its accuracy before |",
+             "|---|---|---|---|---|---|---|"]
     for s in results["slices"]:
         if "skipped" in s:
             lines.append(f"| {s['slice']} | {s['size']} | skipped: {s['skipped']} | | |")
         else:
-            lines.append(f"| {s['slice']} | {s['size']} | {s['anchors']} | {s['evaluation']} | {100 * s.get('before_accuracy', 0):.1f}% |")
-    lines += ["", "Points of held-out accuracy, mean ± std over trials (paired: the same anchors per trial).", "",
-              "| slice | candidates | lr | helpful − random | harmful − random | helpful Δ | harmful Δ | random Δ | s |",
-              "|---|---|---|---|---|---|---|---|---|"]
+            lines.append(f"| {s['slice']} | {s['size']} | {s['anchors']} | {s['evaluation']} | {100 * s.get('before_accuracy', 0):.1f}% "
+                         f"| {s['control']} | {100 * s.get('control_before_accuracy', 0):.1f}% |")
+    lines += ["", "Points of held-out accuracy on the slice, mean ± std over trials (paired: the same anchors per trial); "
+              "Δ control: the change on the control set (held-out data of every label from the same source).", "",
+              "| slice | candidates | lr | helpful − random | harmful − random | helpful Δ | harmful Δ | random Δ "
+              "| helpful Δ control | harmful Δ control | random Δ control | s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["runs"]:
         mean = {s: np.mean(v) for s, v in r["delta_accuracy"].items()}
+        control = {s: np.mean(v) for s, v in r["control_delta_accuracy"].items()}
         lines.append(f"| {r['slice']} | {r['candidates']} | {r['lr']:g} | {r['helpful_minus_random']:+.2f} ± "
                      f"{r['helpful_minus_random_std']:.2f} | {r['harmful_minus_random']:+.2f} ± {r['harmful_minus_random_std']:.2f} | "
-                     f"{mean['helpful']:+.2f} | {mean['harmful']:+.2f} | {mean['random']:+.2f} | {r['seconds']:.0f} |")
+                     f"{mean['helpful']:+.2f} | {mean['harmful']:+.2f} | {mean['random']:+.2f} | {control['helpful']:+.2f} | "
+                     f"{control['harmful']:+.2f} | {control['random']:+.2f} | {r['seconds']:.0f} |")
     lines += ["", f"headline: {results['headline']}", ""]
     return "\n".join(lines)

@@ -216,9 +216,13 @@ def test_correct_round_by_round(stack):
     probe = {"model_id": model_id, "inputs": [{"text": r["text"]} for r in reviews(3, seed=77)], "top": 1}
     _, before = api.run("/v1/explain", {**probe, "k": 10})
     anchors = [{"text": r["text"], "label": r["label"]} for r in reviews(6, seed=8, marker=True)]
+    control = {"examples": [{"text": r["text"], "label": r["label"]} for r in reviews(20, seed=21)]}
     body = _correction_body(twist, anchors=anchors, rounds=3, anchors_per_round=2, steps=1, num_points=4, trials=2,
-                            candidates={"k": 40})
+                            candidates={"k": 40}, control=control)
     job, (report,) = api.run("/v1/correct", body)
+    assert report["control"]["size"] == 20
+    assert all(sum(map(sum, t["final"]["control"]["confusion"])) == 20
+               for s in report["strategies"].values() for t in s["trials"])
     assert report["settings"]["rounds"] == 3 and report["anchors"] == {**report["anchors"], "count": 6, "per_round": 2}
     helpful, harmful = report["strategies"]["helpful"], report["strategies"]["harmful"]
     for trial in helpful["trials"]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from app_tasks import MARKER, twist_task
+from app_tasks import MARKER, reviews, twist_task
 from fastif import DataSpec, Example, InfluenceEngine, InfluenceSpec, Query
 from fastif.applications import CorrectionConfig, correct
 from fastif.applications.correction.stepping import ParameterUpdate, WeightsKeyedCache, stepped_names
@@ -109,9 +109,18 @@ def test_trials_draw_different_anchors_and_random_points(task):
 
 
 def test_per_label_report_adds_up_and_matches_a_recount(task):
-    engine, twist, _, evaluation = task
-    outcome = _run(task, rounds=2, trials=1)
-    report = outcome.report
+    engine, twist, anchors, evaluation = task
+    # A control set of ordinary reviews (both labels), which the model gets right: what the correction costs there.
+    label = engine.classifier.label2id
+    control = [Example(r["text"], None, label[r["label"]]) for r in reviews(30, seed=21)]
+    config = CorrectionConfig(num_points=4, lr=0.2, rounds=2, anchors_per_round=2, trials=1, k=40)
+    report = correct(engine, anchors, evaluation, config=config, solver=EKFAC, control=control).report
+    assert report["control"]["size"] == 30 and report["control"]["before"]["accuracy"] >= 0.8
+    for strategy in report["strategies"].values():
+        final_control = strategy["trials"][0]["final"]["control"]
+        assert sum(map(sum, final_control["confusion"])) == 30 and set(final_control["per_label"]) == {"negative", "positive"}
+        assert strategy["control"]["accuracy"]["mean"] == pytest.approx(final_control["accuracy"])
+        assert strategy["by_round"][-1]["control_accuracy"]["mean"] == pytest.approx(final_control["accuracy"])
     gold = np.array([ex.label for ex in evaluation])
     for strategy in report["strategies"].values():
         final = strategy["trials"][0]["final"]
@@ -121,6 +130,9 @@ def test_per_label_report_adds_up_and_matches_a_recount(task):
         assert np.trace(confusion) / confusion.sum() == pytest.approx(final["accuracy"])
         assert final["fixed"] - final["broken"] == round(final["delta_accuracy"] * len(evaluation))
         assert len(final["fixed_examples"]) == min(final["fixed"], 20)
+        last = strategy["trials"][0]["rounds"][-1]
+        assert len(last["fixed_ids"]) == last["fixed"] == final["fixed"] and len(last["broken_ids"]) == final["broken"]
+        assert [e["index"] for e in final["fixed_examples"]] == last["fixed_ids"][:20]
         for item in final["fixed_examples"]:
             assert item["label"] == "negative" == engine.classifier.labels[gold[item["index"]]] and item["after"] == "negative"
     # Helpful points fix the twist reviews (all negative); random points do far less.

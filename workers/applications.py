@@ -159,6 +159,7 @@ def run_correct(run: JobRun, send: SendTask) -> list[dict]:
         pool = _load(run, engine, model, DataRef(path=ref) if isinstance(ref, str) else ref)
     anchors = [Query(e.text, e.text_pair, e.label) for e in _labelled(run, engine, model, request.anchors)]
     evaluation = _labelled(run, engine, model, request.evaluation)
+    control = _labelled(run, engine, model, request.control) if request.control is not None else None
     try:
         config = CorrectionConfig(
             num_points=request.num_points, lr=request.lr, steps=request.steps, rounds=request.rounds,
@@ -166,7 +167,7 @@ def run_correct(run: JobRun, send: SendTask) -> list[dict]:
             strategies=tuple(request.strategies), optimizer=request.optimizer,
             params=request.params if isinstance(request.params, str) else tuple(request.params), l2=request.l2)
         outcome = correct(engine, anchors, evaluation, config=config, solver=solver_config(request), pool=pool,
-                          cache=cache, on_progress=run.progress)
+                          control=control, cache=cache, on_progress=run.progress)
     except ValueError as err:  # a pool or file with too few anchors, an empty evaluation file, params below the prefix
         raise JobFailed("invalid-request", str(err)) from err
     report = outcome.report

@@ -1,4 +1,5 @@
-"""Accuracy on the evaluation set by round, one line per strategy (mean over trials, ± one standard deviation)."""
+"""Accuracy on the evaluation set by round, one line per strategy (mean over trials, ± one standard deviation);
+dashed, the control set's when the correction had one."""
 
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ def render_rounds(report: dict, png_path: Path, title: str | None = None) -> Pat
         colour = COLOURS.get(strategy, "black")
         ax.plot(x, mean, marker="o", markersize=3, color=colour, label=strategy)
         ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=colour, alpha=0.15)
+        if report.get("control") and rounds and rounds[0].get("control_accuracy"):
+            control = [100 * report["control"]["before"]["accuracy"]] + [100 * r["control_accuracy"]["mean"] for r in rounds]
+            ax.plot(x, control, linestyle="--", color=colour, alpha=0.8, label=f"{strategy}, control set")
     ax.set_xlabel("round (optimiser steps on the chosen points)")
     ax.set_ylabel("evaluation accuracy (%)")
     ax.set_title(title or f"Error correction, {report['settings']['trials']} trial(s), mean ± std", fontsize=10)

@@ -33,7 +33,7 @@ from ...errors import CancelledError
 from ...progress import ProgressCallback
 from ..examples import ExampleSet, encode_examples, evaluate, training_set
 from .config import CorrectionConfig
-from .report import by_label, changed_examples, gold_labels, outcome, strategy_summary
+from .report import by_label, changed_examples, changed_ids, gold_labels, outcome, strategy_summary
 from .selection import RoundInfluence, choose, round_influence
 from .stepping import ParameterUpdate, WeightsKeyedCache
 
@@ -75,10 +75,15 @@ def correct(
     config: CorrectionConfig = CorrectionConfig(),
     solver: Solver = SolverConfig(),
     pool: Sequence[Example] | None = None,
+    control: Sequence[Example] | None = None,
     cache: TensorCache | None = None,
     on_progress: ProgressCallback | None = None,
 ) -> Correction:
-    """Run every strategy for every trial, round by round; the parameters are restored when this returns."""
+    """Run every strategy for every trial, round by round; the parameters are restored when this returns.
+
+    ``control``, when given, is a second evaluation set (say, held-out data of every
+    label) measured after every round too: what the correction costs outside the slice.
+    """
     if any(q.label is None for q in anchors):
         raise ValueError("every anchor needs its correct label")
     if not evaluation:
@@ -95,6 +100,9 @@ def correct(
     anchor_set = encode_examples(engine, [Example(q.text, q.text_pair, q.label) for q in anchor_queries])
     labels, gold = engine.classifier.labels, gold_labels(eval_set)
     before_eval, before_anchor = evaluate(engine, eval_set), evaluate(engine, anchor_set)
+    control_set = encode_examples(engine, control, stage="encoding control set") if control else None
+    before_control = evaluate(engine, control_set) if control_set else None
+    control_gold = gold_labels(control_set) if control_set else None
     clock.add("prepare", started)
 
     trials: dict[str, list[dict]] = {s: [] for s in config.strategies}
@@ -136,6 +144,7 @@ def correct(
                     clock.add("stepping", since)
                     since = time.perf_counter()
                     after = evaluate(engine, eval_set)
+                    after_control = evaluate(engine, control_set) if control_set else None
                     clock.add("evaluation", since)
                     used.extend(chosen.indices)
                     rounds.append({
@@ -144,14 +153,16 @@ def correct(
                                    zip(chosen.indices, chosen.scores or [None] * len(chosen.indices))],
                         "points_used": len(chosen.indices), "points_available": chosen.available,
                         "s_test_norm": influence.s_test_norm if influence else None,
-                        **outcome(before_eval, after, gold, labels),
+                        **outcome(before_eval, after, gold, labels), **changed_ids(before_eval, after, gold),
+                        "control": outcome(before_control, after_control, control_gold, labels) if control_set else None,
                     })
                     done += 1
                     if on_progress and on_progress("correction", done, total):
                         raise CancelledError("cancelled during correction")
                 after_anchor = evaluate(engine, anchor_set)
                 final = {**outcome(before_eval, after, gold, labels), "anchor_accuracy": after_anchor.accuracy,
-                         "anchor_loss": after_anchor.loss, **changed_examples(before_eval, after, eval_set, labels)}
+                         "anchor_loss": after_anchor.loss, **changed_examples(before_eval, after, eval_set, labels),
+                         "control": outcome(before_control, after_control, control_gold, labels) if control_set else None}
                 if trial == 0:
                     corrected[strategy] = update.values()
                 trials[strategy].append({"trial": trial, "seed": seed, "points": used, "rounds": rounds, "final": final})
@@ -163,6 +174,8 @@ def correct(
         "candidates": {"source": "train" if pool is None else "pool", "size": len(candidates), "k": config.k},
         "anchors": {"count": len(anchors), "per_round": per_round, "before": before_anchor.summary()},
         "evaluation": {"size": len(eval_set), "before": {**before_eval.summary(), **by_label(before_eval, gold, labels)}},
+        "control": {"size": len(control_set), "before": {**before_control.summary(),
+                                                         **by_label(before_control, control_gold, labels)}} if control_set else None,
         "settings": {"rounds": config.rounds, "anchors_per_round": per_round, "num_points": config.num_points,
                      "lr": config.lr, "steps": config.steps, "optimizer": config.optimizer,
                      "params": config.params if isinstance(config.params, str) else list(config.params),

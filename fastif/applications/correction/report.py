@@ -42,6 +42,13 @@ def outcome(before: Evaluation, after: Evaluation, gold: np.ndarray, labels: Seq
     }
 
 
+def changed_ids(before: Evaluation, after: Evaluation, gold: np.ndarray) -> dict:
+    """Positions in the evaluation set of every example fixed and broken."""
+    right_before, right_after = before.predictions == gold, after.predictions == gold
+    return {"fixed_ids": np.flatnonzero(right_after & ~right_before).tolist(),
+            "broken_ids": np.flatnonzero(right_before & ~right_after).tolist()}
+
+
 def changed_examples(before: Evaluation, after: Evaluation, data: ExampleSet, labels: Sequence[str],
                      limit: int = LISTED_EXAMPLES) -> dict:
     """The first ``limit`` examples fixed and broken, with their predictions before and after."""
@@ -77,4 +84,11 @@ def strategy_summary(trials: list[dict]) -> dict:
     rounds = len(trials[0]["rounds"])
     by_round = [{"round": r, **{field: summary([t["rounds"][r][field] for t in trials])
                                 for field in ("accuracy", "loss", "delta_accuracy")}} for r in range(rounds)]
-    return {**{field: summary([t["final"][field] for t in trials]) for field in FINAL_FIELDS}, "by_round": by_round}
+    if trials[0]["rounds"][0].get("control") is not None:
+        for r, entry in enumerate(by_round):
+            entry["control_accuracy"] = summary([t["rounds"][r]["control"]["accuracy"] for t in trials])
+    control = None
+    if trials[0]["final"].get("control") is not None:
+        control = {field: summary([t["final"]["control"][field] for t in trials]) for field in ("accuracy", "delta_accuracy")}
+    return {**{field: summary([t["final"][field] for t in trials]) for field in FINAL_FIELDS}, "by_round": by_round,
+            "control": control}
