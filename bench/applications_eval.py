@@ -201,8 +201,9 @@ def main() -> None:
     results["correction"] = []
     for setting in ([] if args.skip_correction else args.settings.split(",")):
         lr, steps = setting.split("x")
+        # Single-shot (one round on every anchor); bench/correct.py runs FastIF's iterative protocol.
         config = CorrectionConfig(num_points=args.points, lr=float(lr), steps=int(steps), trials=args.trials,
-                                  seed=args.seed, k=args.k)
+                                  seed=args.seed, k=args.k, rounds=1, anchors_per_round=len(anchors))
         for source, candidates in (("train", None), ("pool", pool)):
             clock = time.perf_counter()
             outcome = correct(engine, anchors, evaluation, config=config, solver=solver, pool=candidates)
