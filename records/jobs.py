@@ -18,6 +18,7 @@ from api_schemas import TERMINAL_STATUSES, ErrorInfo, Job, Progress
 
 from . import _scripts, keys
 from ._codec import optional_int, text, text_dict, timestamp
+from ._hash_store import HashRecordStore
 from .errors import IdempotencyConflict, JobNotCancellable, JobNotFound, QueueFull
 
 # Fields the stores own; the generic `hset` refuses them so workers cannot break the state machine.
@@ -29,12 +30,15 @@ RESERVED_FIELDS = frozenset(
 _LIST_CHUNK = 200
 
 
-class JobStore:
-    """Create, advance, cancel and read job records and their results."""
+class JobStore(HashRecordStore[Job]):
+    """Create, advance, cancel and read job records and their results.
+
+    get(job_id) and require(job_id) (JobNotFound) come from HashRecordStore.
+    """
 
     def __init__(self, client: redis.Redis, *, result_ttl_s: int = 7 * 86400) -> None:
         """Bind to a redis client; finished jobs and results live `result_ttl_s` seconds."""
-        self.redis = client
+        super().__init__(client, keys.job, _to_job, JobNotFound)
         self.result_ttl_s = result_ttl_s
         self._create = client.register_script(_scripts.CREATE_JOB)
         self._start = client.register_script(_scripts.START_DELIVERY)
@@ -92,7 +96,7 @@ class JobStore:
             )
             outcome = text(outcome)
             if outcome == "ok":
-                return self._require(job_id), True
+                return self.require(job_id), True
             if outcome == "full":
                 raise QueueFull(f"{max_queued} jobs are already queued; retry later")
             previous = json.loads(text(existing) or "{}")
@@ -106,11 +110,6 @@ class JobStore:
         raise RuntimeError("could not create the job")  # pragma: no cover - needs a racing deleter
 
     # -- reading ----------------------------------------------------------------------------
-
-    def get(self, job_id: str) -> Job | None:
-        """The job, or None if it does not exist (or has expired)."""
-        raw = self.redis.hgetall(keys.job(job_id))
-        return _to_job(text_dict(raw)) if raw else None
 
     def request(self, job_id: str) -> dict[str, Any]:
         """The request the job was created with; raises JobNotFound."""
@@ -261,7 +260,7 @@ class JobStore:
             raise JobNotFound(job_id)
         if outcome == "finished":
             raise JobNotCancellable(job_id)
-        return self._require(job_id)
+        return self.require(job_id)
 
     # -- internals --------------------------------------------------------------------------
 
@@ -271,13 +270,6 @@ class JobStore:
             keys=[keys.job(job_id), keys.JOBS_QUEUED],
             args=[job_id, status, repr(time.time()), self.result_ttl_s, *fields],
         ))
-
-    def _require(self, job_id: str) -> Job:
-        """get() that raises JobNotFound."""
-        job = self.get(job_id)
-        if job is None:
-            raise JobNotFound(job_id)
-        return job
 
 
 def _to_job(fields: dict[str, str]) -> Job:

@@ -34,6 +34,12 @@ def job(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}"
 
 
+def shard_state(job_id: str, *parts: object) -> str:
+    """A parallel influence job's shard bookkeeping, `fastif:job:{id}:{part}:…`: which shards were
+    sent and are done, each shard's s_test and scores, the average, who merges (all expire with the results)."""
+    return ":".join([job(job_id), *map(str, parts)])
+
+
 def results(job_id: str) -> str:
     """List of a job's result items as JSON strings, in input order."""
     return f"{PREFIX}:results:{job_id}"

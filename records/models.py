@@ -12,16 +12,21 @@ from api_schemas import ErrorInfo, Model, ModelCreate
 
 from . import _scripts, keys
 from ._codec import optional_int, text, text_dict, timestamp
+from ._hash_store import HashRecordStore
+from .errors import ModelNotFound
 
 _DELETE_BATCH = 500
 
 
-class ModelStore:
-    """Create, advance, read and delete model records (`fastif:model:{id}`)."""
+class ModelStore(HashRecordStore[Model]):
+    """Create, advance, read and delete model records (`fastif:model:{id}`).
+
+    get(model_id) and require(model_id) (ModelNotFound) come from HashRecordStore.
+    """
 
     def __init__(self, client: redis.Redis) -> None:
         """Bind to a redis client."""
-        self.redis = client
+        super().__init__(client, keys.model, _to_model, ModelNotFound)
         self._hset = client.register_script(_scripts.HSET_EXISTING)
 
     def create(self, request: ModelCreate) -> Model:
@@ -62,11 +67,6 @@ class ModelStore:
     def set_failed(self, model_id: str, code: str, message: str) -> bool:
         """The build failed with error {code, message}; False if the model is gone."""
         return self._update(model_id, {"status": "failed", "error_code": code, "error_message": message})
-
-    def get(self, model_id: str) -> Model | None:
-        """The model, or None if it does not exist."""
-        raw = self.redis.hgetall(keys.model(model_id))
-        return _to_model(text_dict(raw)) if raw else None
 
     def list(self, limit: int = 100) -> list[Model]:
         """The newest models first; forgets ids whose record is gone."""

@@ -10,6 +10,8 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+# The folder of worker state under the data root when FASTIF_STATE_DIR is unset.
+DEFAULT_STATE_DIR_NAME = ".fastif"
 
 
 class Settings(BaseSettings):
@@ -29,7 +31,8 @@ class Settings(BaseSettings):
     cache_ttl_s: int = Field(default=86400, ge=1)
     max_deliveries: int = Field(default=3, ge=1)
     max_queued_jobs: int = Field(default=1000, ge=1)
-    # Where workers keep indices and features; defaults to <data_root>/.fastif.
+    # Where workers keep indices, features and pictures, as configured; read `state_root`, which
+    # applies the default (<data_root>/.fastif) even on a copy made without validation.
     state_dir: Path | None = None
     # Longer than the longest job, or the broker redelivers a message that is still running.
     visibility_timeout_s: int = Field(default=6 * 3600, ge=1)
@@ -47,10 +50,14 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _default_state_dir(self) -> Settings:
-        """Put worker state under the data root unless told otherwise."""
-        if self.state_dir is None:
-            self.state_dir = self.data_root / ".fastif"
+        """Put worker state under the data root unless told otherwise (the field then reads as `state_root`)."""
+        self.state_dir = self.state_root
         return self
+
+    @property
+    def state_root(self) -> Path:
+        """The folder of worker state: FASTIF_STATE_DIR, else `<data_root>/.fastif`."""
+        return self.state_dir if self.state_dir is not None else self.data_root / DEFAULT_STATE_DIR_NAME
 
     @property
     def effective_redis_url(self) -> str:

@@ -9,23 +9,21 @@ from __future__ import annotations
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import problem_response
+from .http_middleware import HTTPMiddleware
 
 
 class _BodyTooLarge(Exception):
     """Raised from receive() once the streamed body passes the limit."""
 
 
-class BodySizeLimitMiddleware:
+class BodySizeLimitMiddleware(HTTPMiddleware):
     """413 body-too-large for any HTTP request body longer than `max_bytes`."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
+        super().__init__(app)
         self.max_bytes = max_bytes
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         declared = _content_length(scope)
         if declared is not None and declared > self.max_bytes:
             await self._refuse(scope, receive, send)

@@ -15,6 +15,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from records.heartbeat import alive_workers
 from records.jobs import JobStore
 
+from .http_middleware import HTTPMiddleware
+
 # Requests that matched no route share one label, so random URLs cannot explode cardinality.
 UNMATCHED = "<unmatched>"
 
@@ -61,17 +63,14 @@ class Metrics:
         self.registry.register(StateCollector(jobs))
 
 
-class MetricsMiddleware:
+class MetricsMiddleware(HTTPMiddleware):
     """Pure ASGI middleware that counts and times every HTTP request."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
+        super().__init__(app)
         self.metrics = metrics
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         status = 500  # if the app raises before answering, ServerErrorMiddleware sends a 500
         start = time.perf_counter()
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path, PurePath
+from pathlib import Path
+
+from records.paths import OutsideRoot, resolve_inside
 
 from .errors import ProblemError
 
@@ -15,27 +17,18 @@ def resolve_in_root(data_root: Path, raw: str, field: str) -> str:
     The detail never echoes the server's absolute layout.
     """
     loc = ["body", *field.split(".")]
-    outside = ProblemError(
-        "path-outside-data-root",
-        f"{field} {raw!r} is not inside the data root",
-        errors=[{"loc": loc, "msg": "path outside the data root", "type": "path_outside_data_root"}],
-    )
-    if "\x00" in raw or ".." in PurePath(raw).parts:
-        raise outside
-    root = data_root.resolve()
-    candidate = Path(raw) if Path(raw).is_absolute() else root / raw
     try:
-        # resolve() follows every symlink, so a link inside the root that points out is caught here.
-        resolved = candidate.resolve()
-    except (OSError, RuntimeError):  # symlink loops and the like
-        raise outside from None
-    if not resolved.is_relative_to(root):
-        raise outside
+        resolved = resolve_inside(data_root, raw)
+    except OutsideRoot:
+        raise ProblemError(
+            "path-outside-data-root",
+            f"{field} {raw!r} is not inside the data root",
+            errors=[{"loc": loc, "msg": "path outside the data root", "type": "path_outside_data_root"}],
+        ) from None
     if not resolved.exists():
         raise ProblemError(
             "path-not-found",
             f"{field} {raw!r} does not exist in the data root",
             errors=[{"loc": loc, "msg": "path not found", "type": "path_not_found"}],
         )
-    relative = resolved.relative_to(root).as_posix()
-    return relative
+    return resolved.relative_to(data_root.resolve()).as_posix()

@@ -14,6 +14,7 @@ import threading
 import redis
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
+from records import keys
 from records.celery_app import BUILD_MODEL, CORRECT, EXPLAIN, GRAPH, INFLUENCE, QUALITY, SELF_INFLUENCE, make_celery
 from records.heartbeat import beat
 from records.settings import get_settings
@@ -123,7 +124,7 @@ def _stop_heartbeat(**_kwargs) -> None:
     if _heartbeat is not None:
         _heartbeat.stop.set()
         try:
-            context().redis.delete(f"fastif:worker:{_heartbeat.hostname}")
+            context().redis.delete(keys.worker(_heartbeat.hostname))
         except redis.RedisError:
             pass
 

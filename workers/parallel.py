@@ -22,6 +22,7 @@ from api_schemas import InfluenceRequest
 from fastif import CancelledError, FastIFError, Influence
 from fastif.config import SolverConfig
 from fastif.report import result_items
+from records.keys import shard_state
 
 from .context import WorkerContext, context
 from .configs import queries_of, solver_config
@@ -31,10 +32,6 @@ from .runner import JobFailed, JobRun, ProgressReporter, wait_for_redis
 STEST_SHARD = "fastif.stest_shard"
 SCORE_SHARD = "fastif.score_shard"
 TERMINAL = ("succeeded", "failed", "cancelled")
-
-
-def _key(job_id: str, *parts: object) -> str:
-    return ":".join(["fastif", "job", job_id, *map(str, parts)])
 
 
 def shard_seed_config(request: InfluenceRequest, shard: int) -> SolverConfig:
@@ -50,7 +47,7 @@ def start_parallel(run: JobRun, request: InfluenceRequest, send) -> None:
     client = run.ctx.redis
     job_id = run.job_id
     # A redelivered coordinator must not send the shards twice (they may be running).
-    if not client.set(_key(job_id, "shards_sent"), 1, nx=True, ex=run.ctx.settings.result_ttl_s):
+    if not client.set(shard_state(job_id, "shards_sent"), 1, nx=True, ex=run.ctx.settings.result_ttl_s):
         return
     run.ctx.jobs.hset(job_id, {"shards": request.parallel, "stest_shards_done": 0, "score_shards_done": 0})
     for shard in range(request.parallel):
@@ -118,14 +115,14 @@ def _stest_work(run: JobRun, request: InfluenceRequest, shard: int, send) -> Non
     converged = bool(diagnostics["converged"])
     client = run.ctx.redis_bytes
     ttl = run.ctx.settings.result_ttl_s
-    client.set(_key(run.job_id, "stest", shard), save_tensors({"s_test": s_tests.cpu().contiguous()}), ex=ttl)
-    client.hset(_key(run.job_id, "stest_meta"), str(shard), json.dumps({"converged": converged}))
-    client.expire(_key(run.job_id, "stest_meta"), ttl)
-    client.sadd(_key(run.job_id, "stest_done"), shard)
-    done = client.scard(_key(run.job_id, "stest_done"))
+    client.set(shard_state(run.job_id, "stest", shard), save_tensors({"s_test": s_tests.cpu().contiguous()}), ex=ttl)
+    client.hset(shard_state(run.job_id, "stest_meta"), str(shard), json.dumps({"converged": converged}))
+    client.expire(shard_state(run.job_id, "stest_meta"), ttl)
+    client.sadd(shard_state(run.job_id, "stest_done"), shard)
+    done = client.scard(shard_state(run.job_id, "stest_done"))
     run.ctx.jobs.hset(run.job_id, {"stest_shards_done": done})
     # Exactly one shard starts the scoring: the one that wins this SETNX once the set is full.
-    if done >= request.parallel and client.set(_key(run.job_id, "scoring_started"), 1, nx=True, ex=ttl):
+    if done >= request.parallel and client.set(shard_state(run.job_id, "scoring_started"), 1, nx=True, ex=ttl):
         _average_and_cache(run, request, engine, plan, cache)
         for w in range(request.parallel):
             send(SCORE_SHARD, [run.job_id, w])
@@ -133,12 +130,12 @@ def _stest_work(run: JobRun, request: InfluenceRequest, shard: int, send) -> Non
 
 def _average_and_cache(run: JobRun, request, engine, plan, cache) -> None:
     client = run.ctx.redis_bytes
-    shards = [load_tensors(client.get(_key(run.job_id, "stest", w)))["s_test"] for w in range(request.parallel)]
+    shards = [load_tensors(client.get(shard_state(run.job_id, "stest", w)))["s_test"] for w in range(request.parallel)]
     averaged = sum(shards) / len(shards)
     solver_key = {**solver_config(request).cache_identity(), **averaged_key(request)}
     for row, key in enumerate(plan.keys):
         cache.put("s_test", {**key, **solver_key}, averaged[row])
-    client.set(_key(run.job_id, "stest_avg"), save_tensors({"s_test": averaged.contiguous()}),
+    client.set(shard_state(run.job_id, "stest_avg"), save_tensors({"s_test": averaged.contiguous()}),
                ex=run.ctx.settings.result_ttl_s)
 
 
@@ -151,7 +148,7 @@ def _score_work(run: JobRun, request: InfluenceRequest, shard: int) -> None:
     model = ready_model(run, request.model_id)
     engine, cache = engine_and_cache(run, model)
     client = run.ctx.redis_bytes
-    averaged = load_tensors(client.get(_key(run.job_id, "stest_avg")))["s_test"]
+    averaged = load_tensors(client.get(shard_state(run.job_id, "stest_avg")))["s_test"]
     plan = engine.plan(queries_of(request), request.group, cache)
     clock = time.perf_counter()
     parts = []
@@ -161,19 +158,19 @@ def _score_work(run: JobRun, request: InfluenceRequest, shard: int) -> None:
     scores = [s.tolist() for s in engine.score_rows(averaged, parts, on_progress=run.progress)]
     payload = {"scores": scores, "seconds": time.perf_counter() - clock}
     ttl = run.ctx.settings.result_ttl_s
-    client.set(_key(run.job_id, "scores", shard), json.dumps(payload), ex=ttl)
-    client.sadd(_key(run.job_id, "score_done"), shard)
-    done = client.scard(_key(run.job_id, "score_done"))
+    client.set(shard_state(run.job_id, "scores", shard), json.dumps(payload), ex=ttl)
+    client.sadd(shard_state(run.job_id, "score_done"), shard)
+    done = client.scard(shard_state(run.job_id, "score_done"))
     run.ctx.jobs.hset(run.job_id, {"score_shards_done": done})
-    if done >= request.parallel and client.set(_key(run.job_id, "merged"), 1, nx=True, ex=ttl):
+    if done >= request.parallel and client.set(shard_state(run.job_id, "merged"), 1, nx=True, ex=ttl):
         _merge(run, request, engine, plan, averaged)
 
 
 def _merge(run: JobRun, request: InfluenceRequest, engine, plan, averaged) -> None:
     """The last scoring shard: concatenate the slices in order and store the job's results."""
     client = run.ctx.redis_bytes
-    parts = [json.loads(client.get(_key(run.job_id, "scores", w))) for w in range(request.parallel)]
-    meta = client.hgetall(_key(run.job_id, "stest_meta"))
+    parts = [json.loads(client.get(shard_state(run.job_id, "scores", w))) for w in range(request.parallel)]
+    meta = client.hgetall(shard_state(run.job_id, "stest_meta"))
     converged = all(json.loads(v)["converged"] for v in meta.values())
     influences = []
     for row in range(len(plan.vectors)):

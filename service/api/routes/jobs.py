@@ -44,10 +44,7 @@ def list_jobs(
 @router.get("/{job_id}", response_model=Job)
 def get_job(job_id: str, jobs: JobsDep) -> Job:
     """The job's status, progress, times and error."""
-    job = jobs.get(job_id)
-    if job is None:
-        raise ProblemError("job-not-found", f"no job {job_id}")
-    return job
+    return jobs.require(job_id)  # JobNotFound -> 404 job-not-found
 
 
 @router.get("/{job_id}/results", response_model=ResultsPage)
@@ -58,9 +55,7 @@ def get_results(
     limit: Limit = 50,
 ) -> ResultsPage:
     """Result items [offset, offset+limit) in input order; 409 until the job has succeeded."""
-    job = jobs.get(job_id)
-    if job is None:
-        raise ProblemError("job-not-found", f"no job {job_id}")
+    job = jobs.require(job_id)
     if job.status != "succeeded":
         raise ProblemError("job-not-finished", f"job {job_id} is {job.status}; results exist once it succeeds")
     total, items = jobs.results(job_id, offset, limit)

@@ -11,7 +11,6 @@ from records.celery_app import BUILD_MODEL
 from records.errors import JobNotCancellable, JobNotFound, QueueFull
 
 from ...enqueue import send_job_task
-from ...errors import ProblemError
 from ...paths import resolve_in_root
 from ..deps import CeleryDep, JobsDep, ModelsDep, SettingsDep
 
@@ -55,18 +54,13 @@ def list_models(models: ModelsDep, limit: Annotated[int, Query(ge=1, le=1000)] =
 @router.get("/{model_id}", response_model=Model)
 def get_model(model_id: str, models: ModelsDep) -> Model:
     """One model and the state of its build."""
-    model = models.get(model_id)
-    if model is None:
-        raise ProblemError("model-not-found", f"no model {model_id}")
-    return model
+    return models.require(model_id)  # ModelNotFound -> 404 model-not-found
 
 
 @router.delete("/{model_id}", status_code=204, response_class=Response)
 def delete_model(model_id: str, models: ModelsDep, jobs: JobsDep) -> Response:
     """Forget the model and its Redis caches; a build in progress is cancelled."""
-    model = models.get(model_id)
-    if model is None:
-        raise ProblemError("model-not-found", f"no model {model_id}")
+    model = models.require(model_id)
     if model.status == "building" and model.build_job_id:
         try:
             jobs.request_cancel(model.build_job_id)

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import math
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter
 
-from api_schemas import Job, Model, QualityJobRequest, QualityRequest
+from api_schemas import Job, QualityJobRequest, QualityRequest
 from api_schemas.quality import MIN_TRAIN_SAMPLE
 from records.celery_app import QUALITY
 
 from ...errors import ProblemError
 from ...paths import resolve_in_root
-from ..deps import CeleryDep, JobsDep, ModelsDep, SettingsDep
-from .applications import IdempotencyKey, _check_inputs, _check_labels, _many, _ready_model, _start
+from ..deps import SettingsDep
+from ..starting import ReadyModel, StartJob, check_inputs, check_labels
 
 router = APIRouter(prefix="/v1/models", tags=["quality"])
 
@@ -47,19 +47,19 @@ def check_sizes(body: QualityRequest, num_train: int | None) -> None:
 
 
 @router.post("/{model_id}/quality", status_code=202, response_model=Job)
-def start_quality(model_id: str, body: QualityRequest, response: Response, settings: SettingsDep, models: ModelsDep,
-                  jobs: JobsDep, celery: CeleryDep, idempotency_key: IdempotencyKey = None) -> Job:
+def start_quality(model_id: str, body: QualityRequest, settings: SettingsDep, ready_model: ReadyModel,
+                  start_job: StartJob) -> Job:
     """Measure the model's influence scores against retraining: the LDS of each solver configuration,
     retraining noise, kNN recall and solver agreement. The report also lands on the model record."""
     if body.held_out is not None:
-        _check_inputs(body.held_out, "held_out", _many(settings))
-    model: Model = _ready_model(models, model_id)
+        check_inputs(body.held_out, "held_out", settings, inline_set=True)
+    model = ready_model(model_id)
     check_sizes(body, model.num_train)
     if body.held_out is not None:
-        _check_labels(body.held_out, "held_out", model)
+        check_labels(body.held_out, "held_out", model)
     else:
         assert body.held_out_from is not None
         path = resolve_in_root(settings.data_root, body.held_out_from.path, "held_out_from.path")
         body = body.model_copy(update={"held_out_from": body.held_out_from.model_copy(update={"path": path})})
     job_request = QualityJobRequest.model_validate({**body.model_dump(mode="json"), "model_id": model.id})
-    return _start("quality", QUALITY, job_request, model, response, settings, jobs, celery, idempotency_key)
+    return start_job("quality", QUALITY, job_request, model)

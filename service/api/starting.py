@@ -1,0 +1,133 @@
+"""Starting a job: the one way every job route checks its request, records the job and sends its task.
+
+A job route takes its checks from here in the order of its body: the sizes (413), the model
+through `ReadyModel` (404 model-not-found, 409 model-not-ready), the labels against that model
+(422 unknown-label), and then hands the checked body to `StartJob`. That records the job, or
+finds the one the same Idempotency-Key made (429 queue-full past FASTIF_MAX_QUEUED_JOBS), sends
+its task by name when the job is new (503 when the broker is down), and sets the Location.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from fastapi import Depends, Header, Response
+from pydantic import BaseModel
+
+from api_schemas import ExplainRequest, GraphRequest, InfluenceRequest, Job, Model
+from records.settings import Settings
+
+from ..enqueue import send_job_task
+from ..errors import ProblemError
+from .deps import CeleryDep, JobsDep, ModelsDep, SettingsDep
+
+# Visible ASCII only: the key becomes part of a Redis key name and of log lines.
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+# Inline example sets (correct's anchors and evaluation, quality's held-out examples) may hold
+# this many times the inputs limit; the body limit still applies.
+INLINE_SET_FACTOR = 100
+
+
+def idempotency_key(key: Annotated[str | None, Header(alias="Idempotency-Key")] = None) -> str | None:
+    """The Idempotency-Key header; 422 invalid-request unless it is 1-255 visible ASCII characters."""
+    if key is not None and not _IDEMPOTENCY_KEY.match(key):
+        raise ProblemError("invalid-request", "Idempotency-Key must be 1-255 visible ASCII characters",
+                           errors=[{"loc": ["header", "Idempotency-Key"], "msg": "invalid", "type": "value_error"}])
+    return key
+
+
+IdempotencyKey = Annotated[str | None, Depends(idempotency_key)]
+
+
+class ReadyModelLookup:
+    """The model a job is to run on, by id: 404 model-not-found unless it exists, 409 model-not-ready
+    unless its build has finished.
+
+    A dependency that looks up on call, because most routes find the model's id in their body,
+    which their own size checks read first.
+    """
+
+    def __init__(self, models: ModelsDep) -> None:
+        self.models = models
+
+    def __call__(self, model_id: str) -> Model:
+        model = self.models.require(model_id)  # ModelNotFound -> 404 model-not-found
+        if model.status != "ready":
+            raise ProblemError("model-not-ready", f"model {model.id} is {model.status}")
+        return model
+
+
+ReadyModel = Annotated[ReadyModelLookup, Depends()]
+
+
+def check_inputs(items: list[Any], where: str, settings: Settings, *, inline_set: bool = False) -> None:
+    """413 when there are more inputs, or longer texts, than this service accepts.
+
+    `where` names the list in the body (`inputs`, `evaluation.examples`); an inline example set
+    (`inline_set`) may hold INLINE_SET_FACTOR times FASTIF_MAX_INPUTS.
+    """
+    max_items = settings.max_inputs * (INLINE_SET_FACTOR if inline_set else 1)
+    if len(items) > max_items:
+        raise ProblemError("too-many-inputs", f"{len(items)} {where}; at most {max_items} per request")
+    for i, item in enumerate(items):
+        for field in ("text", "text_pair"):
+            value = getattr(item, field)
+            if value is not None and len(value) > settings.max_text_chars:
+                raise ProblemError(
+                    "text-too-long", f"{where}[{i}].{field} has {len(value)} characters; at most {settings.max_text_chars}",
+                    errors=[{"loc": ["body", where, i, field], "msg": "too long", "type": "text_too_long"}],
+                )
+
+
+def check_labels(items: list[Any], where: str, model: Model) -> None:
+    """422 unknown-label unless every given label names, or indexes, one of the model's labels."""
+    if model.labels is None:
+        return
+    for i, item in enumerate(items):
+        label = item.label
+        if label is None:
+            continue
+        known = label in model.labels if isinstance(label, str) else 0 <= label < len(model.labels)
+        if not known:
+            raise ProblemError(
+                "unknown-label", f"{where}[{i}].label {label!r} is not one of {model.labels}",
+                errors=[{"loc": ["body", where, i, "label"], "msg": "unknown label", "type": "unknown_label"}],
+            )
+
+
+class JobStarter:
+    """Records a checked job request and sends its task; call it last in a job route.
+
+    The Idempotency-Key is checked when the dependency is built, before the route's own checks.
+    """
+
+    def __init__(self, response: Response, settings: SettingsDep, jobs: JobsDep, celery: CeleryDep,
+                 idempotency_key: IdempotencyKey) -> None:
+        self.response = response
+        self.settings = settings
+        self.jobs = jobs
+        self.celery = celery
+        self.idempotency_key = idempotency_key
+
+    def __call__(self, kind: str, task: str, body: BaseModel, model: Model) -> Job:
+        """The job of `kind` on `model` for `body` (new, or the replay of the same key and body)."""
+        job, created = self.jobs.create_or_replay(kind, model.id, body.model_dump(mode="json"), self.idempotency_key,
+                                                  max_queued=self.settings.max_queued_jobs)
+        if created:
+            send_job_task(self.celery, self.jobs, task, [job.id], job.id)
+            job = self.jobs.get(job.id) or job  # a worker may already have picked it up
+        self.response.headers["Location"] = f"/v1/jobs/{job.id}"
+        return job
+
+
+StartJob = Annotated[JobStarter, Depends()]
+
+
+def start_inputs_job(kind: str, task: str, body: InfluenceRequest | ExplainRequest | GraphRequest,
+                     settings: Settings, ready_model: ReadyModelLookup, start_job: JobStarter) -> Job:
+    """The job of a body that names a model and lists `inputs`: their sizes, the model, their labels, start."""
+    check_inputs(body.inputs, "inputs", settings)
+    model = ready_model(body.model_id)
+    check_labels(body.inputs, "inputs", model)
+    return start_job(kind, task, body, model)
