@@ -15,11 +15,14 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from api_schemas import Problem
+from api_schemas import CorrectionReport, ExplainItem, GraphResult, Problem, QualityReport, ResultItem, SelfInfluenceItem
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 _PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 _METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
+# The result items of each job kind: `ResultsPage.items` is a list of one of these (by the job's
+# `kind`), so they are documented as components for clients to validate against.
+RESULT_ITEMS = (ResultItem, ExplainItem, GraphResult, CorrectionReport, SelfInfluenceItem, QualityReport)
 # Routes that touch nothing (no Redis): they cannot answer 503.
 _NO_BACKEND = {"/healthz"}
 
@@ -56,13 +59,24 @@ def add_problem_responses(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
+def add_result_items(schema: dict[str, Any]) -> dict[str, Any]:
+    """The result item models as components (no route returns them directly)."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for model in RESULT_ITEMS:
+        item = model.model_json_schema(ref_template="#/components/schemas/{model}", mode="serialization")
+        for name, definition in item.pop("$defs", {}).items():
+            components.setdefault(name, definition)
+        components.setdefault(model.__name__, item)
+    return schema
+
+
 def document_problems(app: FastAPI) -> None:
     """Make `app.openapi()` describe the problem+json errors the app really answers."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = add_problem_responses(generate())
+            app.openapi_schema = add_result_items(add_problem_responses(generate()))
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

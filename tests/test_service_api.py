@@ -613,3 +613,17 @@ def test_the_app_recovers_when_redis_comes_back(redis_process, unused_tcp_port: 
         # The very first call after the restart succeeds: no restart of the API needed.
         assert client.get("/v1/jobs").status_code == 200
         assert client.post("/v1/models", json=MODEL_BODY).status_code == 202
+
+
+def test_the_openapi_document_describes_every_kind_of_result_item(client: TestClient) -> None:
+    """Clients validate result items against these components; each is the api_schemas model the workers validate with."""
+    from api_schemas import CorrectionReport
+
+    components = client.get("/openapi.json").json()["components"]["schemas"]
+    for name in ("ResultItem", "ExplainItem", "GraphResult", "CorrectionReport", "SelfInfluenceItem", "QualityReport"):
+        assert components[name]["type"] == "object", name
+    report = components["CorrectionReport"]["properties"]
+    assert set(report) == set(CorrectionReport.model_fields)
+    strategy = components["StrategyReport"]["properties"]
+    assert {"by_round", "trials", "delta_accuracy", "control"} <= set(strategy)
+    assert components["RoundReport"]["properties"]["confusion"]["type"] == "array"

@@ -36,6 +36,7 @@ from fastif.applications import (
 )
 from records.celery_app import BUILD_MODEL
 from records.keys import job as job_key
+from records.paths import OutsideRoot, resolve_inside
 
 from .configs import solver_config
 from .influence import engine_and_cache, ready_model, result_cache_key
@@ -49,18 +50,12 @@ def _queries(inputs) -> list[Query]:
     return [Query(text=i.text, text_pair=i.text_pair, label=i.label) for i in inputs]
 
 
-def _state_dir(run: JobRun) -> Path:
-    settings = run.ctx.settings
-    return Path(settings.state_dir or settings.data_root / ".fastif")
-
-
 def _resolve(run: JobRun, relative: str) -> Path:
     """A path of the request, relative to the data root; refuse anything that escapes it."""
-    root = run.ctx.settings.data_root.resolve()
-    path = (root / relative).resolve()
-    if not path.is_relative_to(root):
-        raise JobFailed("path-outside-data-root", f"{relative!r} is not inside the data root")
-    return path
+    try:
+        return resolve_inside(run.ctx.settings.data_root, relative)
+    except OutsideRoot:
+        raise JobFailed("path-outside-data-root", f"{relative!r} is not inside the data root") from None
 
 
 def _load(run: JobRun, engine: InfluenceEngine, model: Model, ref: DataRef) -> list[Example]:
@@ -113,7 +108,7 @@ def run_graph(run: JobRun) -> list[dict]:
                             on_progress=run.progress)
     run.progress("rendering", 0, 1)
     files = graph_files(run.job_id)
-    state = _state_dir(run)
+    state = run.ctx.settings.state_root
     render(graph, png_path=state / files["png"], svg_path=state / files["svg"],
            title=f"{model.name}: influence of training examples on {len(request.inputs)} input(s)")
     graph["files"] = files
@@ -172,7 +167,7 @@ def run_correct(run: JobRun, send: SendTask) -> list[dict]:
         raise JobFailed("invalid-request", str(err)) from err
     report = outcome.report
     files = correction_files(run.job_id)
-    render_rounds(report, _state_dir(run) / files["png"],
+    render_rounds(report, run.ctx.settings.state_root / files["png"],
                   title=f"{model.name}: accuracy by round, {request.trials} trial(s), mean ± std")
     report.update(files=files, plot=f"/v1/jobs/{run.job_id}/correction.png", saved_model=None)
     if request.save_as is not None:

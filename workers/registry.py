@@ -7,6 +7,7 @@ from pathlib import Path
 
 from api_schemas import Model
 from fastif import DataSpec, IndexConfig, InfluenceEngine, InfluenceSpec
+from records.paths import OutsideRoot, resolve_inside
 from records.settings import Settings
 
 _engines: dict[str, InfluenceEngine] = {}
@@ -15,15 +16,14 @@ _lock = threading.Lock()
 
 def _resolve(settings: Settings, relative: str) -> Path:
     """Records hold paths relative to the data root; refuse anything that escapes it."""
-    root = settings.data_root.resolve()
-    path = (root / relative).resolve()
-    if not path.is_relative_to(root):
-        raise ValueError(f"{relative!r} is outside the data root")
-    return path
+    try:
+        return resolve_inside(settings.data_root, relative)
+    except OutsideRoot:
+        raise ValueError(f"{relative!r} is outside the data root") from None
 
 
 def artefact_dir(settings: Settings) -> Path:
-    return Path(settings.state_dir or settings.data_root / ".fastif") / "artefacts"
+    return settings.state_root / "artefacts"
 
 
 def engine_for(model: Model, settings: Settings) -> InfluenceEngine:

@@ -8,6 +8,7 @@ GET /v1/jobs/{id}/results.
 from __future__ import annotations
 
 from typing import Any
+from pathlib import Path
 
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
@@ -48,6 +49,8 @@ def start_correct(body: CorrectRequest, settings: SettingsDep, ready_model: Read
     else:
         updates["anchors"] = _labelled_set(body.anchors, "anchors", settings, model)
     updates["evaluation"] = _labelled_set(body.evaluation, "evaluation", settings, model)
+    if body.control is not None:
+        updates["control"] = _labelled_set(body.control, "control", settings, model)
     pool = body.candidates.pool
     if pool is not None:
         if isinstance(pool, str):
@@ -59,6 +62,12 @@ def start_correct(body: CorrectRequest, settings: SettingsDep, ready_model: Read
     return start_job("correct", CORRECT, body, model)
 
 
+def _has_content(file: Path) -> bool:
+    """Anything but whitespace in the file's first 64 KiB (a blank file has no examples)."""
+    with file.open("rb") as handle:
+        return bool(handle.read(65536).strip())
+
+
 def _labelled_set(source: EvaluationSet, where: str, settings: Settings, model: Model) -> EvaluationSet:
     """Inline examples checked like inputs; a file resolved inside the data root and refused when empty."""
     if source.path is None:
@@ -67,7 +76,7 @@ def _labelled_set(source: EvaluationSet, where: str, settings: Settings, model: 
         return source
     path = resolve_in_root(settings.data_root, source.path, f"{where}.path")
     file = settings.data_root.resolve() / path
-    if file.is_file() and not file.read_bytes()[:65536].strip():
+    if file.is_file() and not _has_content(file):
         raise ProblemError("empty-data", f"{where}.path {source.path!r} holds no examples",
                            errors=[{"loc": ["body", where, "path"], "msg": "empty file", "type": "empty_data"}])
     return source.model_copy(update={"path": path})
