@@ -89,6 +89,8 @@ def test_each_round_recomputes_influence_on_the_updated_model(task):
     # Round 0 read and wrote the registered model's entries, later rounds entries keyed by their weights.
     weights = {payload.get("weights") for kind, payload in cache.keys if kind == "s_test"}
     assert None in weights and len(weights - {None}) == 2
+    # The updated models' anchor gradients are recomputed, never stored (parameter-sized, per anchor and round).
+    assert not [p for k, p in cache.keys if k == "grad" and "weights" in p]
     # An independent s_test on the registered model equals round 0's.
     plan = engine.plan(anchors, group=True)
     s_test = engine.cached_s_test(plan, EKFAC)[0][0]
@@ -215,6 +217,8 @@ class _DictCache:
 
 def test_weights_keyed_cache_never_returns_another_models_entry():
     inner = _DictCache()
+    WeightsKeyedCache(inner, "a").put("grad", {"x": 1}, torch.ones(2))
+    assert not inner.store and WeightsKeyedCache(inner, "a").get("grad", {"x": 1}) is None
     WeightsKeyedCache(inner, "a").put("s_test", {"x": 1}, torch.ones(2))
     assert WeightsKeyedCache(inner, "b").get("s_test", {"x": 1}) is None
     assert inner.get("s_test", {"x": 1}) is None

@@ -41,6 +41,9 @@ from records.paths import OutsideRoot, resolve_inside
 from .configs import solver_config
 from .influence import engine_and_cache, ready_model, result_cache_key
 from .runner import JobFailed, JobRun
+from .tensor_cache import RedisTensorCache
+
+ROUND_CACHE_TTL_S = 3600  # a correct job's per-round s_test entries (fastif/applications/correction)
 
 SendTask = Callable[[str, list, str], None]
 """``send(task_name, args, task_id)``: publish a task (the Celery app's send_task)."""
@@ -161,8 +164,10 @@ def run_correct(run: JobRun, send: SendTask) -> list[dict]:
             anchors_per_round=request.anchors_per_round, trials=request.trials, seed=request.seed, k=request.candidates.k,
             strategies=tuple(request.strategies), optimizer=request.optimizer,
             params=request.params if isinstance(request.params, str) else tuple(request.params), l2=request.l2)
+        # The updated models' s_test is only worth keeping while a redelivered job could reuse it.
+        round_cache = RedisTensorCache(run.ctx.redis_bytes, cache.model_fp, min(run.ctx.settings.cache_ttl_s, ROUND_CACHE_TTL_S))
         outcome = correct(engine, anchors, evaluation, config=config, solver=solver_config(request), pool=pool,
-                          control=control, cache=cache, on_progress=run.progress)
+                          control=control, cache=cache, round_cache=round_cache, on_progress=run.progress)
     except ValueError as err:  # a pool or file with too few anchors, an empty evaluation file, params below the prefix
         raise JobFailed("invalid-request", str(err)) from err
     report = outcome.report

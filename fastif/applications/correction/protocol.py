@@ -77,12 +77,15 @@ def correct(
     pool: Sequence[Example] | None = None,
     control: Sequence[Example] | None = None,
     cache: TensorCache | None = None,
+    round_cache: TensorCache | None = None,
     on_progress: ProgressCallback | None = None,
 ) -> Correction:
     """Run every strategy for every trial, round by round; the parameters are restored when this returns.
 
     ``control``, when given, is a second evaluation set (say, held-out data of every
     label) measured after every round too: what the correction costs outside the slice.
+    ``cache`` serves the registered model (round 0); ``round_cache`` (default: ``cache``)
+    keeps the updated models' s_test, keyed by their weights.
     """
     if any(q.label is None for q in anchors):
         raise ValueError("every anchor needs its correct label")
@@ -129,9 +132,11 @@ def correct(
                         digest = update.digest()
                         key = (digest, tuple(int(i) for i in drawn))
                         if key not in known:
-                            round_cache = cache if cache is None or digest == update.original_digest else WeightsKeyedCache(cache, digest)
+                            updated = round_cache if round_cache is not None else cache
+                            now = cache if digest == update.original_digest else (
+                                WeightsKeyedCache(updated, digest) if updated is not None else None)
                             known[key] = round_influence(engine, candidates, [anchor_queries[i] for i in drawn], trial_solver,
-                                                         config.k, round_cache, on_progress)
+                                                         config.k, now, on_progress)
                         influence = known[key]
                         converged = converged and bool(influence.diagnostics.get("converged", True))
                         clock.add("influence", since)

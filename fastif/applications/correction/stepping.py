@@ -117,17 +117,22 @@ class ParameterUpdate:
 
 
 class WeightsKeyedCache:
-    """A tensor cache whose every entry also names the weights it was computed with.
+    """A tensor cache for an updated model: its s_test entries also name the weights they were computed with.
 
-    Per-round gradients and s_test of an updated model must never be read as the
-    registered model's (or another round's): the key carries the stepped parameters' digest.
+    Per-round s_test of an updated model must never be read as the registered model's (or
+    another round's), so the key carries the stepped parameters' digest. Only s_test is
+    kept: the anchors' gradients are a few backward passes to redo, and a parameter-sized
+    entry per anchor and round would fill the cache with entries nothing else reads.
     """
+
+    KINDS = ("s_test",)
 
     def __init__(self, inner, digest: str):
         self.inner, self.digest = inner, digest
 
     def get(self, kind: str, payload: dict):
-        return self.inner.get(kind, {**payload, "weights": self.digest})
+        return self.inner.get(kind, {**payload, "weights": self.digest}) if kind in self.KINDS else None
 
     def put(self, kind: str, payload: dict, tensor: torch.Tensor) -> None:
-        self.inner.put(kind, {**payload, "weights": self.digest}, tensor)
+        if kind in self.KINDS:
+            self.inner.put(kind, {**payload, "weights": self.digest}, tensor)
