@@ -25,7 +25,6 @@ from api_schemas import (
 )
 from fastif import DataSpec, Example, InfluenceEngine, Query, load_examples
 from fastif.applications import (
-    CorrectionConfig,
     correct,
     explain,
     influence_graph,
@@ -38,7 +37,7 @@ from records.celery_app import BUILD_MODEL
 from records.keys import job as job_key
 from records.paths import OutsideRoot, resolve_inside
 
-from .configs import solver_config
+from .configs import correction_config, inputs_as_queries, solver_config
 from .influence import engine_and_cache, ready_model, result_cache_key
 from .runner import JobFailed, JobRun
 from .tensor_cache import RedisTensorCache
@@ -47,10 +46,6 @@ ROUND_CACHE_TTL_S = 3600  # a correct job's per-round s_test entries (fastif/app
 
 SendTask = Callable[[str, list, str], None]
 """``send(task_name, args, task_id)``: publish a task (the Celery app's send_task)."""
-
-
-def _queries(inputs) -> list[Query]:
-    return [Query(text=i.text, text_pair=i.text_pair, label=i.label) for i in inputs]
 
 
 def _resolve(run: JobRun, relative: str) -> Path:
@@ -89,7 +84,7 @@ def run_explain(run: JobRun) -> list[dict]:
         return items
     run.progress("loading", 0, 1)
     engine, cache = engine_and_cache(run, model)
-    items = explain(engine, _queries(request.inputs), k=request.k, top=request.top, solver=solver_config(request),
+    items = explain(engine, inputs_as_queries(request.inputs), k=request.k, top=request.top, solver=solver_config(request),
                     cache=cache, on_progress=run.progress)
     run.ctx.redis.set(key, json.dumps(items, separators=(",", ":")), ex=run.ctx.settings.cache_ttl_s)
     return items
@@ -106,7 +101,7 @@ def run_graph(run: JobRun) -> list[dict]:
     model = ready_model(run, request.model_id)
     run.progress("loading", 0, 1)
     engine, cache = engine_and_cache(run, model)
-    graph = influence_graph(engine, _queries(request.inputs), [i.group for i in request.inputs], k=request.k,
+    graph = influence_graph(engine, inputs_as_queries(request.inputs), [i.group for i in request.inputs], k=request.k,
                             top=request.top, threshold=request.threshold, solver=solver_config(request), cache=cache,
                             on_progress=run.progress)
     run.progress("rendering", 0, 1)
@@ -124,7 +119,7 @@ def _labelled(run: JobRun, engine: InfluenceEngine, model: Model, source) -> lis
     """Inline labelled inputs (label names or ids) or the examples of a file, as label ids."""
     inline = source if isinstance(source, list) else source.examples
     if inline is not None:
-        encoded = engine.encode(_queries(inline))  # resolves the labels (names or ids)
+        encoded = engine.encode(inputs_as_queries(inline))  # resolves the labels (names or ids)
         return [Example(e.text, e.text_pair, label) for e, label in zip(inline, encoded.labels_used)]
     return _load(run, engine, model, DataRef(**source.model_dump(exclude={"examples"})))
 
@@ -159,11 +154,7 @@ def run_correct(run: JobRun, send: SendTask) -> list[dict]:
     evaluation = _labelled(run, engine, model, request.evaluation)
     control = _labelled(run, engine, model, request.control) if request.control is not None else None
     try:
-        config = CorrectionConfig(
-            num_points=request.num_points, lr=request.lr, steps=request.steps, rounds=request.rounds,
-            anchors_per_round=request.anchors_per_round, trials=request.trials, seed=request.seed, k=request.candidates.k,
-            strategies=tuple(request.strategies), optimizer=request.optimizer,
-            params=request.params if isinstance(request.params, str) else tuple(request.params), l2=request.l2)
+        config = correction_config(request)
         # The updated models' s_test is only worth keeping while a redelivered job could reuse it.
         round_cache = RedisTensorCache(run.ctx.redis_bytes, cache.model_fp, min(run.ctx.settings.cache_ttl_s, ROUND_CACHE_TTL_S))
         outcome = correct(engine, anchors, evaluation, config=config, solver=solver_config(request), pool=pool,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
-from api_schemas import InfluenceRequest, SolverSettings
+from api_schemas import CorrectRequest, InfluenceInput, InfluenceRequest, SolverSettings
 from fastif import LissaConfig, Query
+from fastif.applications import CorrectionConfig
 from fastif.config import SolverConfig
 
 
@@ -26,4 +28,17 @@ def solver_config(request: SolverSettings, seed_offset: int = 0) -> SolverConfig
 
 
 def queries_of(request: InfluenceRequest) -> list[Query]:
-    return [Query(text=i.text, text_pair=i.text_pair, label=i.label) for i in request.inputs]
+    return inputs_as_queries(request.inputs)
+
+
+def inputs_as_queries(inputs: Sequence[InfluenceInput]) -> list[Query]:
+    return [Query(text=i.text, text_pair=i.text_pair, label=i.label) for i in inputs]
+
+
+def correction_config(request: CorrectRequest) -> CorrectionConfig:
+    """The protocol's knobs of a POST /v1/correct body (fastif/applications/correction)."""
+    return CorrectionConfig(
+        num_points=request.num_points, lr=request.lr, steps=request.steps, rounds=request.rounds,
+        anchors_per_round=request.anchors_per_round, trials=request.trials, seed=request.seed, k=request.candidates.k,
+        strategies=tuple(request.strategies), optimizer=request.optimizer,
+        params=request.params if isinstance(request.params, str) else tuple(request.params), l2=request.l2)
