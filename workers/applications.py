@@ -23,7 +23,7 @@ from api_schemas import (
     ModelCreate,
     SelfInfluenceRequest,
 )
-from fastif import DataSpec, Example, InfluenceEngine, Query, load_examples
+from fastif import Example, InfluenceEngine, Query
 from fastif.applications import (
     correct,
     explain,
@@ -35,9 +35,9 @@ from fastif.applications import (
 )
 from records.celery_app import BUILD_MODEL
 from records.keys import job as job_key
-from records.paths import OutsideRoot, resolve_inside
 
 from .configs import correction_config, inputs_as_queries, solver_config
+from .data_files import load
 from .influence import engine_and_cache, ready_model, result_cache_key
 from .runner import JobFailed, JobRun
 from .tensor_cache import RedisTensorCache
@@ -46,29 +46,6 @@ ROUND_CACHE_TTL_S = 3600  # a correct job's per-round s_test entries (fastif/app
 
 SendTask = Callable[[str, list, str], None]
 """``send(task_name, args, task_id)``: publish a task (the Celery app's send_task)."""
-
-
-def _resolve(run: JobRun, relative: str) -> Path:
-    """A path of the request, relative to the data root; refuse anything that escapes it."""
-    try:
-        return resolve_inside(run.ctx.settings.data_root, relative)
-    except OutsideRoot:
-        raise JobFailed("path-outside-data-root", f"{relative!r} is not inside the data root") from None
-
-
-def _load(run: JobRun, engine: InfluenceEngine, model: Model, ref: DataRef) -> list[Example]:
-    """Examples of a data file, read with the model's training-data fields unless the request says otherwise."""
-    train = model.request.train_data
-    spec = DataSpec(
-        path=str(_resolve(run, ref.path)),
-        text_field=ref.text_field or train.text_field,
-        text_pair_field=ref.text_pair_field if ref.text_field else train.text_pair_field,
-        label_field=ref.label_field or train.label_field,
-        format=ref.format or "auto",
-        quoting=ref.quoting or train.quoting,
-    )
-    examples = load_examples(spec, engine.classifier.label2id)
-    return examples[: ref.limit] if ref.limit else examples
 
 
 # -- explain -------------------------------------------------------------------------------------
@@ -121,7 +98,7 @@ def _labelled(run: JobRun, engine: InfluenceEngine, model: Model, source) -> lis
     if inline is not None:
         encoded = engine.encode(inputs_as_queries(inline))  # resolves the labels (names or ids)
         return [Example(e.text, e.text_pair, label) for e, label in zip(inline, encoded.labels_used)]
-    return _load(run, engine, model, DataRef(**source.model_dump(exclude={"examples"})))
+    return load(run, engine, model, DataRef(**source.model_dump(exclude={"examples"})))
 
 
 def _register_corrected(run: JobRun, model: Model, name: str, folder: Path, send: SendTask) -> dict:
@@ -149,7 +126,7 @@ def run_correct(run: JobRun, send: SendTask) -> list[dict]:
     pool = None
     if request.candidates.pool is not None:
         ref = request.candidates.pool
-        pool = _load(run, engine, model, DataRef(path=ref) if isinstance(ref, str) else ref)
+        pool = load(run, engine, model, DataRef(path=ref) if isinstance(ref, str) else ref)
     anchors = [Query(e.text, e.text_pair, e.label) for e in _labelled(run, engine, model, request.anchors)]
     evaluation = _labelled(run, engine, model, request.evaluation)
     control = _labelled(run, engine, model, request.control) if request.control is not None else None

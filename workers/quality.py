@@ -30,8 +30,8 @@ from fastif import CancelledError, FastIFError, InfluenceEngine, Query
 from fastif.progress import ProgressCallback
 from fastif.quality import RetrainConfig, columnwise_spearman, eval_set, lds, random_subsets, retrained_test_losses
 
-from .applications import _load, _queries
-from .configs import solver_config
+from .configs import inputs_as_queries, solver_config
+from .data_files import load
 from .influence import engine_and_cache, ready_model
 from .runner import JobFailed, JobRun
 
@@ -60,9 +60,9 @@ def sample_masks(num_train: int, sample: np.ndarray, subsets: np.ndarray) -> np.
 
 def _held_out(run: JobRun, engine: InfluenceEngine, model: Model, request: QualityJobRequest) -> list[Query]:
     if request.held_out is not None:
-        return _queries(request.held_out)
+        return inputs_as_queries(request.held_out)
     ref: DataRef = request.held_out_from  # type: ignore[assignment]
-    examples = _load(run, engine, model, ref)
+    examples = load(run, engine, model, ref)
     if len(examples) > MAX_HELD_OUT:
         raise JobFailed("too-many-inputs", f"{ref.path} holds {len(examples)} examples; at most {MAX_HELD_OUT} "
                                            f"held-out inputs per quality job (set held_out_from.limit)")
