@@ -9,6 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from .client_commands import register_commands
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="FastIF: which training examples made a text classifier predict what it predicted.")
 
@@ -121,6 +123,9 @@ def bench(
 
     run_suite(suite, data=data, model=model, quick=quick, out=out)
 
+
+# models, register, submit, jobs, results, cancel: a running service through fastif_client.
+register_commands(app)
 
 if __name__ == "__main__":
     sys.exit(app())
