@@ -177,7 +177,7 @@ class CorrectRequest(SolverSettings):
     anchors_per_round: Annotated[int, Field(strict=True, ge=1, le=1000)] | None = None
     num_points: Annotated[int, Field(strict=True, ge=1, le=1000)] = 10
     # FastIF used 1e-4; on MiniLM that fixed under a point of any slice (bench/results/correct.md).
-    lr: Annotated[FiniteFloat, Field(gt=0, le=10)] = 1e-3
+    lr: Annotated[FiniteFloat, Field(gt=0, le=10)] = 2e-3
     # Optimiser steps per round.
     steps: Annotated[int, Field(strict=True, ge=1, le=1000)] = 1
     optimizer: Literal["sgd", "adam"] = "sgd"
