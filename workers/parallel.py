@@ -119,6 +119,7 @@ def _stest_work(run: JobRun, request: InfluenceRequest, shard: int, send) -> Non
     client.hset(shard_state(run.job_id, "stest_meta"), str(shard), json.dumps({"converged": converged}))
     client.expire(shard_state(run.job_id, "stest_meta"), ttl)
     client.sadd(shard_state(run.job_id, "stest_done"), shard)
+    client.expire(shard_state(run.job_id, "stest_done"), ttl)  # like every key of the shard state
     done = client.scard(shard_state(run.job_id, "stest_done"))
     run.ctx.jobs.hset(run.job_id, {"stest_shards_done": done})
     # Exactly one shard starts the scoring: the one that wins this SETNX once the set is full.
@@ -160,6 +161,7 @@ def _score_work(run: JobRun, request: InfluenceRequest, shard: int) -> None:
     ttl = run.ctx.settings.result_ttl_s
     client.set(shard_state(run.job_id, "scores", shard), json.dumps(payload), ex=ttl)
     client.sadd(shard_state(run.job_id, "score_done"), shard)
+    client.expire(shard_state(run.job_id, "score_done"), ttl)
     done = client.scard(shard_state(run.job_id, "score_done"))
     run.ctx.jobs.hset(run.job_id, {"score_shards_done": done})
     if done >= request.parallel and client.set(shard_state(run.job_id, "merged"), 1, nx=True, ex=ttl):
