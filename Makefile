@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench mutate clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,18 @@ demo: install
 
 bench: install
 	$(BIN)/fastif bench speed
+
+# Mutation testing of the solvers, scoring, kNN, parameter selection, parallel shards, cache keys and point
+# selection (bench/mutation.py, [tool.mutmut] in pyproject.toml); report in bench/results/mutation.md. Not part of `test`.
+$(VENV)/.mutation-installed: $(STAMP)
+	$(BIN)/pip install -q -e '.[dev,mutation]'
+	touch $@
+
+# MUTATE_ONLY=parallel,keys runs the targets whose path contains one of those words.
+MUTATE_ONLY ?=
+mutate: $(VENV)/.mutation-installed
+	rm -rf mutants
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python bench/mutation.py all --only '$(MUTATE_ONLY)'
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -158,7 +158,7 @@ def test_factored_scores_of_each_parameter_equal_its_naive_per_example_gradient(
 def test_factors_record_every_use_and_the_bias_joins_its_weight():
     top = Top().double()
     tape = Tape()
-    handles = recording(tape, [top.dense, top.norm, top.head, nn.ReLU()])
+    handles = recording(tape, [top.dense, nn.ReLU(), top.norm, nn.Embedding(2, 2), top.head])  # others are skipped
     top(torch.randn(2, 3, 4, dtype=torch.float64))
     for handle in handles:
         handle.remove()
@@ -247,7 +247,7 @@ def test_candidates_and_influences_of_a_plan(setup):
         assert len(influence.indices) == 6 and [influence.cached for influence in influences] == [True, False, True]
         assert_close(influence.scores, -(grads[influence.indices] @ s_tests[row].double()), rtol=1e-4)
         assert influence.s_test_norm == pytest.approx(float(s_tests[row].norm()))
-        assert set(influence.seconds) >= {"gradients", "knn", "scoring"} and influence.solver["solver"] == "cg"
+        assert set(influence.seconds) == {"gradients", "s_test", "knn", "scoring"} and influence.solver["solver"] == "cg"
     assert engine.influences(plan, s_tests, 6, False, [False] * 3)[0].converged is False
     assert engine.influences(plan, s_tests, 6, True, [False] * 3)[0].converged is True
     assert engine.influences(plan, s_tests, 6, {"solver": "cg"}, [False] * 3)[0].converged is True  # not said: True
@@ -278,6 +278,9 @@ def test_a_partly_cached_plan_solves_only_the_missing_rows(setup):
     assert cached == [True, False, False] and memory.puts == ["s_test", "s_test"]
     uncached, _, _ = engine.cached_s_test(engine.plan([Query(t) for t in TEXTS]), CG)
     torch.testing.assert_close(s_tests, uncached, rtol=1e-5, atol=1e-8)
+    _, everything_cached, all_hit = engine.cached_s_test(plan, CG, memory)
+    assert all_hit == [True] * 3
+    assert everything_cached == {"solver": "cg", "curvature": "gauss-newton", "converged": True}  # no solver ran
     _, _, other = engine.cached_s_test(plan, CG, memory, extra_key={"parallel": 2})
     assert other == [False, False, False]
 

@@ -189,8 +189,6 @@ def test_parallel_job_equals_the_average_of_single_seed_estimates(ctx, model, re
     state = list(ctx.redis.scan_iter(match=f"fastif:job:{job_id}:*"))
     assert len(state) >= 2 * shards + 4
     for key in state:
-        if key.endswith(("stest_done", "score_done")):
-            continue  # never expire: a bug, see test_the_done_sets_expire_with_the_results
         assert 0 < ctx.redis.ttl(key) <= ctx.settings.result_ttl_s, key
     slowest = max(json.loads(ctx.redis.get(f"fastif:job:{job_id}:scores:{w}"))["seconds"] for w in range(shards))
     for item in items:
