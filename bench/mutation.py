@@ -101,6 +101,7 @@ ONE_DTYPE = ("equivalent: every influence parameter of one model has the same dt
              "made like the second block's is made like the first's")
 BETAS = ("equivalent: Lanczos keeps one β fewer than α however it stops (at the last step, or at a breakdown, "
          "which full reorthogonalisation reaches by the last dimension), so slicing to len + 1 takes the same βs")
+SPELLING = "equivalent: the job's own bookkeeping key spelled differently, still one key per job that nothing else uses"
 TEMP_NAME = "equivalent: the name of the temporary file that is renamed onto the target at once"
 # The tests written for the survivors of a first pass, by the function they guard (a mutant name up to
 # "__mutmut_"); a rerun shows which of those survivors they kill.
@@ -304,6 +305,19 @@ VERDICTS: dict[str, str] = {
     "fastif.engine.xǁInfluenceEngineǁcached_s_test__mutmut_62": ON_CPU,
     "fastif.curvature.spectrum.x_lanczos_extremes__mutmut_85": BETAS,
     "fastif.curvature.spectrum.x_lanczos_extremes__mutmut_92": BETAS,
+    "workers.parallel.x__score_work__mutmut_26": SHARD_PLAN,
+    "workers.parallel.x__score_work__mutmut_29": SHARD_PLAN,
+    "workers.parallel.x__score_work__mutmut_120": NONE_PART,
+    "workers.parallel.x__score_work__mutmut_123": SPELLING,
+    "workers.parallel.x__score_work__mutmut_124": SPELLING,
+    "workers.parallel.x__score_work__mutmut_125": "equivalent: the value of the SETNX flag is never read",
+    "workers.parallel.x__stest_work__mutmut_14": SHARD_PLAN,
+    "workers.parallel.x__stest_work__mutmut_17": SHARD_PLAN,
+    "workers.parallel.x__stest_work__mutmut_126": NONE_PART,
+    "workers.parallel.x__stest_work__mutmut_129": SPELLING,
+    "workers.parallel.x__stest_work__mutmut_130": SPELLING,
+    "workers.parallel.x__stest_work__mutmut_131": "equivalent: the value of the SETNX flag is never read",
+    "workers.parallel.x__stest_work__mutmut_135": "equivalent: _average_and_cache never uses its engine argument",
     "records.keys.x_canonical_json__mutmut_4": "equivalent: json reads ensure_ascii=None as False",
     "records.keys.x_canonical_json__mutmut_5": "equivalent: json reads allow_nan=None as False",
     "records.keys.x_sha256_hex__mutmut_5": "equivalent: \"UTF-8\" and \"utf-8\" name the same codec",

@@ -231,7 +231,9 @@ def test_candidates_and_influences_of_a_plan(setup):
     some = engine.candidates(plan.search[1], 5)
     assert len(some.indices) == 5
     np.testing.assert_allclose(some.distances, feature_distances(engine.features, some.indices, plan.search[1].feature))
+    solving = time.perf_counter()
     s_tests, diagnostics, cached = engine.cached_s_test(plan, CG)
+    assert 0 <= plan.seconds["s_test"] <= time.perf_counter() - solving
     assert cached == [False] * 3 and diagnostics["solver"] == "cg" and diagnostics["curvature"] == "gauss-newton"
     assert "damping_scope" not in diagnostics and diagnostics["damping"] == 0.5
     relative = engine.cached_s_test(plan, EKFAC)[1]
