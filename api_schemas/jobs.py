@@ -37,6 +37,8 @@ class Job(ResponseModel):
     result_count: int | None = None
     deliveries: int = 0
     cancel_requested: bool = False
+    # The name of the API key that created the job (never the key); null when the service runs without keys.
+    owner: str | None = None
 
 
 class JobList(ResponseModel):

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 _TERMINAL = "st == 'succeeded' or st == 'failed' or st == 'cancelled'"
 
-# KEYS: job, jobs zset, queued set, idem key
-# ARGV: job id, created score, idem value ('' = none), idem ttl, max queued (0 = no limit), field, value, ...
+# KEYS: job, jobs zset, queued set, idem key, the owner's jobs zset
+# ARGV: job id, created score, idem value ('' = none), idem ttl, max queued (0 = no limit),
+#       '1' to index the job under its owner, field, value, ...
 CREATE_JOB = """
 if ARGV[3] ~= '' then
   local existing = redis.call('GET', KEYS[4])
@@ -18,8 +19,9 @@ if ARGV[3] ~= '' then
 end
 local limit = tonumber(ARGV[5])
 if limit > 0 and redis.call('SCARD', KEYS[3]) >= limit then return {'full', ''} end
-redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+if ARGV[6] == '1' then redis.call('ZADD', KEYS[5], ARGV[2], ARGV[1]) end
 redis.call('SADD', KEYS[3], ARGV[1])
 if ARGV[3] ~= '' then redis.call('SET', KEYS[4], ARGV[3], 'EX', ARGV[4]) end
 return {'ok', ''}

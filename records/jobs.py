@@ -1,6 +1,7 @@
 """Job records in Redis: the source of truth for a job's status, progress and results.
 
-A job is a hash `fastif:job:{id}`; `fastif:jobs` orders ids by creation time and
+A job is a hash `fastif:job:{id}`; `fastif:jobs` orders ids by creation time,
+`fastif:jobs:owner:{name}` does the same for the jobs one API key created, and
 `fastif:jobs:queued` holds the queued ones. Results are a list of JSON strings,
 one per input. Finished jobs and their results expire after `result_ttl_s`.
 """
@@ -25,7 +26,7 @@ from .errors import IdempotencyConflict, JobNotCancellable, JobNotFound, QueueFu
 RESERVED_FIELDS = frozenset(
     {"id", "kind", "status", "model_id", "request", "request_hash", "created_at", "started_at",
      "finished_at", "deliveries", "cancel_requested", "result_count", "error_code", "error_message",
-     "idempotency_key"}
+     "idempotency_key", "owner"}
 )
 _LIST_CHUNK = 200
 
@@ -56,14 +57,17 @@ class JobStore(HashRecordStore[Job]):
         request: dict[str, Any],
         idempotency_key: str | None = None,
         *,
+        owner: str | None = None,
         max_queued: int = 0,
     ) -> Job:
         """Create a queued job; with an idempotency key, return the job it already made.
 
-        Raises IdempotencyConflict when the key was used for a different request, and
-        QueueFull when `max_queued` > 0 jobs are already queued. Atomic (one Lua script).
+        `owner` names the API key that asked for it (None when the service runs without keys); the
+        idempotency key is that owner's own. Raises IdempotencyConflict when the key was used for a
+        different request, and QueueFull when `max_queued` > 0 jobs are already queued. Atomic (one
+        Lua script).
         """
-        return self.create_or_replay(kind, model_id, request, idempotency_key, max_queued=max_queued)[0]
+        return self.create_or_replay(kind, model_id, request, idempotency_key, owner=owner, max_queued=max_queued)[0]
 
     def create_or_replay(
         self,
@@ -72,13 +76,14 @@ class JobStore(HashRecordStore[Job]):
         request: dict[str, Any],
         idempotency_key: str | None = None,
         *,
+        owner: str | None = None,
         max_queued: int = 0,
     ) -> tuple[Job, bool]:
         """create(), also saying whether the job is new (True) or an idempotent replay (False)."""
         request_hash = keys.sha256_hex(request)
         # The key identifies the request kind too: the same body sent to two endpoints differs.
         idem_hash = keys.sha256_hex({"kind": kind, "request_hash": request_hash})
-        idem_key = keys.idem(idempotency_key or "")
+        idem_key = keys.idem(idempotency_key or "", owner)
         for _ in range(2):
             job_id = uuid.uuid4().hex
             now = repr(time.time())
@@ -86,13 +91,13 @@ class JobStore(HashRecordStore[Job]):
                 "id": job_id, "kind": kind, "status": "queued", "model_id": model_id or "",
                 "request": keys.canonical_json(request), "request_hash": request_hash,
                 "created_at": now, "deliveries": "0", "cancel_requested": "0",
-                "stage": "queued", "done": "0", "idempotency_key": idempotency_key or "",
+                "stage": "queued", "done": "0", "idempotency_key": idempotency_key or "", "owner": owner or "",
             }
             idem_value = json.dumps({"job_id": job_id, "hash": idem_hash}) if idempotency_key else ""
             flat = [item for pair in fields.items() for item in pair]
             outcome, existing = self._create(
-                keys=[keys.job(job_id), keys.JOBS, keys.JOBS_QUEUED, idem_key],
-                args=[job_id, now, idem_value, self.result_ttl_s, max_queued, *flat],
+                keys=[keys.job(job_id), keys.JOBS, keys.JOBS_QUEUED, idem_key, keys.jobs_of(owner or "")],
+                args=[job_id, now, idem_value, self.result_ttl_s, max_queued, "1" if owner else "0", *flat],
             )
             outcome = text(outcome)
             if outcome == "ok":
@@ -134,12 +139,13 @@ class JobStore(HashRecordStore[Job]):
         total, raw = pipe.execute()
         return int(total), [json.loads(text(item) or "null") for item in raw]
 
-    def list(self, status: str | None = None, limit: int = 50) -> list[Job]:
-        """The newest jobs first, optionally only those in `status`; forgets expired ids."""
+    def list(self, status: str | None = None, limit: int = 50, *, owner: str | None = None) -> list[Job]:
+        """The newest jobs first, optionally only those in `status` or only `owner`'s; forgets expired ids."""
+        index = keys.JOBS if owner is None else keys.jobs_of(owner)
         found: list[Job] = []
         start = 0
         while len(found) < limit:
-            ids = [text(i) for i in self.redis.zrevrange(keys.JOBS, start, start + _LIST_CHUNK - 1)]
+            ids = [text(i) for i in self.redis.zrevrange(index, start, start + _LIST_CHUNK - 1)]
             if not ids:
                 break
             start += len(ids)
@@ -155,7 +161,7 @@ class JobStore(HashRecordStore[Job]):
                 if status is None or job.status == status:
                     found.append(job)
             if gone:
-                self.redis.zrem(keys.JOBS, *gone)
+                self.redis.zrem(index, *gone)
                 start -= len(gone)
         return found[:limit]
 
@@ -295,4 +301,5 @@ def _to_job(fields: dict[str, str]) -> Job:
         result_count=optional_int(fields.get("result_count")),
         deliveries=optional_int(fields.get("deliveries")) or 0,
         cancel_requested=fields.get("cancel_requested") == "1",
+        owner=fields.get("owner") or None,
     )

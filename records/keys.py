@@ -45,9 +45,17 @@ def results(job_id: str) -> str:
     return f"{PREFIX}:results:{job_id}"
 
 
-def idem(key: str) -> str:
-    """String: the job an Idempotency-Key created and the hash of its request."""
-    return f"{PREFIX}:idem:{key}"
+def idem(key: str, owner: str | None = None) -> str:
+    """String: the job an Idempotency-Key created and the hash of its request.
+
+    Scoped by the key's owner, so that two callers who pick the same Idempotency-Key get their own jobs.
+    """
+    return f"{PREFIX}:idem:{key}" if owner is None else f"{PREFIX}:idem:{owner}:{key}"
+
+
+def jobs_of(owner: str) -> str:
+    """Zset: the ids of the jobs `owner` created -> created time (what a client key may list)."""
+    return f"{JOBS}:owner:{owner}"
 
 
 def worker(hostname: str) -> str:

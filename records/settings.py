@@ -6,8 +6,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from .api_keys import ApiKey, parse_api_keys
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 # The folder of worker state under the data root when FASTIF_STATE_DIR is unset.
@@ -17,13 +19,17 @@ DEFAULT_STATE_DIR_NAME = ".fastif"
 class Settings(BaseSettings):
     """Every knob of the service; env `FASTIF_<NAME>` except `REDIS_URL`."""
 
-    model_config = SettingsConfigDict(env_prefix="FASTIF_", populate_by_name=True, extra="ignore")
+    # hide_input_in_errors: a bad setting's error must not print FASTIF_API_KEYS' secrets.
+    model_config = SettingsConfigDict(env_prefix="FASTIF_", populate_by_name=True, extra="ignore",
+                                      hide_input_in_errors=True)
 
     # Unset means "not configured": `fastif standalone` then starts an embedded Redis.
     redis_url: str | None = Field(default=None, validation_alias="REDIS_URL")
     data_root: Path = Path("./data")
-    # NoDecode: the env value is a comma-separated list, not JSON.
+    # NoDecode: the env value is a comma-separated list, not JSON. Entries are `name:key:role` or a
+    # bare key (an admin); read `credentials` for the parsed keys.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    _credentials: tuple[ApiKey, ...] = PrivateAttr(default=())
     max_inputs: int = Field(default=64, ge=1)
     max_text_chars: int = Field(default=4000, ge=1)
     max_body_bytes: int = Field(default=1_000_000, ge=1)
@@ -47,6 +53,17 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _parse_credentials(self) -> Settings:
+        """Parse the key entries once, so a malformed entry stops the service from starting."""
+        self._credentials = parse_api_keys(self.api_keys)
+        return self
+
+    @property
+    def credentials(self) -> tuple[ApiKey, ...]:
+        """The configured API keys with their names and roles; empty means no authentication."""
+        return self._credentials
 
     @model_validator(mode="after")
     def _default_state_dir(self) -> Settings:

@@ -46,13 +46,15 @@ class BodySizeLimitMiddleware(HTTPMiddleware):
 
         received = 0
         exceeded = False
+        body_done = False
         started = False
 
         async def counting_receive() -> Message:
-            nonlocal received, exceeded
+            nonlocal received, exceeded, body_done
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > self.max_bytes:
                     exceeded = True
                     raise _BodyTooLarge
@@ -74,7 +76,9 @@ class BodySizeLimitMiddleware(HTTPMiddleware):
             if not exceeded:
                 raise
         if exceeded and not started:
-            await self._refuse(scope, receive, send, close=not await self._drain(receive, received))
+            # A receive() past the body's last chunk would wait for the client to leave: drain only what is still coming.
+            drained = body_done or await self._drain(receive, received)
+            await self._refuse(scope, receive, send, close=not drained)
 
     async def _drain(self, receive: Receive, received: int) -> bool:
         """Read and discard the rest of the body; False when it passed the drain bound or the client left."""

@@ -28,6 +28,7 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "malformed-json": (400, "Malformed JSON"),
     "bad-request": (400, "Bad request"),
     "unauthorized": (401, "Missing or invalid API key"),
+    "forbidden": (403, "Needs an admin key"),
     "not-found": (404, "Not found"),
     "model-not-found": (404, "Model not found"),
     "job-not-found": (404, "Job not found"),
@@ -52,7 +53,7 @@ PROBLEMS: dict[str, tuple[int, str]] = {
 }
 
 # Status codes Starlette may raise on its own, mapped to our slugs.
-_STATUS_SLUGS = {400: "bad-request", 401: "unauthorized", 404: "not-found", 405: "method-not-allowed",
+_STATUS_SLUGS = {400: "bad-request", 401: "unauthorized", 403: "forbidden", 404: "not-found", 405: "method-not-allowed",
                  413: "body-too-large", 422: "invalid-request", 500: "internal-error"}
 
 

@@ -56,6 +56,11 @@ class Metrics:
         self.requests = Counter(
             "fastif_http_requests", "HTTP requests", ["method", "route", "status"], registry=self.registry
         )
+        # Counted where the key is checked (service/api/deps.py): requests that came with a valid key, by its name.
+        self.requests_by_key = Counter(
+            "fastif_http_requests_by_key", "HTTP requests with a valid API key, by the key's name", ["key"],
+            registry=self.registry,
+        )
         self.latency = Histogram(
             "fastif_http_request_duration_seconds", "HTTP request latency", ["method", "route"],
             registry=self.registry,

@@ -49,8 +49,9 @@ def add_problem_responses(schema: dict[str, Any]) -> dict[str, Any]:
             if path in _NO_BACKEND:
                 continue
             responses.setdefault("4XX", _problem_response(
-                "A client error (bad body or parameters, missing API key, unknown id, not ready, "
-                "over a limit, queue full): a Problem whose `type` names it"))
+                "A client error (bad body or parameters, missing API key, a client key where an admin key is "
+                "needed, unknown id or another key's job, not ready, over a limit, queue full): a Problem whose "
+                "`type` names it"))
             responses.setdefault("503", _problem_response("Redis or the workers are unavailable; retry later"))
     # FastAPI's validation-error schemas, once no response refers to them any more.
     for name in ("HTTPValidationError", "ValidationError"):

@@ -107,7 +107,8 @@ def _register_corrected(run: JobRun, model: Model, name: str, folder: Path, send
     create = ModelCreate(name=name, model_path=relative, train_data=model.request.train_data,
                          influence=model.request.influence, index=model.request.index)
     new = run.ctx.models.create(create)
-    build = run.ctx.jobs.create("build_model", new.id, create.model_dump(mode="json"))
+    owner = run.ctx.jobs.require(run.job_id).owner  # the build is the correct job's owner's, as if they registered it
+    build = run.ctx.jobs.create("build_model", new.id, create.model_dump(mode="json"), owner=owner)
     run.ctx.models.set_build_job(new.id, build.id)
     send(BUILD_MODEL, [new.id], build.id)
     return {"model_id": new.id, "name": name, "model_path": relative, "build_job_id": build.id}

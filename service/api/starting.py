@@ -20,7 +20,7 @@ from records.settings import Settings
 
 from ..enqueue import send_job_task
 from ..errors import ProblemError
-from .deps import CeleryDep, JobsDep, ModelsDep, SettingsDep
+from .deps import CallerDep, CeleryDep, JobsDep, ModelsDep, SettingsDep
 
 # Visible ASCII only: the key becomes part of a Redis key name and of log lines.
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
@@ -97,14 +97,15 @@ def check_labels(items: list[Any], where: str, model: Model) -> None:
 
 
 class JobStarter:
-    """Records a checked job request and sends its task; call it last in a job route.
+    """Records a checked job request, owned by the caller's key, and sends its task; call it last in a job route.
 
     The Idempotency-Key is checked when the dependency is built, before the route's own checks.
     """
 
     def __init__(self, response: Response, settings: SettingsDep, jobs: JobsDep, celery: CeleryDep,
-                 idempotency_key: IdempotencyKey) -> None:
+                 idempotency_key: IdempotencyKey, caller: CallerDep) -> None:
         self.response = response
+        self.owner = caller.name
         self.settings = settings
         self.jobs = jobs
         self.celery = celery
@@ -113,7 +114,7 @@ class JobStarter:
     def __call__(self, kind: str, task: str, body: BaseModel, model: Model) -> Job:
         """The job of `kind` on `model` for `body` (new, or the replay of the same key and body)."""
         job, created = self.jobs.create_or_replay(kind, model.id, body.model_dump(mode="json"), self.idempotency_key,
-                                                  max_queued=self.settings.max_queued_jobs)
+                                                  owner=self.owner, max_queued=self.settings.max_queued_jobs)
         if created:
             send_job_task(self.celery, self.jobs, task, [job.id], job.id)
             job = self.jobs.get(job.id) or job  # a worker may already have picked it up

@@ -20,7 +20,7 @@ from records.settings import Settings
 
 from ...errors import ProblemError
 from ...paths import resolve_in_root
-from ..deps import JobsDep, SettingsDep
+from ..deps import CallerDep, JobsDep, SettingsDep, VisibleJob
 from ..starting import ReadyModel, StartJob, check_inputs, check_labels, start_inputs_job
 
 router = APIRouter(prefix="/v1", tags=["applications"])
@@ -39,8 +39,14 @@ def start_graph(body: GraphRequest, settings: SettingsDep, ready_model: ReadyMod
 
 
 @router.post("/correct", status_code=202, response_model=Job)
-def start_correct(body: CorrectRequest, settings: SettingsDep, ready_model: ReadyModel, start_job: StartJob) -> Job:
-    """Correct the model round by round on failing anchors with its most helpful points, against harmful and random points."""
+def start_correct(body: CorrectRequest, settings: SettingsDep, ready_model: ReadyModel, start_job: StartJob,
+                  caller: CallerDep) -> Job:
+    """Correct the model round by round on failing anchors with its most helpful points, against harmful and random points.
+
+    `save_as` registers the corrected model, so it needs an admin key, as registering does.
+    """
+    if body.save_as is not None and not caller.is_admin:
+        raise ProblemError("forbidden", f"save_as registers a model; the API key {caller.name!r} is a client key")
     model = ready_model(body.model_id)
     updates: dict[str, Any] = {}
     if isinstance(body.anchors, list):
@@ -98,8 +104,8 @@ def start_self_influence(body: SelfInfluenceRequest, ready_model: ReadyModel, st
 _MEDIA = {"png": "image/png", "svg": "image/svg+xml"}
 
 
-def _picture(job_id: str, kind: str, fmt: str, jobs: JobsDep, settings: Settings) -> FileResponse:
-    job = jobs.require(job_id)  # JobNotFound -> 404 job-not-found
+def _picture(job: Job, kind: str, fmt: str, jobs: JobsDep, settings: Settings) -> FileResponse:
+    job_id = job.id
     if job.kind != kind:
         raise ProblemError("not-found", f"job {job_id} is a {job.kind} job; only {kind} jobs have this picture")
     if job.status != "succeeded":
@@ -121,20 +127,20 @@ def _picture(job_id: str, kind: str, fmt: str, jobs: JobsDep, settings: Settings
 
 @router.get("/jobs/{job_id}/graph.png", response_class=FileResponse,
             responses={200: {"content": {"image/png": {}}, "description": "The rendered graph"}})
-def graph_png(job_id: str, jobs: JobsDep, settings: SettingsDep) -> FileResponse:
+def graph_png(job: VisibleJob, jobs: JobsDep, settings: SettingsDep) -> FileResponse:
     """The graph job's picture as PNG."""
-    return _picture(job_id, "graph", "png", jobs, settings)
+    return _picture(job, "graph", "png", jobs, settings)
 
 
 @router.get("/jobs/{job_id}/graph.svg", response_class=FileResponse,
             responses={200: {"content": {"image/svg+xml": {}}, "description": "The rendered graph"}})
-def graph_svg(job_id: str, jobs: JobsDep, settings: SettingsDep) -> FileResponse:
+def graph_svg(job: VisibleJob, jobs: JobsDep, settings: SettingsDep) -> FileResponse:
     """The graph job's picture as SVG."""
-    return _picture(job_id, "graph", "svg", jobs, settings)
+    return _picture(job, "graph", "svg", jobs, settings)
 
 
 @router.get("/jobs/{job_id}/correction.png", response_class=FileResponse,
             responses={200: {"content": {"image/png": {}}, "description": "Accuracy by round, per strategy"}})
-def correction_png(job_id: str, jobs: JobsDep, settings: SettingsDep) -> FileResponse:
+def correction_png(job: VisibleJob, jobs: JobsDep, settings: SettingsDep) -> FileResponse:
     """The correct job's plot: evaluation accuracy by round for each strategy (mean ± std over trials)."""
-    return _picture(job_id, "correct", "png", jobs, settings)
+    return _picture(job, "correct", "png", jobs, settings)

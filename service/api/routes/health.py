@@ -8,7 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from records.heartbeat import alive_workers
 
 from ...errors import ProblemError
-from ..deps import Authenticated, RedisDep
+from ..deps import AdminOnly, RedisDep
 
 router = APIRouter(tags=["health"])
 
@@ -29,7 +29,7 @@ def readyz(client: RedisDep) -> dict[str, object]:
     return {"status": "ready", "workers": len(workers)}
 
 
-@router.get("/metrics", dependencies=[Authenticated], response_class=Response)
+@router.get("/metrics", dependencies=[AdminOnly], response_class=Response)
 def metrics(request: Request) -> Response:
-    """Prometheus text format."""
+    """Prometheus text format; admin keys only (it names every key and counts every route)."""
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

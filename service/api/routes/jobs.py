@@ -10,7 +10,7 @@ from pydantic import BeforeValidator, WithJsonSchema
 from api_schemas import Job, JobList, JobStatus, ResultsPage
 
 from ...errors import ProblemError
-from ..deps import JobsDep
+from ..deps import CallerDep, JobsDep, VisibleJob
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -34,35 +34,35 @@ Limit = Annotated[int, Query(ge=1, le=1000), _blank_is(50), _or_blank({"type": "
 @router.get("", response_model=JobList)
 def list_jobs(
     jobs: JobsDep,
+    caller: CallerDep,
     status: StatusFilter = None,
     limit: Limit = 50,
 ) -> JobList:
-    """Recent jobs, newest first, optionally only those in `status`."""
-    return JobList(items=jobs.list(status=status, limit=limit))
+    """Recent jobs, newest first, optionally only those in `status`; a client key sees only its own."""
+    return JobList(items=jobs.list(status=status, limit=limit, owner=None if caller.is_admin else caller.name))
 
 
 @router.get("/{job_id}", response_model=Job)
-def get_job(job_id: str, jobs: JobsDep) -> Job:
+def get_job(job: VisibleJob) -> Job:
     """The job's status, progress, times and error."""
-    return jobs.require(job_id)  # JobNotFound -> 404 job-not-found
+    return job
 
 
 @router.get("/{job_id}/results", response_model=ResultsPage)
 def get_results(
-    job_id: str,
+    job: VisibleJob,
     jobs: JobsDep,
     offset: Offset = 0,
     limit: Limit = 50,
 ) -> ResultsPage:
     """Result items [offset, offset+limit) in input order; 409 until the job has succeeded."""
-    job = jobs.require(job_id)
     if job.status != "succeeded":
-        raise ProblemError("job-not-finished", f"job {job_id} is {job.status}; results exist once it succeeds")
-    total, items = jobs.results(job_id, offset, limit)
-    return ResultsPage(job_id=job_id, offset=offset, limit=limit, total=total, items=items)
+        raise ProblemError("job-not-finished", f"job {job.id} is {job.status}; results exist once it succeeds")
+    total, items = jobs.results(job.id, offset, limit)
+    return ResultsPage(job_id=job.id, offset=offset, limit=limit, total=total, items=items)
 
 
 @router.post("/{job_id}/cancel", response_model=Job)
-def cancel_job(job_id: str, jobs: JobsDep) -> Job:
+def cancel_job(job: VisibleJob, jobs: JobsDep) -> Job:
     """Cancel a queued job now; flag a running one (it stops at its next check)."""
-    return jobs.request_cancel(job_id)  # JobNotFound -> 404, JobNotCancellable -> 409
+    return jobs.request_cancel(job.id)  # JobNotFound -> 404, JobNotCancellable -> 409

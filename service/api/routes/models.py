@@ -12,15 +12,15 @@ from records.errors import JobNotCancellable, JobNotFound, QueueFull
 
 from ...enqueue import send_job_task
 from ...paths import resolve_in_root
-from ..deps import CeleryDep, JobsDep, ModelsDep, SettingsDep
+from ..deps import AdminOnly, CallerDep, CeleryDep, JobsDep, ModelsDep, SettingsDep
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
-@router.post("", status_code=202, response_model=Model)
+@router.post("", status_code=202, response_model=Model, dependencies=[AdminOnly])
 def register_model(body: ModelCreate, response: Response, settings: SettingsDep, models: ModelsDep,
-                   jobs: JobsDep, celery: CeleryDep) -> Model:
-    """Register a model and its training data (paths inside the data root); starts the build."""
+                   jobs: JobsDep, celery: CeleryDep, caller: CallerDep) -> Model:
+    """Register a model and its training data (paths inside the data root); starts the build. Admin keys only."""
     # Store paths relative to the root so workers resolve them against their own mount.
     model_path = resolve_in_root(settings.data_root, body.model_path, "model_path")
     train_path = resolve_in_root(settings.data_root, body.train_data.path, "train_data.path")
@@ -30,7 +30,7 @@ def register_model(body: ModelCreate, response: Response, settings: SettingsDep,
     })
     model = models.create(request)
     try:
-        job = jobs.create("build_model", model.id, request.model_dump(mode="json"),
+        job = jobs.create("build_model", model.id, request.model_dump(mode="json"), owner=caller.name,
                           max_queued=settings.max_queued_jobs)
     except QueueFull:
         models.delete(model.id)
@@ -57,9 +57,9 @@ def get_model(model_id: str, models: ModelsDep) -> Model:
     return models.require(model_id)  # ModelNotFound -> 404 model-not-found
 
 
-@router.delete("/{model_id}", status_code=204, response_class=Response)
+@router.delete("/{model_id}", status_code=204, response_class=Response, dependencies=[AdminOnly])
 def delete_model(model_id: str, models: ModelsDep, jobs: JobsDep) -> Response:
-    """Forget the model and its Redis caches; a build in progress is cancelled."""
+    """Forget the model and its Redis caches; a build in progress is cancelled. Admin keys only."""
     model = models.require(model_id)
     if model.status == "building" and model.build_job_id:
         try:
