@@ -12,6 +12,7 @@ MODELS = f"{PREFIX}:models"  # zset: model id -> created time
 JOBS = f"{PREFIX}:jobs"  # zset: job id -> created time
 JOBS_QUEUED = f"{PREFIX}:jobs:queued"  # set of queued job ids, so queue depth is O(1)
 WORKER_PATTERN = f"{PREFIX}:worker:*"
+INFLIGHT = f"{PREFIX}:inflight"  # hash: Celery task id -> the task's worker, name and args while it runs
 
 
 def canonical_json(payload: Any) -> str:

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     state_dir: Path | None = None
     # Longer than the longest job, or the broker redelivers a message that is still running.
     visibility_timeout_s: int = Field(default=6 * 3600, ge=1)
+    # Workers beat this often; a heartbeat lives 3 beats, and the tasks of a worker whose heartbeat
+    # stayed away for 2.5 more are sent again (records/inflight.py).
+    heartbeat_interval_s: float = Field(default=10.0, gt=0, le=600)
     # Workers compile each model's H·v with torch.compile (fastif/compiled.py): 10-30 s once per
     # worker process and model, then LiSSA steps about 1.4-1.5x faster. Needs a C++ compiler.
     compile_hvp: bool = Field(default=False, validation_alias="FASTIF_COMPILE")

@@ -23,7 +23,10 @@ from live_stack import wait_for
 
 pytestmark = pytest.mark.integration
 
+# The page is driven with a client key (the role that can only submit and read its own jobs);
+# the model is registered with the admin key.
 API_KEY = "ui-test-key-1234"
+ADMIN_KEY = "ui-admin-key-5678"
 CHROMIUM = os.environ.get("FASTIF_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 
 
@@ -48,9 +51,9 @@ def ui_stack(tmp_path_factory, redis_url) -> Iterator[tuple[str, dict]]:
     _client.eval(_FLUSH_KEEP_LOCK, 1, LOCK_KEY, _client.get(LOCK_KEY) or "held", LOCK_TTL_S)
     procs, url, _ = start_stack("127.0.0.1", free_port(), workers=1, log_dir=tmp_path_factory.mktemp("ui-logs"),
                                 extra_env={"REDIS_URL": redis_url, "FASTIF_DATA_ROOT": str(root),
-                                           "FASTIF_API_KEYS": API_KEY})
+                                           "FASTIF_API_KEYS": f"ops:{ADMIN_KEY}:admin,ui:{API_KEY}:client"})
     try:
-        headers = {"X-API-Key": API_KEY}
+        headers = {"X-API-Key": ADMIN_KEY}
         response = httpx.post(f"{url}/v1/models", headers=headers, json={
             "name": "twist-ui", "model_path": twist["model"], "train_data": {"path": twist["train"]}})
         assert response.status_code == 202, response.text

@@ -1,15 +1,19 @@
 """Faults on a live stack: worker pool processes SIGKILLed mid-batch, a job whose worker keeps
-dying, and a pickle message thrown at a real worker.
+dying, a pickle message thrown at a real worker, and a worker SIGKILLed whole (main process and
+pool) and restarted under the same name.
 
 The stack: a private redis-server on its own port, two single-process Celery workers and
-the API under uvicorn (fastif_cli.stack.start_stack), with FASTIF_MAX_DELIVERIES=2.
+the API under uvicorn (fastif_cli.stack.start_stack), with FASTIF_MAX_DELIVERIES=2 and
+heartbeats every second (so that a dead worker's tasks are sent again within seconds).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -92,7 +96,8 @@ def stack(tmp_path_factory) -> Iterator[LiveStack]:
     redis_url = f"redis://127.0.0.1:{port}/0"
     try:
         running, url, _ = start_stack("127.0.0.1", free_port(), workers=2, log_dir=logs, extra_env={
-            "REDIS_URL": redis_url, "FASTIF_DATA_ROOT": str(root), "FASTIF_MAX_DELIVERIES": str(MAX_DELIVERIES)})
+            "REDIS_URL": redis_url, "FASTIF_DATA_ROOT": str(root), "FASTIF_MAX_DELIVERIES": str(MAX_DELIVERIES),
+            "FASTIF_HEARTBEAT_INTERVAL_S": "1"})
         try:
             with httpx.Client(base_url=url, timeout=30) as client:
                 live = LiveStack(running, url, redis_url, root, client)
@@ -230,3 +235,46 @@ def test_a_pickle_message_is_refused_by_a_real_worker(stack: LiveStack, model: d
     assert all(pool_children(pid) for pid in stack.worker_pids())  # the workers live on
     assert stack.wait_job(job.json()["id"])["status"] == "succeeded"
 
+
+
+# Last in the module: the killed worker's own copy of the message stays in the broker's unacked set
+# until the visibility timeout, which the pickle test above checks is empty.
+def test_a_worker_killed_whole_has_its_task_sent_again_even_when_restarted_under_its_name(
+        stack: LiveStack, model: dict) -> None:
+    body = {"model_id": model["id"], "inputs": [{"text": "a worker dies whole under this one"}], "k": 20, "top": 5,
+            "lissa": {**LISSA, "seed": 11}}
+    job_id = stack.submit(body)["id"]
+    record = wait_for(lambda: job_record(stack, job_id),
+                      lambda r: r.get("stage") == "s_test" and int(r.get("done") or 0) > 0, timeout_s=120, interval_s=0.05)
+    assert record["status"] == "running"
+    entries = {task_id: json.loads(raw) for task_id, raw in stack.redis.hgetall("fastif:inflight").items()}
+    (task_id, entry), = [(t, e) for t, e in entries.items() if e["args"] == [job_id]]
+    index = int(entry["worker"].split("@")[0].removeprefix("worker"))
+    position, (name, victim) = [(i, c) for i, c in enumerate(stack.stack.children) if c[0] == f"worker-{index}"][0]
+    os.killpg(victim.pid, signal.SIGKILL)  # the main process and its pool: the broker never hears back
+    victim.wait()
+    # A new worker under the same hostname beats at once; its boot id tells the reaper it is not the dead one.
+    replacement = stack.stack.start(name, [sys.executable, "-m", "fastif_cli.main", "worker", "--concurrency", "1",
+                                           "--hostname", f"worker{index}@%h"], {
+        **os.environ, "REDIS_URL": stack.redis_url, "FASTIF_DATA_ROOT": str(stack.data_root),
+        "FASTIF_MAX_DELIVERIES": str(MAX_DELIVERIES), "FASTIF_HEARTBEAT_INTERVAL_S": "1", "FASTIF_TORCH_THREADS": "1"},
+        stack.logs / f"worker-{index}-restarted.log")  # type: ignore[attr-defined]
+    stack.stack.children.pop()
+    stack.stack.children[position] = (name, replacement)
+
+    final = stack.wait_job(job_id, timeout_s=120)
+    assert final["status"] == "succeeded" and final["deliveries"] == 2, final
+    assert task_id not in stack.redis.hgetall("fastif:inflight")
+    logs = "".join(p.read_text(errors="replace") for p in stack.logs.glob("worker-*.log"))  # type: ignore[attr-defined]
+    assert f"its worker {entry['worker']} died" in logs
+    # The answer is the one a fault-free run gives: the same request again, with the caches emptied.
+    items = stack.results(job_id)
+    for key in stack.redis.scan_iter("fastif:v1:*"):
+        stack.redis.delete(key)
+    again = stack.wait_job(stack.submit({**body, "inputs": body["inputs"]}, **{"Idempotency-Key": "fresh"})["id"])
+    assert again["deliveries"] == 1
+    fresh = stack.results(again["id"])
+    for got, want in zip(items, fresh, strict=True):
+        for side in ("helpful", "harmful"):
+            assert [e["train_index"] for e in got[side]] == [e["train_index"] for e in want[side]]
+            assert [e["score"] for e in got[side]] == pytest.approx([e["score"] for e in want[side]], rel=1e-4)

@@ -10,11 +10,12 @@ import logging
 import os
 import socket
 import threading
+import uuid
 
 import redis
-from celery.signals import worker_process_init, worker_ready, worker_shutdown
+from celery.signals import task_postrun, task_prerun, worker_process_init, worker_ready, worker_shutdown
 
-from records import keys
+from records import inflight, keys
 from records.celery_app import BUILD_MODEL, CORRECT, EXPLAIN, GRAPH, INFLUENCE, QUALITY, SELF_INFLUENCE, make_celery
 from records.heartbeat import beat
 from records.settings import get_settings
@@ -27,6 +28,9 @@ from .runner import run_job
 
 log = logging.getLogger("fastif.workers")
 celery_app = make_celery(get_settings())
+# Drawn when the worker's main process imports this module; its pool processes, forked from it,
+# share it. A worker restarted under the same hostname draws another, so the reaper can tell them apart.
+BOOT_ID = uuid.uuid4().hex
 
 # A Redis outage mid-job: the message comes back after a pause instead of being dropped.
 _RETRY = {"autoretry_for": (redis.RedisError,), "retry_backoff": 2, "retry_backoff_max": 30, "max_retries": 20}
@@ -91,22 +95,50 @@ def model_quality(job_id: str) -> str:
 
 
 class Heartbeat:
-    """Beats every ``interval_s`` from the worker's main process until shutdown."""
+    """Beats every ``interval_s`` from the worker's main process until shutdown, and then reaps
+    the tasks of workers that died whole (records/inflight.py)."""
 
-    def __init__(self, hostname: str, interval_s: float = 10.0):
+    def __init__(self, hostname: str, interval_s: float):
         self.hostname = hostname
         self.interval_s = interval_s
         self.stop = threading.Event()
 
     def run(self) -> None:
         client = context().redis
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "queues": os.environ.get("FASTIF_QUEUES", "")}
+        info = {"pid": os.getpid(), "boot": BOOT_ID, "host": socket.gethostname(),
+                "queues": os.environ.get("FASTIF_QUEUES", "")}
+        # Dead only when missing at every look for longer than two beats (see Reaper).
+        reaper = inflight.Reaper(client, _send_again, grace_s=2.5 * self.interval_s)
         while not self.stop.is_set():
             try:
-                beat(client, self.hostname, info)
+                beat(client, self.hostname, info, ttl_s=max(1, round(3 * self.interval_s)))
+                for task in reaper.reap():
+                    log.warning("sent %s %s again: its worker %s died", task.name, task.args, task.worker)
             except redis.RedisError as err:
                 log.warning("heartbeat failed: %s", err)
             self.stop.wait(self.interval_s)
+
+
+def _send_again(name: str, args: list, task_id: str) -> None:
+    celery_app.send_task(name, args=args, task_id=task_id, ignore_result=True)
+
+
+@task_prerun.connect
+def _task_started(task_id=None, task=None, args=None, **_kwargs) -> None:
+    """In the pool process: this task runs here now."""
+    try:
+        inflight.started(context().redis, task_id, task.request.hostname, BOOT_ID, task.name, list(args or ()))
+    except redis.RedisError as err:  # the task itself will meet the outage and retry
+        log.warning("could not record task %s as in flight: %s", task_id, err)
+
+
+@task_postrun.connect
+def _task_finished(task_id=None, **_kwargs) -> None:
+    """In the pool process: the task returned (a retry is a new message, recorded when it runs)."""
+    try:
+        inflight.finished(context().redis, task_id)
+    except redis.RedisError as err:
+        log.warning("could not clear task %s from in flight: %s", task_id, err)
 
 
 _heartbeat: Heartbeat | None = None
@@ -115,7 +147,7 @@ _heartbeat: Heartbeat | None = None
 @worker_ready.connect
 def _start_heartbeat(sender=None, **_kwargs) -> None:
     global _heartbeat
-    _heartbeat = Heartbeat(getattr(sender, "hostname", socket.gethostname()))
+    _heartbeat = Heartbeat(getattr(sender, "hostname", socket.gethostname()), context().settings.heartbeat_interval_s)
     threading.Thread(target=_heartbeat.run, name="fastif-heartbeat", daemon=True).start()
 
 
