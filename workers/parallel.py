@@ -27,7 +27,7 @@ from records.keys import shard_state
 from .context import WorkerContext, context
 from .configs import queries_of, solver_config
 from .influence import engine_and_cache, ready_model, result_cache_key, store_results
-from .runner import JobFailed, JobRun, ProgressReporter, wait_for_redis
+from .runner import JobFailed, JobRun, ProgressReporter, unexpected_failure, wait_for_redis
 
 STEST_SHARD = "fastif.stest_shard"
 SCORE_SHARD = "fastif.score_shard"
@@ -93,7 +93,8 @@ def _run_shard(job_id: str, shard: int, phase: str, work) -> str:
         wait_for_redis(ctx.redis)  # the task's autoretry must publish to Redis: see run_job
         raise
     except Exception as err:
-        ctx.jobs.fail(job_id, "internal-error", f"{phase} shard {shard}: {type(err).__name__}: {err}")
+        code, message = unexpected_failure(err)
+        ctx.jobs.fail(job_id, code, f"{phase} shard {shard}: {message}")
         return "failed"
     return "done"
 

@@ -6,6 +6,7 @@ reports progress the same way, and a job is never left ``running`` by an error.
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import Callable
@@ -148,14 +149,26 @@ def _run_job(
         return _fail(jobs, job_id, err.code, str(err), on_failure)
     except redis.RedisError:
         raise  # Redis itself is gone: let the task's retry bring the job back
-    except Exception as err:  # a bug or an unexpected input: say so on the record, keep the worker
+    except Exception as err:  # a full disk, a bug or an unexpected input: say so on the record, keep the worker
         log.exception("job %s failed", job_id)
-        return _fail(jobs, job_id, "internal-error", f"{type(err).__name__}: {err}", on_failure)
+        return _fail(jobs, job_id, *unexpected_failure(err), on_failure)
     if items is None:
         return "handed-on"
     # Hours of computation must not be thrown away by a Redis restart at the last moment.
     through_outage(lambda: jobs.succeed(job_id, items), jobs.redis)
     return "succeeded"
+
+
+def unexpected_failure(err: Exception) -> tuple[str, str]:
+    """The error code and message a job fails with on an exception nobody raised on purpose.
+
+    A full state volume gets a code of its own (the operator frees space; the request was fine);
+    anything else is an internal error.
+    """
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" writing {err.filename}" if err.filename else ""
+        return "insufficient-storage", f"no space left on the state volume{where}; free some and submit again"
+    return "internal-error", f"{type(err).__name__}: {err}"
 
 
 def _fail(jobs: JobStore, job_id: str, code: str, message: str, on_failure) -> str:
