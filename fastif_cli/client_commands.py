@@ -279,13 +279,14 @@ def jobs(
 def results(
     job: Annotated[str, typer.Argument(help="the job's id")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="write to this file instead of stdout")] = None,
-    page_size: Annotated[int, typer.Option(help="items per request")] = 200,
+    page_size: Annotated[Optional[int], typer.Option(
+        help="page through the results this many at a time instead of one JSON Lines stream")] = None,
     url: UrlOption = None,
     api_key: ApiKeyOption = None,
 ) -> None:
-    """Every result item of a job, as JSON Lines, in input order."""
+    """Every result item of a job, as JSON Lines, in input order (streamed from GET /v1/jobs/{id}/results.jsonl)."""
     with _reported_errors(), _client(url, api_key) as client:
-        items = client.iter_results(job, page_size=page_size)
+        items = client.stream_results(job) if page_size is None else client.iter_results(job, page_size=page_size)
         if output is None:
             _write_stdout(items)
             return

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import redis
@@ -138,6 +139,16 @@ class JobStore(HashRecordStore[Job]):
         pipe.lrange(keys.results(job_id), offset, offset + limit - 1)
         total, raw = pipe.execute()
         return int(total), [json.loads(text(item) or "null") for item in raw]
+
+    def iter_raw_results(self, job_id: str, chunk: int = 500) -> Iterator[str]:
+        """Every stored result item as its JSON text, in input order, read `chunk` at a time (for streaming).
+
+        The count is read first: a finished job's results never change, and an expired list ends the stream early.
+        """
+        total = int(self.redis.llen(keys.results(job_id)))
+        for start in range(0, total, chunk):
+            for raw in self.redis.lrange(keys.results(job_id), start, min(total, start + chunk) - 1):
+                yield text(raw) or "null"
 
     def list(self, status: str | None = None, limit: int = 50, *, owner: str | None = None) -> list[Job]:
         """The newest jobs first, optionally only those in `status` or only `owner`'s; forgets expired ids."""

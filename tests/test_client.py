@@ -156,6 +156,9 @@ def test_influence_job_waits_with_progress_and_pages_through_the_raw_results(ser
     assert item_model(done.kind) is ResultItem
     page = client.results_page(job.id, offset=1, limit=1)
     assert page.total == 3 and page.items == raw[1:2]
+    # The JSON Lines stream: the same items in one request, raw or typed.
+    assert list(client.stream_results(job.id)) == raw
+    assert [item.input_index for item in client.stream_results(job.id, item_type=ResultItem)] == [0, 1, 2]
 
 
 def test_explain_job_from_a_mapping(service, client):
@@ -198,6 +201,9 @@ def test_cancel_from_the_progress_callback(service, client):
     with pytest.raises(NotReady) as not_finished:
         list(client.iter_results(job.id))
     assert not_finished.value.type == PROBLEM + "job-not-finished"
+    with pytest.raises(NotReady) as not_streamed:
+        list(client.stream_results(job.id))
+    assert not_streamed.value.status == 409 and not_streamed.value.type == PROBLEM + "job-not-finished"
     assert job.id in [j.id for j in client.list_jobs(status="cancelled")]
     assert all(j.status == "succeeded" for j in client.list_jobs(status="succeeded"))
 
@@ -292,6 +298,8 @@ def test_async_client_does_what_the_sync_one_does(service, client):
             done = await fastif.wait_for_job(job.id, timeout=180, on_progress=record)
             raw = [item async for item in fastif.iter_results(job.id, page_size=1)]
             typed = [item async for item in fastif.iter_results(job.id, item_type=ResultItem)]
+            assert [item async for item in fastif.stream_results(job.id)] == raw
+            assert [i.input_index async for i in fastif.stream_results(job.id, item_type=ResultItem)] == [0, 1]
             with pytest.raises(NotFound) as caught:
                 await fastif.get_job("nope")
             assert caught.value.type == PROBLEM + "job-not-found"

@@ -101,6 +101,7 @@ ROUTES = [
     ("GET", "/v1/jobs", 200, 200, None),
     ("GET", "/v1/jobs/{theirs}", 200, 404, None),
     ("GET", "/v1/jobs/{theirs}/results", 409, 404, None),
+    ("GET", "/v1/jobs/{theirs}/results.jsonl", 409, 404, None),
     ("POST", "/v1/jobs/{theirs}/cancel", 200, 404, None),
     ("GET", "/v1/jobs/{theirs}/graph.png", 404, 404, None),
     ("GET", "/v1/jobs/{theirs}/graph.svg", 404, 404, None),

@@ -627,3 +627,38 @@ def test_the_openapi_document_describes_every_kind_of_result_item(client: TestCl
     strategy = components["StrategyReport"]["properties"]
     assert {"by_round", "trials", "delta_accuracy", "control"} <= set(strategy)
     assert components["RoundReport"]["properties"]["confusion"]["type"] == "array"
+
+
+def test_results_jsonl_streams_every_item_in_input_order(client: TestClient, redis_client) -> None:
+    jobs = JobStore(redis_client)
+    job = jobs.create("influence", "m", {"n": 1234})
+    assert_problem(client.get(f"/v1/jobs/{job.id}/results.jsonl"), 409, "job-not-finished")
+    jobs.start_delivery(job.id)
+    items = [{"input_index": i, "label_used": "positive", "text": f"ünïcode {i}\nnew line"} for i in range(1234)]
+    assert jobs.succeed(job.id, items)
+
+    with client.stream("GET", f"/v1/jobs/{job.id}/results.jsonl") as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("application/jsonl")
+        assert response.headers["content-disposition"] == f'attachment; filename="{job.id}.results.jsonl"'
+        lines = list(response.iter_lines())
+    assert len(lines) == 1234 and [json.loads(line) for line in lines] == items
+    paged = client.get(f"/v1/jobs/{job.id}/results", params={"limit": 1000}).json()["items"]
+    assert [json.loads(line) for line in lines[:1000]] == paged
+    assert_problem(client.get("/v1/jobs/nope/results.jsonl"), 404, "job-not-found")
+
+
+def test_the_stream_reads_redis_a_chunk_at_a_time(redis_client) -> None:
+    """The body is never built whole: the first item goes out after one chunk has been read."""
+    jobs = JobStore(redis_client)
+    job = jobs.create("influence", "m", {"n": 1100})
+    jobs.start_delivery(job.id)
+    assert jobs.succeed(job.id, [{"input_index": i} for i in range(1100)])
+    reads = []
+    original = jobs.redis.lrange
+    jobs.redis.lrange = lambda key, start, end: reads.append((start, end)) or original(key, start, end)
+    stream = jobs.iter_raw_results(job.id, chunk=500)
+    assert json.loads(next(stream)) == {"input_index": 0}
+    assert reads == [(0, 499)]
+    rest = list(stream)
+    assert len(rest) == 1099 and reads == [(0, 499), (500, 999), (1000, 1099)]

@@ -1,10 +1,11 @@
-"""Jobs: read, list, page through results, cancel."""
+"""Jobs: read, list, page through results or stream them all as JSON Lines, cancel."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 from fastapi import APIRouter, Query
+from fastapi.responses import StreamingResponse
 from pydantic import BeforeValidator, WithJsonSchema
 
 from api_schemas import Job, JobList, JobStatus, ResultsPage
@@ -60,6 +61,21 @@ def get_results(
         raise ProblemError("job-not-finished", f"job {job.id} is {job.status}; results exist once it succeeds")
     total, items = jobs.results(job.id, offset, limit)
     return ResultsPage(job_id=job.id, offset=offset, limit=limit, total=total, items=items)
+
+
+JSON_LINES = "application/jsonl"
+
+
+@router.get("/{job_id}/results.jsonl", response_class=StreamingResponse, responses={200: {
+    "description": "Every result item, one JSON object per line, in input order (the items of the results pages)",
+    "content": {JSON_LINES: {"schema": {"type": "string"}}}}})
+def stream_results(job: VisibleJob, jobs: JobsDep) -> StreamingResponse:
+    """All result items as JSON Lines, streamed from Redis a chunk at a time; 409 until the job has succeeded."""
+    if job.status != "succeeded":
+        raise ProblemError("job-not-finished", f"job {job.id} is {job.status}; results exist once it succeeds")
+    lines = (item + "\n" for item in jobs.iter_raw_results(job.id))
+    return StreamingResponse(lines, media_type=JSON_LINES, headers={
+        "Content-Disposition": f'attachment; filename="{job.id}.results.jsonl"'})
 
 
 @router.post("/{job_id}/cancel", response_model=Job)
