@@ -92,11 +92,16 @@ def standalone(
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
     workers: Annotated[int, typer.Option(help="worker processes")] = 2,
+    ephemeral: Annotated[bool, typer.Option(
+        help="the embedded Redis keeps nothing on disk: models, jobs and results are gone when it stops")] = False,
 ) -> None:
-    """Redis (embedded unless REDIS_URL is set), N workers and the API, in the foreground."""
+    """Redis (embedded unless REDIS_URL is set), N workers and the API, in the foreground.
+
+    The embedded Redis keeps an append-only file in the state directory, so a restart finds every model, job and result.
+    """
     from .stack import run_standalone
 
-    run_standalone(host, port, workers)
+    run_standalone(host, port, workers, ephemeral)
 
 
 @app.command()

@@ -69,12 +69,18 @@ class Stack:
         return [name for name, proc in self.children if proc.poll() is not None]
 
     def stop(self, grace_s: float = 15.0) -> None:
-        """SIGTERM each process group (workers finish nothing new), then SIGKILL stragglers."""
-        for _, proc in reversed(self.children):
+        """SIGTERM each process group (workers finish nothing new), then SIGKILL stragglers; Redis last,
+        so that a worker shutting down can still hand its unfinished task back to the broker."""
+        self._stop([c for c in self.children if c[0] != "redis"], grace_s)
+        self._stop([c for c in self.children if c[0] == "redis"], grace_s)
+
+    @staticmethod
+    def _stop(children: list[tuple[str, subprocess.Popen]], grace_s: float) -> None:
+        for _, proc in reversed(children):
             if proc.poll() is None:
                 _signal_group(proc, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
-        for _, proc in reversed(self.children):
+        for _, proc in reversed(children):
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -115,9 +121,12 @@ def wait_ready(url: str, procs: Stack, timeout_s: float = 120.0) -> None:
 
 
 def start_stack(host: str, port: int, workers: int, log_dir: Path | None = None,
-                extra_env: dict[str, str] | None = None, threads_per_worker: int | None = None) -> tuple[Stack, str, str]:
+                extra_env: dict[str, str] | None = None, threads_per_worker: int | None = None,
+                redis_dir: Path | None = None) -> tuple[Stack, str, str]:
     """Redis (embedded unless REDIS_URL is set), N single-process workers and the API.
 
+    The embedded Redis keeps an append-only file in ``redis_dir`` (fsync every second), so that a
+    stack started again on it finds its models, jobs and results; without one it keeps nothing.
     Each worker gets ``threads_per_worker`` torch threads, by default its share of the cores.
     Returns the running stack, the API's URL and the Redis URL.
     """
@@ -126,8 +135,13 @@ def start_stack(host: str, port: int, workers: int, log_dir: Path | None = None,
     try:
         if not env.get("REDIS_URL"):
             redis_port = free_port()
+            if redis_dir is None:
+                persistence = ["--save", "", "--appendonly", "no"]
+            else:
+                redis_dir.mkdir(parents=True, exist_ok=True)
+                persistence = ["--dir", str(redis_dir), "--save", "", "--appendonly", "yes", "--appendfsync", "everysec"]
             stack.start("redis", [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(redis_port),
-                                  "--save", "", "--appendonly", "no"], env, log_dir / "redis.log" if log_dir else None)
+                                  *persistence], env, log_dir / "redis.log" if log_dir else None)
             env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
             _wait_redis(env["REDIS_URL"], stack)
         threads = str(threads_per_worker or max(1, (os.cpu_count() or 1) // max(1, workers)))
@@ -162,11 +176,20 @@ def _wait_redis(url: str, stack: Stack, timeout_s: float = 20.0) -> None:
     raise RuntimeError("the embedded redis-server did not answer")
 
 
-def run_standalone(host: str, port: int, workers: int) -> None:
-    """Foreground: start everything, print where the API is, stop all on Ctrl-C or SIGTERM."""
+def run_standalone(host: str, port: int, workers: int, ephemeral: bool = False) -> None:
+    """Foreground: start everything, print where the API is, stop all on Ctrl-C or SIGTERM.
+
+    The embedded Redis keeps its append-only file in `<state dir>/redis` (FASTIF_STATE_DIR, else
+    `<data root>/.fastif`), so models, jobs and results outlive a restart; a job that was running
+    when the stack stopped is sent again by the workers' reaper (records/inflight.py) once the
+    stack is back. `ephemeral` keeps nothing.
+    """
     if workers < 1:
         typer.echo("fastif: error: --workers must be at least 1", err=True)
         raise typer.Exit(2)
+    from records.settings import Settings
+
+    redis_dir = None if ephemeral or os.environ.get("REDIS_URL") else Settings().state_root / "redis"
     stopping = {"flag": False}
 
     def on_signal(signum, _frame):
@@ -176,11 +199,15 @@ def run_standalone(host: str, port: int, workers: int) -> None:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
     try:
-        stack, url, redis_url = start_stack(host, port, workers)
-    except RuntimeError as err:
+        stack, url, redis_url = start_stack(host, port, workers, redis_dir=redis_dir)
+    except (RuntimeError, OSError) as err:
         typer.echo(f"fastif: error: {err}", err=True)
         raise typer.Exit(1) from None
-    typer.echo(f"FastIF is ready at {url} (Redis {redis_url}, {workers} worker(s)); Ctrl-C stops it.", err=True)
+    if redis_dir is not None:
+        redis_url += f", state kept in {redis_dir}"
+    elif ephemeral:
+        redis_url += ", keeping nothing"
+    typer.echo(f"FastIF is ready at {url} (Redis {redis_url}; {workers} worker(s)); Ctrl-C stops it.", err=True)
     try:
         while not stopping["flag"]:
             if stack.dead():

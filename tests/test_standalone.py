@@ -80,3 +80,68 @@ def test_standalone_serves_a_job_and_stops_cleanly(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def start_standalone(root: Path, port: int, *extra: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env.update(FASTIF_DATA_ROOT=str(root), FASTIF_HEARTBEAT_INTERVAL_S="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "fastif_cli.main", "standalone", "--port", str(port),
+                             "--workers", "1", *extra], env=env, stderr=subprocess.PIPE, text=True)
+    banner = proc.stderr.readline()
+    while "ready at" not in banner:
+        assert proc.poll() is None and banner, "standalone exited before it was ready"
+        banner = proc.stderr.readline()
+    proc.banner = banner  # type: ignore[attr-defined]
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=90) == 0
+
+
+def test_standalone_keeps_models_jobs_and_results_across_a_restart(tmp_path):
+    root = make_data_root(tmp_path / "data")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_standalone(root, port)
+    try:
+        assert f"state kept in {root / '.fastif' / 'redis'}" in proc.banner
+        with httpx.Client(base_url=url, timeout=30) as client:
+            model = client.post("/v1/models", json={"name": "kept", "model_path": "model",
+                                                    "train_data": {"path": "train.jsonl"}}).json()
+            wait_for(lambda: client.get(f"/v1/models/{model['id']}").json(), lambda m: m["status"] == "ready",
+                     timeout_s=120)
+            quick = client.post("/v1/influence", json={"model_id": model["id"], "inputs": [{"text": "a lovely film"}],
+                                                       "k": 10, "top": 3, "solver": "lissa",
+                                                       "lissa": {"depth": 50, "scale": 1000, "damp": 0.01}}).json()
+            wait_for(lambda: client.get(f"/v1/jobs/{quick['id']}").json(), lambda j: j["status"] == "succeeded",
+                     timeout_s=120)
+            before = client.get(f"/v1/jobs/{quick['id']}/results").json()["items"]
+            # Running when the stack stops: its worker is stopped under it.
+            long = client.post("/v1/influence", json={"model_id": model["id"], "inputs": [{"text": "a dull film"}],
+                                                      "k": 10, "top": 3, "solver": "lissa",
+                                                      "lissa": {"depth": 1500, "scale": 1000, "damp": 0.01}}).json()
+            wait_for(lambda: client.get(f"/v1/jobs/{long['id']}").json(),
+                     lambda j: j["status"] == "running" and j["progress"]["done"] > 0, timeout_s=120)
+        stop(proc)
+
+        proc = start_standalone(root, port)
+        with httpx.Client(base_url=url, timeout=30) as client:
+            assert client.get(f"/v1/models/{model['id']}").json()["status"] == "ready"  # not built again
+            assert client.get(f"/v1/jobs/{quick['id']}/results").json()["items"] == before
+            assert quick["id"] in [j["id"] for j in client.get("/v1/jobs").json()["items"]]
+            ended = wait_for(lambda: client.get(f"/v1/jobs/{long['id']}").json(),
+                             lambda j: j["status"] in ("succeeded", "failed", "cancelled"), timeout_s=180)
+            # Sent again by the reaper (its worker died with the stack) and finished; never left running.
+            assert ended["status"] == "succeeded" and ended["deliveries"] == 2, ended
+        stop(proc)
+
+        proc = start_standalone(root, port, "--ephemeral")
+        assert "keeping nothing" in proc.banner
+        with httpx.Client(base_url=url, timeout=30) as client:
+            assert client.get("/v1/models").json()["items"] == []  # an empty Redis of its own
+        stop(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

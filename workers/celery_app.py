@@ -13,7 +13,7 @@ import threading
 import uuid
 
 import redis
-from celery.signals import task_postrun, task_prerun, worker_process_init, worker_ready, worker_shutdown
+from celery.signals import task_prerun, task_retry, task_success, worker_process_init, worker_ready, worker_shutdown
 
 from records import inflight, keys
 from records.celery_app import BUILD_MODEL, CORRECT, EXPLAIN, GRAPH, INFLUENCE, QUALITY, SELF_INFLUENCE, make_celery
@@ -132,9 +132,24 @@ def _task_started(task_id=None, task=None, args=None, **_kwargs) -> None:
         log.warning("could not record task %s as in flight: %s", task_id, err)
 
 
-@task_postrun.connect
-def _task_finished(task_id=None, **_kwargs) -> None:
-    """In the pool process: the task returned (a retry is a new message, recorded when it runs)."""
+@task_success.connect
+def _task_finished(sender=None, **_kwargs) -> None:
+    """In the pool process: the task returned, so nothing is left to send again.
+
+    Not task_postrun: that fires too when the pool process is being terminated (a SIGTERM to
+    the worker's process group when a stack stops), and the task, whose message the dying
+    worker may not manage to requeue, would then be forgotten.
+    """
+    _clear(sender.request.id)
+
+
+@task_retry.connect
+def _task_retried(request=None, **_kwargs) -> None:
+    """The task handed itself back for a retry: a new message, recorded when it runs."""
+    _clear(request.id)
+
+
+def _clear(task_id: str) -> None:
     try:
         inflight.finished(context().redis, task_id)
     except redis.RedisError as err:
