@@ -11,13 +11,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, StrictInt, StrictStr, model_validator
 
-from .common import FiniteFloat, RequestModel, ResponseModel
+from .common import FiniteFloat, PathStr, RequestModel, ResponseModel
 from .influence import InfluenceInput, LissaConfig, SolverSettings
 from .results import Diagnostics, Influential, Prediction
 
 ModelId = Annotated[str, Field(min_length=1, max_length=128)]
 Count = Annotated[int, Field(strict=True, ge=1)]
-PathStr = Annotated[str, Field(min_length=1, max_length=4096)]
 Label = Annotated[StrictStr, Field(min_length=1)] | Annotated[StrictInt, Field(ge=0)]
 # A name that is safe as a folder name and in a model record.
 SaveName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
@@ -31,6 +30,8 @@ class ExplainRequest(SolverSettings):
     inputs: Annotated[list[InfluenceInput], Field(min_length=1)]
     k: Count | None = 1000
     top: Annotated[int, Field(strict=True, ge=1, le=1000)] = 10
+    # Also write every result item as JSON Lines to this file in the data root when the job succeeds.
+    output_path: PathStr | None = None
 
 
 class Agreement(ResponseModel):
@@ -327,6 +328,8 @@ class SelfInfluenceRequest(SolverSettings):
     chunk: Annotated[int, Field(strict=True, ge=1, le=512)] = 32
     # Keep only the first `top` of the ranking (all when null).
     top: Count | None = None
+    # Also write every result item as JSON Lines to this file in the data root when the job succeeds.
+    output_path: PathStr | None = None
 
     @model_validator(mode="after")
     def _one_selection(self) -> SelfInfluenceRequest:

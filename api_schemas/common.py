@@ -14,6 +14,10 @@ FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 StrictCount = Annotated[int, Field(strict=True)]
 
 
+# A path relative to the data root (the service resolves it there and refuses anything outside).
+PathStr = Annotated[str, Field(min_length=1, max_length=4096)]
+
+
 class RequestModel(BaseModel):
     """Base of every request body: unknown fields are a 422, not silently ignored."""
 

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, StrictInt, StrictStr, model_validator
 
-from .common import FiniteFloat, RequestModel
+from .common import FiniteFloat, PathStr, RequestModel
 
 
 class InfluenceInput(RequestModel):
@@ -124,6 +124,8 @@ class InfluenceRequest(SolverSettings):
     # LiSSA estimates from W shards with seeds seed + w, averaged (FastIF's parallel variant).
     parallel: Annotated[int, Field(strict=True, ge=1, le=64)] = 1
     group: bool = False
+    # Also write every result item as JSON Lines to this file in the data root when the job succeeds.
+    output_path: PathStr | None = None
 
     @model_validator(mode="after")
     def _parallel_is_lissa(self) -> InfluenceRequest:

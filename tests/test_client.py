@@ -174,6 +174,14 @@ def test_explain_job_from_a_mapping(service, client):
     assert [(i.prediction.label, i.agreement.helpful) for i in items] == \
         [(r["prediction"]["label"], r["agreement"]["helpful"]) for r in raw]
     assert list(client.iter_results(job.id, page_size=1)) == raw
+    # output_path: the same items, written as JSON Lines into the data root when the job succeeded.
+    (service.root / "out").mkdir(exist_ok=True)
+    written = client.submit_explain({"model_id": service.model.id, "k": 20, "top": 2, "output_path": "out/explained.jsonl",
+                                     "inputs": [{"text": TEXTS[0]}, {"text": TEXTS[1], "label": "positive"}]})
+    assert client.wait_for_job(written.id, timeout=180).status == "succeeded"
+    lines = (service.root / "out" / "explained.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in lines] == service.raw_items(written.id)
+    assert [p.name for p in (service.root / "out").iterdir()] == ["explained.jsonl"]  # no partial file left
     # The same Idempotency-Key and request give the same job.
     body = {"model_id": service.model.id, "k": 20, "top": 2, "inputs": [{"text": TEXTS[2]}]}
     first = client.submit_explain(body, idempotency_key="client-explain-1")

@@ -662,3 +662,22 @@ def test_the_stream_reads_redis_a_chunk_at_a_time(redis_client) -> None:
     assert reads == [(0, 499)]
     rest = list(stream)
     assert len(rest) == 1099 and reads == [(0, 499), (500, 999), (1000, 1099)]
+
+
+def test_output_path_is_resolved_in_the_data_root_or_refused(client: TestClient, redis_client, data_root: Path) -> None:
+    model = ready_model(client, redis_client)
+    (data_root / "results").mkdir()
+    cases = [("../outside.jsonl", 422, "path-outside-data-root"), ("/etc/out.jsonl", 422, "path-outside-data-root"),
+             ("results", 422, "invalid-request"), ("no-such-folder/out.jsonl", 422, "path-not-found")]
+    for path in ("/v1/influence", "/v1/explain"):
+        for raw, status, slug in cases:
+            body = assert_problem(client.post(path, json=influence_body(model["id"], output_path=raw)), status, slug)
+            assert body["errors"][0]["loc"] == ["body", "output_path"] and str(data_root) not in body["detail"]
+    refused = client.post("/v1/self-influence", json={"model_id": model["id"], "sample": 2, "output_path": "../x"})
+    assert_problem(refused, 422, "path-outside-data-root")
+    assert JobStore(redis_client).list() == [j for j in JobStore(redis_client).list() if j.kind == "build_model"]
+    accepted = client.post("/v1/influence", json=influence_body(model["id"], output_path="./results/../results/a.jsonl"))
+    assert_problem(accepted, 422, "path-outside-data-root")  # `..` is refused outright, even when it stays inside
+    accepted = client.post("/v1/influence", json=influence_body(model["id"], output_path="./results/a.jsonl"))
+    assert accepted.status_code == 202
+    assert JobStore(redis_client).request(accepted.json()["id"])["output_path"] == "results/a.jsonl"

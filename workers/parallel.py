@@ -27,7 +27,7 @@ from records.keys import shard_state
 from .context import WorkerContext, context
 from .configs import queries_of, solver_config
 from .influence import engine_and_cache, ready_model, result_cache_key, store_results
-from .runner import JobFailed, JobRun, ProgressReporter, unexpected_failure, wait_for_redis
+from .runner import JobFailed, JobRun, ProgressReporter, unexpected_failure, wait_for_redis, write_output
 
 STEST_SHARD = "fastif.stest_shard"
 SCORE_SHARD = "fastif.score_shard"
@@ -189,4 +189,5 @@ def _merge(run: JobRun, request: InfluenceRequest, engine, plan, averaged) -> No
         ))
     items = result_items(engine, plan.encoded, influences, request.top)
     store_results(run, result_cache_key(ready_model(run, request.model_id), request), items)
+    write_output(run, items)
     run.ctx.jobs.succeed(run.job_id, items)

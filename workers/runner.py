@@ -7,7 +7,9 @@ reports progress the same way, and a job is never left ``running`` by an error.
 from __future__ import annotations
 
 import errno
+import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ import redis
 
 from fastif import CancelledError, FastIFError
 from records.jobs import JobStore
+from records.paths import OutsideRoot, resolve_inside
 
 from .context import WorkerContext, context
 
@@ -62,6 +65,29 @@ class JobFailed(Exception):
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code = code
+
+
+def write_output(run: JobRun, items: list[dict]) -> None:
+    """The items as JSON Lines in the request's `output_path` (in the data root), when it names one.
+
+    Written beside the target and renamed over it, so that the file is complete or absent; a full
+    volume raises OSError (the job then fails with insufficient-storage, see unexpected_failure).
+    """
+    raw = run.request.get("output_path")
+    if not raw:
+        return
+    try:
+        path = resolve_inside(run.ctx.settings.data_root, raw)  # again: the folder may have changed since the API looked
+    except OutsideRoot:
+        raise JobFailed("path-outside-data-root", f"output_path {raw!r} is not inside the data root") from None
+    partial = path.with_name(f"{path.name}.{run.job_id}.part")
+    try:
+        with open(partial, "w", encoding="utf-8") as out:
+            for item in items:
+                out.write(json.dumps(item, ensure_ascii=False, allow_nan=False) + "\n")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 class ProgressReporter:
@@ -140,6 +166,8 @@ def _run_job(
     run = JobRun(job_id, jobs.request(job_id), deliveries, ctx, ProgressReporter(jobs, job_id))
     try:
         items = work(run)
+        if items is not None:
+            write_output(run, items)
     except CancelledError:
         through_outage(lambda: jobs.mark_cancelled(job_id), jobs.redis)
         return "cancelled"

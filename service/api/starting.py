@@ -10,12 +10,13 @@ its task by name when the job is new (503 when the broker is down), and sets the
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Header, Response
 from pydantic import BaseModel
 
 from api_schemas import ExplainRequest, GraphRequest, InfluenceRequest, Job, Model
+from records.paths import OutsideRoot, resolve_inside
 from records.settings import Settings
 
 from ..enqueue import send_job_task
@@ -27,6 +28,7 @@ _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 # Inline example sets (correct's anchors and evaluation, quality's held-out examples) may hold
 # this many times the inputs limit; the body limit still applies.
 INLINE_SET_FACTOR = 100
+BodyT = TypeVar("BodyT", bound=BaseModel)
 
 
 def idempotency_key(key: Annotated[str | None, Header(alias="Idempotency-Key")] = None) -> str | None:
@@ -125,10 +127,34 @@ class JobStarter:
 StartJob = Annotated[JobStarter, Depends()]
 
 
+def with_output_path(body: BodyT, settings: Settings) -> BodyT:
+    """`body` with its `output_path` resolved inside the data root (relative, as the workers resolve it again).
+
+    422 path-outside-data-root past the root, path-not-found when its folder does not exist, and
+    invalid-request when it names a folder. The file itself may or may not exist: it is replaced.
+    """
+    raw = getattr(body, "output_path", None)
+    if raw is None:
+        return body
+    loc = {"loc": ["body", "output_path"]}
+    try:
+        resolved = resolve_inside(settings.data_root, raw)
+    except OutsideRoot:
+        raise ProblemError("path-outside-data-root", f"output_path {raw!r} is not inside the data root",
+                           errors=[{**loc, "msg": "path outside the data root", "type": "path_outside_data_root"}]) from None
+    if resolved.is_dir() or resolved == settings.data_root.resolve():
+        raise ProblemError("invalid-request", f"output_path {raw!r} is a folder; name the file to write",
+                           errors=[{**loc, "msg": "is a folder", "type": "value_error"}])
+    if not resolved.parent.is_dir():
+        raise ProblemError("path-not-found", f"the folder of output_path {raw!r} does not exist in the data root",
+                           errors=[{**loc, "msg": "folder not found", "type": "path_not_found"}])
+    return body.model_copy(update={"output_path": resolved.relative_to(settings.data_root.resolve()).as_posix()})
+
+
 def start_inputs_job(kind: str, task: str, body: InfluenceRequest | ExplainRequest | GraphRequest,
                      settings: Settings, ready_model: ReadyModelLookup, start_job: JobStarter) -> Job:
     """The job of a body that names a model and lists `inputs`: their sizes, the model, their labels, start."""
     check_inputs(body.inputs, "inputs", settings)
     model = ready_model(body.model_id)
     check_labels(body.inputs, "inputs", model)
-    return start_job(kind, task, body, model)
+    return start_job(kind, task, with_output_path(body, settings), model)

@@ -21,7 +21,7 @@ from records.settings import Settings
 from ...errors import ProblemError
 from ...paths import resolve_in_root
 from ..deps import CallerDep, JobsDep, SettingsDep, VisibleJob
-from ..starting import ReadyModel, StartJob, check_inputs, check_labels, start_inputs_job
+from ..starting import ReadyModel, StartJob, check_inputs, check_labels, start_inputs_job, with_output_path
 
 router = APIRouter(prefix="/v1", tags=["applications"])
 
@@ -89,8 +89,10 @@ def _labelled_set(source: EvaluationSet, where: str, settings: Settings, model: 
 
 
 @router.post("/self-influence", status_code=202, response_model=Job)
-def start_self_influence(body: SelfInfluenceRequest, ready_model: ReadyModel, start_job: StartJob) -> Job:
+def start_self_influence(body: SelfInfluenceRequest, settings: SettingsDep, ready_model: ReadyModel,
+                         start_job: StartJob) -> Job:
     """Self-influence of training examples, ranked most negative first (likely mislabels)."""
+    body = with_output_path(body, settings)
     model = ready_model(body.model_id)
     if body.indices is not None and model.num_train is not None:
         bad = [i for i in body.indices if i >= model.num_train]
