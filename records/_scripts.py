@@ -76,3 +76,13 @@ HINCR_EXISTING = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 return redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
 """
+
+# KEYS: idem key. ARGV: job id. Deletes the key only while it still names that job; returns 1 if it did.
+RELEASE_IDEM = """
+local raw = redis.call('GET', KEYS[1])
+if raw and cjson.decode(raw)['job_id'] == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""

@@ -48,6 +48,7 @@ class JobStore(HashRecordStore[Job]):
         self._cancel = client.register_script(_scripts.REQUEST_CANCEL)
         self._hset = client.register_script(_scripts.HSET_EXISTING)
         self._hincr = client.register_script(_scripts.HINCR_EXISTING)
+        self._release_idem = client.register_script(_scripts.RELEASE_IDEM)
 
     # -- creating ---------------------------------------------------------------------------
 
@@ -114,6 +115,14 @@ class JobStore(HashRecordStore[Job]):
             # The job the key points to is gone (expired or deleted): forget the key, create anew.
             self.redis.delete(idem_key)
         raise RuntimeError("could not create the job")  # pragma: no cover - needs a racing deleter
+
+    def release_idempotency_key(self, job_id: str) -> bool:
+        """Forget the Idempotency-Key that made this job, if it still points to it, so that a retry of the
+        same request creates a new job; for a job that could not even be started. False when there was none."""
+        key, owner = (text(v) for v in self.redis.hmget(keys.job(job_id), ["idempotency_key", "owner"]))
+        if not key:
+            return False
+        return bool(self._release_idem(keys=[keys.idem(key, owner or None)], args=[job_id]))
 
     # -- reading ----------------------------------------------------------------------------
 

@@ -31,6 +31,8 @@ def send_job_task(celery: Celery, jobs: JobStore, task_name: str, args: list[str
         code = "redis-unavailable" if isinstance(exc, _BROKER_DOWN) else "enqueue-failed"
         try:
             jobs.fail(job_id, code, f"could not enqueue {task_name}: {exc}")
+            # The client will retry with the same Idempotency-Key: that must start the job, not replay this failure.
+            jobs.release_idempotency_key(job_id)
         except redis.RedisError:
             # Redis is down for the record too; the job stays queued with no message.
             log.error("job %s could not be enqueued nor marked failed", job_id)

@@ -599,6 +599,16 @@ def test_a_failed_send_fails_the_job(redis_client, redis_url: str, data_root: Pa
         [failed] = [j for j in client.get("/v1/jobs").json()["items"] if j["kind"] == "influence"]
         assert (failed["status"], failed["error"]["code"]) == ("failed", "redis-unavailable")
 
+        # A retry with the same Idempotency-Key, once the broker is back, starts the job instead of replaying the failure.
+        keyed = {"Idempotency-Key": "retry-after-503"}
+        assert_problem(client.post("/v1/influence", json=influence_body(model["id"]), headers=keyed), 503,
+                       "redis-unavailable")
+        client.app.state.celery = make_celery(settings_from(redis_url=redis_url))
+        retried = client.post("/v1/influence", json=influence_body(model["id"]), headers=keyed)
+        assert retried.status_code == 202 and retried.json()["status"] == "queued", retried.text
+        assert client.post("/v1/influence", json=influence_body(model["id"]), headers=keyed).json()["id"] == \
+            retried.json()["id"]  # and from then on the key replays that job
+
 
 def test_the_app_recovers_when_redis_comes_back(redis_process, unused_tcp_port: int, data_root: Path) -> None:
     port = unused_tcp_port

@@ -31,8 +31,10 @@ def result_cache_key(model: Model, request, kind: str = "result") -> str:
 
     The fingerprint covers the weights, the influence parameters and the data, so the same
     model registered twice shares its cache; its index (kind, space) picks other candidates.
+    Where the results are also written (`output_path`) changes nothing in them.
     """
-    payload = {**request.model_dump(mode="json", exclude={"model_id"}), "index": model.request.index.model_dump(mode="json")}
+    payload = {**request.model_dump(mode="json", exclude={"model_id", "output_path"}),
+               "index": model.request.index.model_dump(mode="json")}
     return cache_key(model.fingerprint or model.id, kind, payload)
 
 
