@@ -5,6 +5,7 @@ Nothing here does I/O, so both clients run the same decisions and differ only in
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -32,6 +33,8 @@ from api_schemas import (
     SelfInfluenceItem,
     SelfInfluenceRequest,
 )
+
+from .errors import error_for_response
 
 DEFAULT_URL = "http://127.0.0.1:8000"  # where `fastif serve` and `fastif standalone` listen by default
 URL_ENV, API_KEY_ENV = "FASTIF_URL", "FASTIF_API_KEY"
@@ -91,6 +94,21 @@ class ClientSettings:
         if told is None:
             return min(self.max_retry_wait, self.retry_backoff * 2 ** retries_done)
         return told if told <= self.max_retry_wait else None
+
+
+def wait_or_raise(settings: ClientSettings, response: httpx.Response, retries_done: int) -> float:
+    """Seconds to wait before sending again an answer that failed, or raise it as its FastIFError."""
+    wait = settings.retry_wait(response, retries_done)
+    if wait is None:
+        raise error_for_response(response, retry_after=retry_after_seconds(response.headers.get("Retry-After")),
+                                 attempts=retries_done + 1)
+    return wait
+
+
+def stream_item(line: str, item_type: type[BaseModel] | None) -> Any:
+    """One line of a JSON Lines results stream as the stored object, or as `item_type`."""
+    item = json.loads(line)
+    return item if item_type is None else item_type.model_validate(item)
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:

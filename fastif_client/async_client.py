@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
 from typing import Any, TypeVar, overload
@@ -37,8 +36,9 @@ from ._core import (
     job_kind,
     job_route,
     request_body,
-    retry_after_seconds,
     segment,
+    stream_item,
+    wait_or_raise,
 )
 from .errors import (
     JobCancelled,
@@ -47,7 +47,6 @@ from .errors import (
     NotFound,
     ServiceUnreachable,
     WaitTimeout,
-    error_for_response,
 )
 
 Item = TypeVar("Item", bound=BaseModel)
@@ -275,14 +274,10 @@ class AsyncFastIFClient:
                     if response.is_success:
                         async for line in response.aiter_lines():
                             if line:
-                                item = json.loads(line)
-                                yield item if item_type is None else item_type.model_validate(item)
+                                yield stream_item(line, item_type)
                         return
                     await response.aread()
-                    wait = self.settings.retry_wait(response, retries_done)
-                    if wait is None:
-                        raise error_for_response(response, retry_after=retry_after_seconds(response.headers.get("Retry-After")),
-                                                 attempts=retries_done + 1)
+                    wait = wait_or_raise(self.settings, response, retries_done)
             except httpx.TransportError as exc:
                 raise ServiceUnreachable("GET", f"{self.settings.base_url}{path}", exc) from exc
             await asyncio.sleep(wait)
@@ -300,10 +295,7 @@ class AsyncFastIFClient:
                 raise ServiceUnreachable(method, f"{self.settings.base_url}{path}", exc) from exc
             if response.is_success:
                 return response
-            wait = self.settings.retry_wait(response, retries_done)
-            if wait is None:
-                raise error_for_response(response, retry_after=retry_after_seconds(response.headers.get("Retry-After")),
-                                         attempts=retries_done + 1)
+            wait = wait_or_raise(self.settings, response, retries_done)
             await asyncio.sleep(wait)
             retries_done += 1
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator, Mapping
 from types import TracebackType
@@ -36,8 +35,9 @@ from ._core import (
     job_kind,
     job_route,
     request_body,
-    retry_after_seconds,
     segment,
+    stream_item,
+    wait_or_raise,
 )
 from .errors import (
     JobCancelled,
@@ -46,7 +46,6 @@ from .errors import (
     NotFound,
     ServiceUnreachable,
     WaitTimeout,
-    error_for_response,
 )
 
 Item = TypeVar("Item", bound=BaseModel)
@@ -270,14 +269,10 @@ class FastIFClient:
                     if response.is_success:
                         for line in response.iter_lines():
                             if line:
-                                item = json.loads(line)
-                                yield item if item_type is None else item_type.model_validate(item)
+                                yield stream_item(line, item_type)
                         return
                     response.read()
-                    wait = self.settings.retry_wait(response, retries_done)
-                    if wait is None:
-                        raise error_for_response(response, retry_after=retry_after_seconds(response.headers.get("Retry-After")),
-                                                 attempts=retries_done + 1)
+                    wait = wait_or_raise(self.settings, response, retries_done)
             except httpx.TransportError as exc:
                 raise ServiceUnreachable("GET", f"{self.settings.base_url}{path}", exc) from exc
             time.sleep(wait)
@@ -295,10 +290,7 @@ class FastIFClient:
                 raise ServiceUnreachable(method, f"{self.settings.base_url}{path}", exc) from exc
             if response.is_success:
                 return response
-            wait = self.settings.retry_wait(response, retries_done)
-            if wait is None:
-                raise error_for_response(response, retry_after=retry_after_seconds(response.headers.get("Retry-After")),
-                                         attempts=retries_done + 1)
+            wait = wait_or_raise(self.settings, response, retries_done)
             time.sleep(wait)
             retries_done += 1
 

@@ -24,6 +24,16 @@ def reaper(client: redis.Redis, clock: Clock, sent: list) -> inflight.Reaper:
                            clock=clock)
 
 
+def first_look(client: redis.Redis, *entries: tuple[str, str, str, list]) -> tuple[Clock, list, inflight.Reaper]:
+    """Tasks (id, worker, boot, args) recorded as running, and a reaper that has looked once, at t = 0."""
+    for task_id, worker, boot, args in entries:
+        inflight.started(client, task_id, worker, boot, "fastif.influence", args)
+    clock, sent = Clock(), []
+    the_reaper = reaper(client, clock, sent)
+    the_reaper.reap()
+    return clock, sent, the_reaper
+
+
 def test_a_dead_workers_tasks_are_sent_once_after_the_grace(redis_client: redis.Redis) -> None:
     clock, sent, other_sent = Clock(), [], []
     inflight.started(redis_client, "t-dead", "worker0@h", "boot-a", "fastif.influence", ["job-1"])
@@ -42,10 +52,7 @@ def test_a_dead_workers_tasks_are_sent_once_after_the_grace(redis_client: redis.
 
 def test_a_heartbeat_seen_again_within_the_grace_saves_the_worker(redis_client: redis.Redis) -> None:
     """After a Redis outage every heartbeat expired; live workers beat again within an interval."""
-    clock, sent = Clock(), []
-    inflight.started(redis_client, "t-1", "worker0@h", "boot-a", "fastif.influence", ["job-1"])
-    the_reaper = reaper(redis_client, clock, sent)
-    the_reaper.reap()
+    clock, sent, the_reaper = first_look(redis_client, ("t-1", "worker0@h", "boot-a", ["job-1"]))
     clock.now = 10
     beat(redis_client, "worker0@h", {"boot": "boot-a"})
     the_reaper.reap()
@@ -58,23 +65,17 @@ def test_a_heartbeat_seen_again_within_the_grace_saves_the_worker(redis_client: 
 
 
 def test_a_worker_restarted_under_the_same_name_is_another_process(redis_client: redis.Redis) -> None:
-    clock, sent = Clock(), []
-    inflight.started(redis_client, "t-old", "worker0@h", "boot-old", "fastif.influence", ["job-1"])
-    inflight.started(redis_client, "t-new", "worker0@h", "boot-new", "fastif.influence", ["job-2"])
     beat(redis_client, "worker0@h", {"boot": "boot-new"})
-    the_reaper = reaper(redis_client, clock, sent)
-    the_reaper.reap()
+    clock, _, the_reaper = first_look(redis_client, ("t-old", "worker0@h", "boot-old", ["job-1"]),
+                                      ("t-new", "worker0@h", "boot-new", ["job-2"]))
     clock.now = 30
     assert [t.task_id for t in the_reaper.reap()] == ["t-old"]
     assert set(redis_client.hkeys(keys.INFLIGHT)) == {"t-new"}
 
 
-def test_a_task_redelivered_elsewhere_is_not_sent_again(redis_client: redis.Redis) -> None:
+def test_a_task_redelivered_elsewhere_is_not_sent_again(redis_client: redis.Redis, monkeypatch) -> None:
     """Between the look and the claim the task started on a live worker: the claim refuses it."""
-    clock, sent = Clock(), []
-    inflight.started(redis_client, "t-1", "worker0@h", "boot-a", "fastif.influence", ["job-1"])
-    the_reaper = reaper(redis_client, clock, sent)
-    the_reaper.reap()
+    clock, sent, the_reaper = first_look(redis_client, ("t-1", "worker0@h", "boot-a", ["job-1"]))
     clock.now = 30
     original = inflight.in_flight
 
@@ -83,11 +84,8 @@ def test_a_task_redelivered_elsewhere_is_not_sent_again(redis_client: redis.Redi
         inflight.started(redis_client, "t-1", "worker1@h", "boot-b", "fastif.influence", ["job-1"])
         return tasks
 
-    inflight.in_flight = moved_meanwhile
-    try:
-        assert the_reaper.reap() == [] and sent == []
-    finally:
-        inflight.in_flight = original
+    monkeypatch.setattr(inflight, "in_flight", moved_meanwhile)
+    assert the_reaper.reap() == [] and sent == []
     assert json.loads(redis_client.hget(keys.INFLIGHT, "t-1"))["worker"] == "worker1@h"
 
 
