@@ -126,6 +126,8 @@ class ChaosStack:
 
     def _start(self, name: str, argv: list[str]) -> subprocess.Popen:
         log = open(self.scratch / "logs" / f"{name}.log", "ab")
+        # Own session: a fault signals the whole group. (No PR_SET_PDEATHSIG: it fires when the *thread*
+        # that started the child ends, and the fault thread restarts processes.)
         return subprocess.Popen(argv, env=self.env, cwd=_REPO, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
@@ -534,7 +536,7 @@ def _check(config, client: Client, store: redis.Redis, submissions: list[Submiss
         elif status == "succeeded":
             items = client.results(submission.job_id)
             stored = store.llen(f"fastif:results:{submission.job_id}")
-            if not same(reference[submission.entry], items) or stored != job["result_count"] != len(items):
+            if not same(reference[submission.entry], items) or not stored == job["result_count"] == len(items):
                 report.wrong += 1
                 report.problems.append(f"{where} succeeded with results unlike the fault-free run's "
                                        f"({len(items)} items, {stored} stored)")
@@ -590,6 +592,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fault-every", type=float, default=15.0, help="mean seconds between faults")
     parser.add_argument("--out", type=Path, default=_REPO / "bench" / "results")
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so that the stack is stopped and the tmpfs unmounted on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.duration <= 0 or args.workers < 1 or args.fault_every <= 0:
         parser.error("--duration and --fault-every must be positive and --workers at least 1")
     report = run_chaos(ChaosConfig(duration_s=args.duration, workers=args.workers, seed=args.seed,
