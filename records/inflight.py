@@ -52,7 +52,7 @@ def started(client: redis.Redis, task_id: str, worker: str, boot: str, name: str
 
 
 def finished(client: redis.Redis, task_id: str) -> None:
-    """The task returned (succeeded, failed or was retried): nothing to reap."""
+    """The task returned, or handed itself back for a retry: nothing to reap."""
     client.hdel(keys.INFLIGHT, task_id)
 
 
@@ -85,6 +85,9 @@ class Reaper:
     clock: Callable[[], float] = time.monotonic
     _missing_since: dict[tuple[str, str], float] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self._claim = self.client.register_script(_CLAIM)
+
     def reap(self) -> list[InflightTask]:
         """One pass: the tasks this reaper sent again."""
         tasks = in_flight(self.client)
@@ -93,13 +96,12 @@ class Reaper:
         now = self.clock()
         self._missing_since = {process: self._missing_since.get(process, now)
                                for process in processes if process not in alive}
-        claim = self.client.register_script(_CLAIM)
         sent = []
         for task in tasks:
             since = self._missing_since.get((task.worker, task.boot))
             if since is None or now - since < self.grace_s:
                 continue
-            if claim(keys=[keys.INFLIGHT], args=[task.task_id, task.worker, task.boot]):
+            if self._claim(keys=[keys.INFLIGHT], args=[task.task_id, task.worker, task.boot]):
                 self.send(task.name, task.args, task.task_id)
                 sent.append(task)
         return sent
