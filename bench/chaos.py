@@ -44,7 +44,7 @@ from typing import Any
 import httpx
 import redis
 
-from fastif_cli.stack import free_port, redis_server_binary
+from fastif_cli.stack import free_port, redis_server_binary, signal_group
 
 _REPO = Path(__file__).resolve().parents[1]
 FAULTS = ("kill-pool", "kill-worker", "restart-worker", "restart-redis", "restart-api", "fill-state-dir")
@@ -192,20 +192,13 @@ def _until(check, timeout_s: float, message: str) -> None:
         time.sleep(0.1)
 
 
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def _stop_group(proc: subprocess.Popen, grace_s: float) -> None:
-    _signal_group(proc, signal.SIGTERM)
+    signal_group(proc, signal.SIGTERM)
     try:
         proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
         pass
-    _signal_group(proc, signal.SIGKILL)  # whatever is left of the group (pool processes)
+    signal_group(proc, signal.SIGKILL)  # whatever is left of the group (pool processes)
     proc.wait()
 
 
@@ -242,7 +235,7 @@ class Faults:
     def kill_worker(self) -> bool:
         index = self._worker()
         proc = self.stack.workers[index]
-        _signal_group(proc, signal.SIGKILL)
+        signal_group(proc, signal.SIGKILL)
         proc.wait()
         time.sleep(self.rng.uniform(0, 2))
         self.stack.start_worker(index)  # same hostname: the reaper must tell it from the dead one

@@ -78,14 +78,14 @@ class Stack:
     def _stop(children: list[tuple[str, subprocess.Popen]], grace_s: float) -> None:
         for _, proc in reversed(children):
             if proc.poll() is None:
-                _signal_group(proc, signal.SIGTERM)
+                signal_group(proc, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
         for _, proc in reversed(children):
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-            _signal_group(proc, signal.SIGKILL)  # whatever is left of the group (pool children)
+            signal_group(proc, signal.SIGKILL)  # whatever is left of the group (pool children)
             proc.wait()
 
 
@@ -99,7 +99,8 @@ def _die_with_parent() -> None:
         pass
 
 
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+def signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """Send `sig` to the process group `proc` leads (it and its pool children); gone already is fine."""
     try:
         os.killpg(proc.pid, sig)
     except (ProcessLookupError, PermissionError):

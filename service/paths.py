@@ -9,12 +9,13 @@ from records.paths import OutsideRoot, resolve_inside
 from .errors import ProblemError
 
 
-def resolve_in_root(data_root: Path, raw: str, field: str) -> str:
+def resolve_in_root(data_root: Path, raw: str, field: str, *, must_exist: bool = True) -> str:
     """The path `raw` relative to `data_root` (POSIX, symlinks resolved) if it exists inside it.
 
     Refuses `..` components outright, absolute paths and symlinks that land outside the
-    root (422 path-outside-data-root), and paths that do not exist (422 path-not-found).
-    The detail never echoes the server's absolute layout.
+    root (422 path-outside-data-root), and paths that do not exist (422 path-not-found)
+    unless `must_exist` is off (a file still to be written). The detail never echoes the
+    server's absolute layout.
     """
     loc = ["body", *field.split(".")]
     try:
@@ -25,7 +26,7 @@ def resolve_in_root(data_root: Path, raw: str, field: str) -> str:
             f"{field} {raw!r} is not inside the data root",
             errors=[{"loc": loc, "msg": "path outside the data root", "type": "path_outside_data_root"}],
         ) from None
-    if not resolved.exists():
+    if must_exist and not resolved.exists():
         raise ProblemError(
             "path-not-found",
             f"{field} {raw!r} does not exist in the data root",

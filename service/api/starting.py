@@ -16,11 +16,11 @@ from fastapi import Depends, Header, Response
 from pydantic import BaseModel
 
 from api_schemas import ExplainRequest, GraphRequest, InfluenceRequest, Job, Model
-from records.paths import OutsideRoot, resolve_inside
 from records.settings import Settings
 
 from ..enqueue import send_job_task
 from ..errors import ProblemError
+from ..paths import resolve_in_root
 from .deps import CallerDep, CeleryDep, JobsDep, ModelsDep, SettingsDep
 
 # Visible ASCII only: the key becomes part of a Redis key name and of log lines.
@@ -136,19 +136,16 @@ def with_output_path(body: BodyT, settings: Settings) -> BodyT:
     raw = getattr(body, "output_path", None)
     if raw is None:
         return body
+    relative = resolve_in_root(settings.data_root, raw, "output_path", must_exist=False)
+    resolved = settings.data_root.resolve() / relative
     loc = {"loc": ["body", "output_path"]}
-    try:
-        resolved = resolve_inside(settings.data_root, raw)
-    except OutsideRoot:
-        raise ProblemError("path-outside-data-root", f"output_path {raw!r} is not inside the data root",
-                           errors=[{**loc, "msg": "path outside the data root", "type": "path_outside_data_root"}]) from None
-    if resolved.is_dir() or resolved == settings.data_root.resolve():
+    if resolved.is_dir():
         raise ProblemError("invalid-request", f"output_path {raw!r} is a folder; name the file to write",
                            errors=[{**loc, "msg": "is a folder", "type": "value_error"}])
     if not resolved.parent.is_dir():
         raise ProblemError("path-not-found", f"the folder of output_path {raw!r} does not exist in the data root",
                            errors=[{**loc, "msg": "folder not found", "type": "path_not_found"}])
-    return body.model_copy(update={"output_path": resolved.relative_to(settings.data_root.resolve()).as_posix()})
+    return body.model_copy(update={"output_path": relative})
 
 
 def start_inputs_job(kind: str, task: str, body: InfluenceRequest | ExplainRequest | GraphRequest,
