@@ -1,4 +1,10 @@
-"""K-FAC and EK-FAC: the Gauss-Newton matrix in per-parameter Kronecker blocks, fitted once per model.
+"""K-FAC and EK-FAC: the Gauss-Newton matrix in per-parameter Kronecker blocks, and their damped inverse.
+
+This module holds the fitted factors (``KroneckerFactors``: one ``KroneckerBlock`` of
+eigenvectors and eigenvalues per matrix parameter, a diagonal per other parameter),
+their traces and per-block means, the damped inverse applied to gradient vectors, and
+their storage beside the model's other artefacts. Fitting them over the training set
+is fastif/curvature/kfac_fit.py.
 
 For a matrix parameter W [out, in] whose per-example gradient is Σ_t l_t r_tᵀ (a
 Linear weight: l = δ, the gradient at its output, r = x, its input; the folded keys
@@ -30,29 +36,21 @@ parameters (LayerNorm scales and shifts, the key bias, whose gradient softmax ma
 exactly zero) are their own *diagonal* blocks, Λ = E_i E_y (∇θ L)², the exact
 diagonal of the Gauss-Newton matrix over them. With weight decay the L2 term wd is
 added to the joined bias column too (biases are not decayed): a small approximation. A parameter that no recorded use covers (a shape
-this module does not know) is preconditioned by the mean eigenvalue of the rest, a
+fastif/tape.py does not record) is preconditioned by the mean eigenvalue of the rest, a
 damped identity; ``KroneckerFactors.uncovered`` names them.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from torch import nn
-
-from ..encoding import Batch
-from ..errors import CancelledError
-from ..factored import Tape, Use, recording
 
 FACTORS_VERSION = 2
-Forward = Callable[[Batch, torch.Tensor | None, Tape], torch.Tensor]
-"""``forward(batch, hidden, tape) -> logits`` with the uses of the influence parameters recorded on ``tape``."""
 
 
 @dataclass
@@ -188,155 +186,3 @@ class KroneckerFactors:
                 diagonal[position] = tensors[f"diag.{name}"]
         return cls(names=names, shapes=[tuple(s) for s in meta["shapes"]], kronecker=kronecker, diagonal=diagonal,
                    examples=meta["examples"], uncovered=meta["uncovered"])
-
-
-def _uses_by_position(tape: Tape, position: dict[int, int]) -> dict[int, list[Use]]:
-    grouped: dict[int, list[Use]] = {}
-    for use in tape.uses:
-        if id(use.param) in position:
-            grouped.setdefault(position[id(use.param)], []).append(use)
-    return grouped
-
-
-def _per_example_gradient(uses: list[Use], grads: dict[int, torch.Tensor], shape, rows: torch.Tensor) -> torch.Tensor:
-    """[n, numel] per-example gradients of a small parameter: the Jacobian of its (linear) contractions."""
-    zero = torch.zeros(shape, dtype=grads[id(uses[0].output)].dtype, device=rows.device)
-
-    def contracted(s: torch.Tensor) -> torch.Tensor:
-        return sum(use.contract(s, grads[id(use.output)], rows) for use in uses)
-
-    return torch.func.jacrev(contracted)(zero).reshape(len(rows), -1)
-
-
-def _pairs(uses: list[Use], grads: dict[int, torch.Tensor], rows: torch.Tensor,
-           with_bias: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The weight's (left, right) factor pairs over all its uses; ``with_bias`` appends the joined bias's input 1."""
-    lefts, rights = zip(*(use.pairs(grads[id(use.output)], rows) for use in uses))
-    left, right = torch.cat(lefts, dim=1), torch.cat(rights, dim=1)
-    if with_bias:
-        right = torch.cat([right, torch.ones_like(right[..., :1])], dim=-1)
-    return left, right, left.shape[1]
-
-
-def _joined_biases(uses: dict[int, list[Use]], position: dict[int, int], shapes) -> dict[int, int]:
-    """Weight position -> bias position, for each bias all of whose uses join one matrix weight with factor pairs."""
-    joined = {}
-    for pos, group in uses.items():
-        weights = {id(u.joins) for u in group}
-        if len(weights) != 1 or group[0].joins is None or id(group[0].joins) not in position:
-            continue
-        weight = position[id(group[0].joins)]
-        weight_uses = uses.get(weight, [])
-        if weight_uses and all(u.pairs is not None for u in weight_uses) and len(shapes[weight]) == 2:
-            joined[weight] = pos
-    return joined
-
-
-class _Pass:
-    """One forward of a batch with its uses recorded, and the per-class backward of each label's loss."""
-
-    def __init__(self, forward: Forward, modules: Sequence[nn.Module], position: dict[int, int]):
-        self.forward, self.modules, self.position = forward, modules, position
-
-    def classes(self, batch: Batch, hidden: torch.Tensor | None):
-        """Yields (uses by position, ∂L_c/∂outputs, p_c per example) for each class c."""
-        tape = Tape()
-        handles = recording(tape, self.modules)
-        try:
-            with torch.enable_grad():
-                logits = self.forward(batch, hidden, tape)
-        finally:
-            for handle in handles:
-                handle.remove()
-        uses = _uses_by_position(tape, self.position)
-        outputs = list({id(u.output): u.output for group in uses.values() for u in group}.values())
-        probs = torch.softmax(logits.detach().double(), dim=-1).to(logits.dtype)
-        classes = logits.shape[-1]
-        for c in range(classes):
-            target = torch.full((len(logits),), c, dtype=torch.long, device=logits.device)
-            loss = F.cross_entropy(logits, target, reduction="sum")  # summed: each row's own gradient
-            grads = torch.autograd.grad(loss, outputs, retain_graph=c < classes - 1)
-            yield uses, dict(zip((id(o) for o in outputs), grads)), probs[:, c]
-
-
-def fit_factors(
-    forward: Forward,
-    modules: Sequence[nn.Module],
-    names: Sequence[str],
-    params: Sequence[nn.Parameter],
-    batches: Callable[[], Iterable[tuple[Batch, torch.Tensor | None]]],
-    on_progress: Callable[[str, int, int], bool] | None = None,
-    total_batches: int = 0,
-) -> KroneckerFactors:
-    """Fit K-FAC's factors and EK-FAC's eigenvalues over ``batches()`` (called twice: covariances, then eigenvalues)."""
-    position = {id(p): i for i, p in enumerate(params)}
-    shapes = [tuple(p.shape) for p in params]
-    passes = _Pass(forward, modules, position)
-    a_cov: dict[int, torch.Tensor] = {}
-    g_cov: dict[int, torch.Tensor] = {}
-    diagonal: dict[int, torch.Tensor] = {}
-    kinds: dict[int, str] = {}
-    bias_of: dict[int, int] | None = None  # weight position -> its joined bias, decided on the first batch
-    count = 0
-
-    def report(stage: str, done: int) -> None:
-        if on_progress and on_progress(stage, done, total_batches):
-            raise CancelledError(f"cancelled while fitting the curvature ({stage})")
-
-    # Pass 1: the covariances A and G of the matrix blocks; the exact diagonal of the others.
-    for number, (batch, hidden) in enumerate(batches()):
-        rows = torch.arange(len(batch), device=batch.input_ids.device)
-        for uses, grads, weight in passes.classes(batch, hidden):
-            if bias_of is None:
-                bias_of = _joined_biases(uses, position, shapes)
-            joined_biases = set(bias_of.values())
-            for pos, group in uses.items():
-                if pos in joined_biases:
-                    continue  # fitted as its weight's last input column
-                kind = kinds.setdefault(pos, "kron" if all(u.pairs is not None for u in group) and len(shapes[pos]) == 2 else "diag")
-                with torch.no_grad():
-                    if kind == "kron":
-                        left, right, tokens = _pairs(group, grads, rows, with_bias=pos in bias_of)
-                        a = torch.einsum("nti,ntj,n->ij", right, right, weight)
-                        g = torch.einsum("nti,ntj,n->ij", left, left, weight) / tokens
-                        a_cov[pos] = a_cov.get(pos, 0) + a.double()
-                        g_cov[pos] = g_cov.get(pos, 0) + g.double()
-                    else:
-                        per_example = _per_example_gradient(group, grads, shapes[pos], rows)
-                        diagonal[pos] = diagonal.get(pos, 0) + (weight[:, None] * per_example**2).sum(0).double()
-        count += len(batch)
-        report("curvature factors", number + 1)
-    if count == 0:
-        raise ValueError("no training examples to fit the curvature on")
-
-    kronecker: dict[int, KroneckerBlock] = {}
-    for pos in a_cov:
-        eig_a, q_a = torch.linalg.eigh(a_cov[pos] / count)
-        eig_g, q_g = torch.linalg.eigh(g_cov[pos] / count)
-        dtype = params[pos].dtype
-        kronecker[pos] = KroneckerBlock(q_a=q_a.to(dtype), eig_a=eig_a.clamp_min(0).to(dtype),
-                                        q_g=q_g.to(dtype), eig_g=eig_g.clamp_min(0).to(dtype), bias=(bias_of or {}).get(pos))
-
-    # Pass 2: EK-FAC's eigenvalues, the second moments of the gradients in the Kronecker eigenbasis.
-    corrected: dict[int, torch.Tensor] = {pos: torch.zeros(len(b.q_g), len(b.q_a), dtype=torch.float64)
-                                          for pos, b in kronecker.items()}
-    if kronecker:
-        for number, (batch, hidden) in enumerate(batches()):
-            rows = torch.arange(len(batch), device=batch.input_ids.device)
-            for uses, grads, weight in passes.classes(batch, hidden):
-                with torch.no_grad():
-                    for pos, block in kronecker.items():
-                        if pos not in uses:
-                            continue
-                        left, right, _ = _pairs(uses[pos], grads, rows, with_bias=block.bias is not None)
-                        rotated = torch.einsum("nta,ntb->nab", left @ block.q_g, right @ block.q_a)
-                        corrected[pos] += torch.einsum("n,nab->ab", weight, rotated**2).double().cpu()
-            report("curvature eigenvalues", number + 1)
-    for pos, block in kronecker.items():
-        block.corrected = (corrected[pos] / count).to(block.q_a.dtype)
-    covered = set(kronecker) | set(diagonal) | {b.bias for b in kronecker.values() if b.bias is not None}
-    return KroneckerFactors(
-        names=list(names), shapes=shapes, kronecker=kronecker,
-        diagonal={pos: (values / count).to(params[pos].dtype).reshape(shapes[pos]) for pos, values in diagonal.items()},
-        examples=count, uncovered=[n for i, n in enumerate(names) if i not in covered],
-    )

@@ -1,19 +1,4 @@
-"""Are the influence scores true? The linear datamodeling score (LDS).
-
-Agreement between solvers only says that a solver solves its system. Whether the
-scores predict what *retraining* does is measured by the LDS (Park et al. 2023,
-TRAK; also reported by Kronfluence, dattri and Bergson):
-
-1. draw ``count`` random training subsets S_1..S_m, each holding a fixed fraction
-   of the N training examples (``random_subsets``);
-2. retrain on each subset and record every test input's loss (``retrained_test_losses``);
-3. per test input z_t, the Spearman correlation over subsets between the sum of
-   the included examples' scores Σ_{i∈S} I(z_i, z_t) and the retrained test loss
-   (``lds``); the LDS is its mean over test inputs.
-
-Scores follow the engine's convention, I(z, z_t) = -∇L(z_t)ᵀ(C + λI)⁻¹∇L(z):
-negative = helpful. Including helpful examples lowers the test loss, so good
-scores give a *positive* correlation between Σ_{i∈S} I_i and the retrained loss.
+"""The LDS's ground truth: every test input's loss after retraining on each training subset.
 
 The retraining here is what influence functions model: it starts from the model's
 fine-tuned influence parameters θ₀ (influence functions predict how the optimum
@@ -22,8 +7,6 @@ trains only the influence parameters, on the cached frozen-prefix activations,
 minimising exactly the engine's objective (``InfluenceObjective.loss_with``:
 cross-entropy plus its L2 term). The live model is never modified: the parameters
 are cloned and trained through ``torch.func.functional_call``.
-
-No Celery, Redis or HTTP in here (engine side).
 """
 
 from __future__ import annotations
@@ -31,54 +14,20 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 
-from .encoding import Batch, collate
-from .errors import CancelledError
-from .progress import ProgressCallback
+from ..encoding import Batch, collate
+from ..errors import CancelledError
+from ..progress import ProgressCallback
 
 if TYPE_CHECKING:
-    from .engine import InfluenceEngine, Query
+    from ..engine import InfluenceEngine
+    from ..query import Query
 
 
-# -- subsets -----------------------------------------------------------------------------------------------
-def random_subsets(num_train: int, count: int, fraction: float = 0.5, seed: int = 0) -> np.ndarray:
-    """``count`` random subsets of ``range(num_train)`` as a boolean mask [count, num_train].
-
-    Every subset holds exactly ``round(fraction * num_train)`` examples (at least 1),
-    drawn uniformly without replacement and independently of the other subsets, from
-    ``numpy.random.default_rng(seed)``: the same arguments give the same subsets.
-    """
-    if num_train < 1 or count < 1:
-        raise ValueError("num_train and count must be at least 1")
-    if not (0.0 < fraction <= 1.0):
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    size = max(1, int(round(fraction * num_train)))
-    rng = np.random.default_rng(seed)
-    masks = np.zeros((count, num_train), dtype=bool)
-    for row in range(count):
-        masks[row, rng.choice(num_train, size=size, replace=False)] = True
-    return masks
-
-
-def subset_sums(scores: np.ndarray, subsets: np.ndarray) -> np.ndarray:
-    """Σ_{i∈S_j} scores[t, i] for every subset j and test input t: [count, q].
-
-    ``scores`` [q, N] (one row per test input), ``subsets`` [count, N] boolean: the
-    linear datamodel's prediction of each subset's test loss, up to a constant and a
-    positive factor (removing z_i changes the loss by about -I_i / N).
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    subsets = np.asarray(subsets)
-    if scores.ndim != 2 or subsets.ndim != 2 or scores.shape[1] != subsets.shape[1]:
-        raise ValueError(f"scores [q, N] and subsets [count, N] disagree: {scores.shape} vs {subsets.shape}")
-    return subsets.astype(np.float64) @ scores.T
-
-
-# -- retraining --------------------------------------------------------------------------------------------
 # Defaults, from measurements on the bench's LDS set-up (all-MiniLM-L6-v2 fine-tuned on SST-2,
 # last block + pooler + head trained, N = 2,000, half subsets of 1,000, 66-token inputs, 50 test
 # inputs, 20 subsets x 2 seeds, one CPU thread). "noise": Spearman between the two seeds' losses
@@ -268,107 +217,3 @@ def retrained_test_losses(engine: InfluenceEngine, subsets: np.ndarray, tests: E
             if on_progress and on_progress("retraining", done, total):
                 raise CancelledError("cancelled while retraining")
     return losses
-
-
-# -- the score ---------------------------------------------------------------------------------------------
-def _ranks(values: np.ndarray) -> np.ndarray:
-    """Average ranks (ties share the mean rank) along axis 0, as Spearman's correlation uses."""
-    from scipy.stats import rankdata
-
-    return rankdata(values, axis=0, method="average")
-
-
-def columnwise_spearman(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, int]:
-    """Spearman's ρ between column t of ``a`` and column t of ``b`` ([m, q] each), for every t: ([q], constant).
-
-    A column that is constant in either argument has no defined correlation: its ρ is
-    reported as 0 and counted in ``constant``.
-    """
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 2:
-        raise ValueError(f"expected two [m, q] arrays of one shape, got {a.shape} and {b.shape}")
-    ra, rb = _ranks(a), _ranks(b)
-    ra, rb = ra - ra.mean(axis=0), rb - rb.mean(axis=0)
-    denominator = np.sqrt((ra * ra).sum(axis=0) * (rb * rb).sum(axis=0))
-    constant = denominator <= 0.0
-    rho = np.where(constant, 0.0, (ra * rb).sum(axis=0) / np.where(constant, 1.0, denominator))
-    return np.clip(rho, -1.0, 1.0), int(constant.sum())
-
-
-@dataclass(frozen=True)
-class LDSResult:
-    """The linear datamodeling score of one set of scores.
-
-    ``per_input[t]``: Spearman's ρ over subsets between Σ_{i∈S} I(z_i, z_t) and the test
-    loss after retraining on S (averaged over the retraining seeds). ``mean`` and
-    ``standard_error`` (sample standard deviation / √q) are over test inputs.
-    ``retraining_noise``: the mean over inputs of Spearman's ρ between seed 0's and seed
-    1's losses across subsets (None with a single seed): how reproducible the retraining
-    itself is, so how much of an LDS of 1 is attainable at all. ``constant``: inputs
-    whose sums or losses did not vary over subsets (their ρ counted as 0).
-    """
-
-    per_input: tuple[float, ...]
-    mean: float
-    standard_error: float
-    retraining_noise: float | None
-    noise_per_input: tuple[float, ...] | None
-    constant: int
-    num_subsets: int
-    num_inputs: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"lds": self.mean, "se": self.standard_error, "retraining_noise": self.retraining_noise,
-                "constant": self.constant, "num_subsets": self.num_subsets, "num_inputs": self.num_inputs,
-                "per_input": list(self.per_input)}
-
-
-def _mean_se(values: np.ndarray) -> tuple[float, float]:
-    mean = float(values.mean())
-    se = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else float("nan")
-    return mean, se
-
-
-def lds(scores: np.ndarray, subsets: np.ndarray, losses: np.ndarray) -> LDSResult:
-    """The LDS of ``scores`` [q, N] against ``losses`` [count, seeds, q] retrained on ``subsets`` [count, N].
-
-    Per test input t: Spearman's ρ over the ``count`` subsets between
-    ``subset_sums(scores, subsets)[:, t]`` and ``losses[:, :, t].mean(axis=1)``.
-    """
-    losses = np.asarray(losses, dtype=np.float64)
-    if losses.ndim == 2:
-        losses = losses[:, None, :]
-    sums = subset_sums(scores, subsets)
-    if losses.shape[0] != sums.shape[0] or losses.shape[2] != sums.shape[1]:
-        raise ValueError(f"losses {losses.shape} do not match {sums.shape[0]} subsets and {sums.shape[1]} inputs")
-    per_input, constant = columnwise_spearman(sums, losses.mean(axis=1))
-    mean, se = _mean_se(per_input)
-    noise, noise_rows = None, None
-    if losses.shape[1] >= 2:
-        noise_values, _ = columnwise_spearman(losses[:, 0], losses[:, 1])
-        noise, noise_rows = float(noise_values.mean()), tuple(float(v) for v in noise_values)
-    return LDSResult(per_input=tuple(float(v) for v in per_input), mean=mean, standard_error=se,
-                     retraining_noise=noise, noise_per_input=noise_rows, constant=constant,
-                     num_subsets=int(losses.shape[0]), num_inputs=int(losses.shape[2]))
-
-
-# -- scores from the engine --------------------------------------------------------------------------------
-def score_matrix(influences: Sequence[Any], num_train: int) -> np.ndarray:
-    """The scores of ``Influence`` results (one per query) as a dense [q, num_train] array, by their ``indices``."""
-    scores = np.zeros((len(influences), num_train), dtype=np.float64)
-    for row, influence in enumerate(influences):
-        indices = np.asarray(influence.indices, dtype=np.int64)
-        if len(indices) != num_train:
-            raise ValueError(f"query {row} scored {len(indices)} of {num_train} training examples; the LDS needs all (k=None)")
-        scores[row, indices] = influence.scores
-    return scores
-
-
-def influence_scores(engine: InfluenceEngine, queries: Sequence[Query], solver: Any,
-                     on_progress: ProgressCallback | None = None) -> np.ndarray:
-    """I(z_i, z_t) for every training example i and query t, [q, N], from ``engine.analyze(k=None)``.
-
-    ``solver`` is passed to ``engine.analyze`` unchanged (any config it accepts).
-    """
-    _, influences = engine.analyze(list(queries), k=None, solver=solver, on_progress=on_progress)
-    return score_matrix(influences, engine.num_train)
