@@ -81,7 +81,7 @@ def gradient_scores(engine: InfluenceEngine, indices, directions: torch.Tensor, 
     for start in range(0, len(indices), chunk):
         rows = []
         for i in indices[start:start + chunk]:
-            batch, hidden = engine._batch([i])
+            batch, hidden = engine.training_batch([i])
             rows.append(engine.objective.gradient(batch, hidden))
         grads = torch.stack(rows)
         out[:, start:start + len(rows)] = -(directions @ grads.T).double()

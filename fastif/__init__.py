@@ -9,12 +9,14 @@ fine-tuned top of a Hugging Face classifier. No Celery, Redis or HTTP in here.
 
 from .config import CGConfig, DataSpec, IndexConfig, InfluenceSpec, LissaConfig, SolverConfig
 from .data import Example, load_examples
-from .engine import Influence, InfluenceEngine, Query
+from .encoded import EncodedQueries
+from .engine import InfluenceEngine
+from .query import Influence, Query
 from .errors import CancelledError, DataError, FastIFError, LabelError, LissaDivergedError, ModelLoadError, ParamSelectionError
 from .modeling import Classifier, load_classifier
 
 __all__ = [
-    "CGConfig", "CancelledError", "Classifier", "DataError", "DataSpec", "Example", "FastIFError", "IndexConfig",
+    "CGConfig", "CancelledError", "Classifier", "DataError", "DataSpec", "EncodedQueries", "Example", "FastIFError", "IndexConfig",
     "Influence", "InfluenceEngine", "InfluenceSpec", "LabelError", "LissaConfig", "LissaDivergedError",
     "ModelLoadError", "ParamSelectionError", "Query", "SolverConfig", "load_classifier", "load_examples",
 ]

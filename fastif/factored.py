@@ -18,95 +18,13 @@ the JVPs where they disagree (a parameter that enters some other way).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .encoding import Batch
-
-Contraction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-"""``contract(s, grad, rows)``: ⟨this use's per-example gradient, s⟩ for batch entries ``rows`` [n] -> [n].
-
-``s`` has the parameter's shape, ``grad`` is ∂L/∂(the use's output) for the whole batch.
-"""
-Pairs = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-"""``pairs(grad, rows) -> (left [n, t, out], right [n, t, in])``: a matrix parameter's per-example gradient
-as Σ_t left_t right_tᵀ (for a Linear weight, δ_t x_tᵀ over tokens). The Kronecker factors of
-fastif/curvature/kfac.py are the covariances of the two sides.
-"""
-
-
-@dataclass(frozen=True)
-class Use:
-    """One use of a parameter in a forward: its output, how to contract its gradient, and its factor pairs.
-
-    ``joins``: for a bias whose per-example gradient is Σ_t left_t of that weight's pairs (a
-    Linear's bias; the folded value bias), the weight; the Kronecker factors then treat the
-    bias as one more input column of the weight, whose input is always 1, as Kronfluence does.
-    """
-
-    param: nn.Parameter
-    output: torch.Tensor
-    contract: Contraction
-    pairs: Pairs | None = None
-    joins: nn.Parameter | None = None
-
-
-class Tape:
-    """The uses of parameters in one forward."""
-
-    def __init__(self) -> None:
-        self.uses: list[Use] = []
-
-    def __call__(self, param: nn.Parameter, output: torch.Tensor, contract: Contraction, pairs: Pairs | None = None,
-                 joins: nn.Parameter | None = None) -> None:
-        self.uses.append(Use(param, output, contract, pairs, joins))
-
-
-def _summed_over_tokens(picked: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    return picked.reshape(len(picked), -1, picked.shape[-1]).sum(1) @ s
-
-
-def bias_contraction(s: torch.Tensor, grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """A bias added along the last dimension: Σ_t δ_t · s."""
-    return _summed_over_tokens(grad[rows], s)
-
-
-def _record_linear(tape: Tape, module: nn.Linear, x: torch.Tensor, output: torch.Tensor) -> None:
-    x = x.detach()
-    tape(module.weight, output, lambda s, grad, rows: ((x[rows] @ s.T) * grad[rows]).reshape(len(rows), -1).sum(1),
-         lambda grad, rows: (grad[rows].reshape(len(rows), -1, grad.shape[-1]), x[rows].reshape(len(rows), -1, x.shape[-1])))
-    if module.bias is not None:
-        tape(module.bias, output, bias_contraction, joins=module.weight)
-
-
-def _record_layer_norm(tape: Tape, module: nn.LayerNorm, x: torch.Tensor, output: torch.Tensor) -> None:
-    normalized = F.layer_norm(x.detach(), module.normalized_shape, eps=module.eps)
-
-    def scale(s: torch.Tensor, grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return _summed_over_tokens(grad[rows] * normalized[rows], s)  # Σ_t (δ_t ⊙ x̂_t) · s
-
-    if module.weight is not None:
-        tape(module.weight, output, scale)
-    if module.bias is not None:
-        tape(module.bias, output, bias_contraction)
-
-
-def recording(tape: Tape, modules: Sequence[nn.Module]) -> list[torch.utils.hooks.RemovableHandle]:
-    """Forward hooks that put every call of these Linear and LayerNorm modules on ``tape``."""
-    handles = []
-    for module in modules:
-        if isinstance(module, nn.Linear):
-            record = _record_linear
-        elif isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
-            record = _record_layer_norm
-        else:
-            continue
-        handles.append(module.register_forward_hook(
-            lambda m, inputs, output, record=record: record(tape, m, inputs[0], output)))
-    return handles
+from .tape import Contraction, Tape, recording
 
 
 class FactoredScores:

@@ -18,10 +18,12 @@ other shapes keep their own forward.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-from .factored import Tape, bias_contraction
+from .tape import Tape, bias_contraction
 
 
 def _is_bert_style(block: nn.Module) -> bool:
@@ -89,23 +91,32 @@ def bert_style_first_token(block: nn.Module, hidden: torch.Tensor, attention_mas
 
 
 class FirstTokenLastBlock:
-    """Switchable first-token forward on the last block; ``enabled`` False restores the original."""
+    """The first-token forward installed on the last block, if it gives the full block's logits.
 
-    def __init__(self, block: nn.Module):
+    Decided once, here: ``logits()`` runs the whole model on a probe batch, once with the
+    block's own forward and once with the first-token one; where they differ (a head that
+    reads more than the first token) the block keeps its own forward and ``enabled`` is
+    False. The block's ``forward`` attribute is replaced while it is installed; the
+    original still runs in training mode and for decoder-style calls.
+    """
+
+    def __init__(self, block: nn.Module, logits: Callable[[], torch.Tensor]):
         self.block = block
         self.supported = _is_bert_style(block)
-        self.enabled = self.supported
-        if self.supported:
+        self.enabled = False
+        if not self.supported:
+            return
+        with torch.no_grad():
+            full = logits()
             original = block.forward
 
             def forward(hidden_states, attention_mask=None, *args, **kwargs):
-                if (
-                    not self.enabled
-                    or block.training
-                    or any(a is not None for a in args)
-                    or kwargs.get("encoder_hidden_states") is not None
-                ):
+                if block.training or any(a is not None for a in args) or kwargs.get("encoder_hidden_states") is not None:
                     return original(hidden_states, attention_mask, *args, **kwargs)
                 return bert_style_first_token(block, hidden_states, attention_mask)
 
             block.forward = forward
+            fast = logits()
+        self.enabled = bool(torch.allclose(fast, full, rtol=1e-4, atol=1e-5))
+        if not self.enabled:
+            block.forward = original

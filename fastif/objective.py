@@ -32,15 +32,19 @@ class InfluenceObjective:
         prefix: FrozenPrefix | None,
         weight_decay: float,
         decay_ignores: Sequence[str],
+        top: TopOfModel | None = None,
+        compile_width: int | None = None,
     ):
+        """``top``: runs cached activations straight into the last block, where the model was checked to allow it.
+
+        ``compile_width`` (the longest sequence): compile the top's H·v into one program
+        (fastif/compiled.py), which checks itself against this objective's autograd H·v.
+        """
         self.classifier = classifier
         self.model = classifier.model
         self.names = list(names)
         self.prefix = prefix
-        # Set by the engine once checked: runs cached activations straight into the last block.
-        self.top: TopOfModel | None = None
-        # Set by the engine when asked to compile (fastif/compiled.py): H·v of the top in one program.
-        self.compiled: CompiledHVP | None = None
+        self.top = top
         self.weight_decay = float(weight_decay)
         all_params = dict(self.model.named_parameters())
         self.params = [all_params[n] for n in self.names]
@@ -51,6 +55,12 @@ class InfluenceObjective:
         # A flat 0/1 mask of the decayed entries: the L2 term's gradient is wd * mask * θ.
         self.decay_flat = flatten([torch.full_like(p, float(d)) for p, d in zip(self.params, self.decay)]).detach()
         self.decay_hessian = self.weight_decay * self.decay_flat  # the L2 term's Hessian, a diagonal
+        self.compiled = self._compile(top, compile_width) if compile_width is not None and top is not None else None
+
+    def _compile(self, top: TopOfModel, width: int) -> CompiledHVP:
+        from .compiled import CompiledHVP  # imports torch's compiler stack: only when asked
+
+        return CompiledHVP(top, self.names, self.params, width, self.autograd_hvp)
 
     # -- vectors ---------------------------------------------------------
     def unflatten(self, vector: torch.Tensor) -> list[torch.Tensor]:

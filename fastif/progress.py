@@ -14,6 +14,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 ProgressCallback = Callable[[str, int, int], bool | None]
 
 
+def stage_callback(on_progress: ProgressCallback | None, stage: str) -> Callable[[int, int], bool]:
+    """``on_step(done, total)`` for a solver: ``on_progress`` under the name ``stage``."""
+
+    def on_step(done: int, total: int) -> bool:
+        return bool(on_progress(stage, done, total)) if on_progress else False
+
+    return on_step
+
+
 @contextmanager
 def rich_progress(enabled: bool = True) -> Iterator[ProgressCallback | None]:
     """A progress bar per stage on stderr; yields None when disabled."""

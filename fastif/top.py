@@ -18,7 +18,7 @@ from torch import nn
 from torch.func import functional_call
 from transformers import PreTrainedModel
 
-from .factored import Tape
+from .tape import Tape
 from .first_token import bert_style_first_token
 
 

@@ -78,7 +78,7 @@ def test_a_failing_compilation_falls_back_to_eager(files, monkeypatch, caplog):
         actual = engine.hvp([1, 4, 8], vectors)
     assert not compiled.usable
     assert "no C++ compiler" in caplog.text
-    assert_close(actual[0], engine.objective.autograd_hvp(*engine._batch([1, 4, 8]), vectors)[0], rtol=1e-6)
+    assert_close(actual[0], engine.objective.autograd_hvp(*engine.training_batch([1, 4, 8]), vectors)[0], rtol=1e-6)
     # LiSSA goes on eagerly too
     eager = engine_of(files, compile_hvp=False)
     assert_close(engine.solve(vectors, LISSA).vectors, eager.solve(vectors, LISSA).vectors, rtol=1e-5)

@@ -104,7 +104,7 @@ def test_factors_that_miss_a_parameter_are_not_used(case):
     """Without the hooks on the block's Linear and LayerNorm modules the tape misses parameters."""
     engine, _, _ = case
     partial = FactoredScores(engine.objective.top, engine.objective.params, modules=[])
-    batch, hidden = engine._batch([0, 1])
+    batch, hidden = engine.training_batch([0, 1])
     uses = partial.factors(batch, hidden)
     assert uses and not partial.covers(uses)
     assert engine.factored.covers(engine.factored.factors(batch, hidden))
@@ -142,7 +142,7 @@ def test_training_gradients_through_the_cache_equal_naive(case):
     """The mean gradient of a padded training batch, run on the cached prefix activations."""
     engine, ref, rows = case
     indices = [1, 4, 13, 22]
-    batch, hidden = engine._batch(indices)
+    batch, hidden = engine.training_batch(indices)
     assert (hidden is not None) == (engine.prefix is not None)
     expected = ref.gradients([rows[i] for i in indices]).mean(dim=0)
     assert_close(engine.objective.gradient(batch, hidden), expected, rtol=1e-5)

@@ -24,8 +24,10 @@ from fastif.applications.examples import training_set
 from fastif.applications.explain import explain
 from fastif.applications.graph import influence_graph
 from fastif.config import CGConfig
-from fastif.engine import Influence, feature_distances, solver_config
-from fastif.factored import FactoredScores, bias_contraction, recording, Tape
+from fastif.query import Influence, feature_distances, solver_config
+from fastif.factored import FactoredScores
+from fastif.scoring import Scorer
+from fastif.tape import Tape, bias_contraction, recording
 from tiny import Reference, assert_close, make_tiny_family, sentences, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -74,7 +76,7 @@ def test_the_factored_path_really_scores_when_it_is_on(setup, monkeypatch):
     def no_jvp(*args, **kwargs):
         raise AssertionError("scored by JVPs although the factored path is on")
 
-    monkeypatch.setattr(engine, "scores_by_jvp", no_jvp)
+    monkeypatch.setattr(Scorer, "scores_by_jvp", no_jvp)
     s = direction(engine, 9)
     scores = engine.score_rows(s.unsqueeze(0), [[3, 1, 4]])
     assert_close(scores[0], -(reference.gradients([rows[i] for i in (3, 1, 4)]) @ s.double()), rtol=1e-4)

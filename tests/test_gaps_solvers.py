@@ -168,7 +168,7 @@ def test_lissa_uses_a_fused_step_when_offered_and_the_plain_product_when_decline
 
     for accept in (True, False):
         hvp = Fused(accept)
-        solution = lissa(hvp, v, 4, config)
+        solution = lissa(hvp, v, 4, config, fused_step=hvp.fused_step)
         torch.testing.assert_close(solution.vectors, plain.vectors, rtol=1e-12, atol=1e-14)
         assert solution.norms == pytest.approx(plain.norms, rel=1e-12)
         assert (hvp.fused, hvp.plain) == ((25, 0) if accept else (0, 25))

@@ -20,8 +20,11 @@ import torch.nn.functional as F
 from .. import knn
 from ..data import Example, texts_of
 from ..encoding import Batch, Tokenized, collate, length_batches, tokenize
-from ..engine import InfluenceEngine, feature_distances
+from ..artefacts import search_vectors
+from ..encoded import encode_set
+from ..engine import InfluenceEngine
 from ..knn import SearchQuery
+from ..query import feature_distances
 from ..prefix import PrefixStore
 from ..progress import ProgressCallback
 
@@ -80,8 +83,9 @@ def encode_examples(
     examples = list(examples)
     texts, pairs = texts_of(examples)
     tokens = tokenize(engine.classifier.tokenizer, texts, pairs, [ex.label for ex in examples], engine.spec.max_length)
-    encoded = engine.encode_set(tokens, batch_size, on_progress, stage)
-    index = knn.build_index(engine.search_vectors(encoded), engine.index_config) if with_index else None
+    encoded = encode_set(engine.prepared, tokens, engine.pad_id, batch_size, on_progress, stage)
+    vectors = search_vectors(encoded.features, encoded.gradient_keys, engine.index_config)
+    index = knn.build_index(vectors, engine.index_config) if with_index else None
     return ExampleSet(examples, tokens, encoded.features, encoded.prefix, index)
 
 

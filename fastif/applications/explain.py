@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..engine import InfluenceEngine, Query, Solver, TensorCache
+from ..engine import InfluenceEngine
+from ..query import Query, Solver, TensorCache
 from ..progress import ProgressCallback
 from ..report import result_items
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engine import InfluenceEngine, Query, Solver, TensorCache
+from ..engine import InfluenceEngine
+from ..query import Query, Solver, TensorCache
 from ..progress import ProgressCallback
 
 HELPFUL_COLOUR = "#1a9850"

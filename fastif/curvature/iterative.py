@@ -18,11 +18,10 @@ from ..config import CGConfig, LissaConfig
 from ..errors import CancelledError, LissaDivergedError
 
 HVP = Callable[..., torch.Tensor]
-"""``hvp(indices, vectors, out=None)``: H_batch · v for each row of ``vectors``; it may write into ``out``.
-
-It may also offer ``fused_step(indices, h, vectors, damp, scale)`` returning LiSSA's updated
-``h`` and its largest row norm from one program (the compiled H·v does), or None to decline.
-"""
+"""``hvp(indices, vectors, out=None)``: H_batch · v for each row of ``vectors``; it may write into ``out``."""
+FusedStep = Callable[[Sequence[int], torch.Tensor, torch.Tensor, float, float], "tuple[torch.Tensor, float] | None"]
+"""``fused_step(indices, h, vectors, damp, scale)``: LiSSA's updated ``h`` and its largest row norm from one
+program (the compiled H·v, fastif/compiled.py), or None to decline for this batch."""
 StepCallback = Callable[[int, int], bool]
 """Called as ``on_step(done, total)``; returning True asks the solver to stop (cancellation)."""
 
@@ -64,6 +63,7 @@ def lissa(
     num_train: int,
     config: LissaConfig,
     on_step: StepCallback | None = None,
+    fused_step: FusedStep | None = None,
 ) -> Solution:
     """FastIF's LiSSA: ``h ← v + (1 − damp)·h − H_B h / scale``, then ``s = h / scale``.
 
@@ -82,7 +82,6 @@ def lissa(
     # In place, into buffers reused at every step: at B = 1 the vector arithmetic and
     # fresh [m, P] allocations would be a visible share of a step.
     curvature = torch.empty_like(vectors)
-    fused_step = getattr(hvp, "fused_step", None)
     for repeat in range(config.repeats):
         generator = lissa_generator(config.seed, repeat)
         h = vectors.clone()

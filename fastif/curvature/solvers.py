@@ -23,7 +23,7 @@ import torch
 from ..config import CGConfig, SolverConfig
 from ..errors import LissaDivergedError
 from .damping import damping_of, lissa_knobs
-from .iterative import HVP, Solution, StepCallback, conjugate_gradient, lissa
+from .iterative import HVP, FusedStep, Solution, StepCallback, conjugate_gradient, lissa
 from .kfac import KroneckerFactors
 from .spectrum import Spectrum
 
@@ -39,7 +39,8 @@ class CurvatureSource:
     """What the solvers may ask of a model's training set; the engine builds it once.
 
     ``batch_product(curvature)`` is LiSSA's ``hvp(indices, vectors, out)`` for that
-    curvature; ``full_product(curvature)`` applies it over the whole training set (CG);
+    curvature, ``fused_step(curvature)`` its one-program step where there is one;
+    ``full_product(curvature)`` applies it over the whole training set (CG);
     ``spectrum(curvature)`` and ``factors()`` are fitted on first use and kept.
     """
 
@@ -49,6 +50,7 @@ class CurvatureSource:
     spectrum: Callable[[str], Spectrum]
     factors: Callable[[], KroneckerFactors]
     decay: Sequence[float]  # per parameter position: the L2 term's weight decay, or 0
+    fused_step: Callable[[str], FusedStep | None] = lambda curvature: None
 
 
 @dataclass(frozen=True)
@@ -67,12 +69,13 @@ class LissaSolver:
     config: object  # LissaConfig
     name: str = "lissa"
     retries: int = 0
+    fused_step: FusedStep | None = None
 
     def solve(self, vectors: torch.Tensor, on_step: StepCallback | None = None) -> Solution:
         config = self.config
         for attempt in range(self.retries + 1):
             try:
-                solution = lissa(self.product, vectors, self.num_train, config, on_step)
+                solution = lissa(self.product, vectors, self.num_train, config, on_step, self.fused_step)
             except LissaDivergedError:
                 if attempt == self.retries:
                     raise
@@ -135,7 +138,7 @@ def solver_for(config: SolverConfig, source: CurvatureSource) -> InverseSolver:
     damping = 0.0 if per_block else damping_of(config, spectrum)
     if config.solver == "lissa":
         return LissaSolver(source.batch_product(config.curvature), source.num_train, lissa_knobs(config, damping, spectrum),
-                           retries=0 if config.lissa_absolute else 3)
+                           retries=0 if config.lissa_absolute else 3, fused_step=source.fused_step(config.curvature))
     if config.solver == "cg":
         cg = CGConfig(damping=damping, tol=config.cg_tol, max_iter=config.cg_max_iter)
         return ConjugateGradientSolver(source.full_product(config.curvature), cg)

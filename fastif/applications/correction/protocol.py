@@ -28,7 +28,8 @@ import torch
 
 from ...config import SolverConfig
 from ...data import Example
-from ...engine import InfluenceEngine, Query, Solver, TensorCache, solver_config
+from ...engine import InfluenceEngine
+from ...query import Query, Solver, TensorCache, solver_config
 from ...errors import CancelledError
 from ...progress import ProgressCallback
 from ..examples import ExampleSet, encode_examples, evaluate, training_set

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...engine import InfluenceEngine, Query, Solver, TensorCache
+from ...engine import InfluenceEngine
+from ...query import Query, Solver, TensorCache
 from ...progress import ProgressCallback
 from ..examples import ExampleSet, influence_scores
 

@@ -1,0 +1,113 @@
+"""What a registration computes once and keeps on disk, per fingerprint.
+
+A folder ``<artefact dir>/<fingerprint>/`` holds the training set's first-token
+features, gradient keys, cached prefix activations, one faiss index per (space, kind),
+the curvature's spectra and EK-FAC's factors. ``meta.json`` is written last: its
+presence marks a complete set, and a set written by another ``ARTEFACT_VERSION`` is
+computed again.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from . import knn
+from .config import IndexConfig
+from .curvature import KroneckerFactors, Spectrum
+from .prefix import PrefixStore, write_meta
+
+ARTEFACT_VERSION = 2
+
+
+@dataclass(frozen=True)
+class Artefacts:
+    """The training set's encoded form and its kNN index."""
+
+    features: np.ndarray  # [N, H]
+    gradient_keys: np.ndarray  # [N, (C-1)·A]
+    prefix: PrefixStore | None
+    index: faiss.Index
+
+
+def search_vectors(features: np.ndarray, gradient_keys: np.ndarray, config: IndexConfig) -> np.ndarray:
+    """What the index holds: gradient keys or features, as ``config.space`` says."""
+    return gradient_keys if config.space == "gradient" else features
+
+
+class ArtefactStore:
+    """The artefact folder of one fingerprint; ``folder`` None keeps nothing (every load misses)."""
+
+    def __init__(self, folder: Path | None, fingerprint: str):
+        self.folder = folder
+        self.fingerprint = fingerprint
+
+    def _index_file(self, config: IndexConfig) -> Path:
+        return self.folder / f"index-{config.space}-{config.kind}.faiss"
+
+    def complete(self) -> bool:
+        """A complete set for this fingerprint, written by this version (older sets are computed again)."""
+        if self.folder is None or not (self.folder / "meta.json").is_file():
+            return False
+        meta = json.loads((self.folder / "meta.json").read_text())
+        return meta.get("version") == ARTEFACT_VERSION and meta.get("fingerprint") == self.fingerprint
+
+    def save(self, artefacts: Artefacts, config: IndexConfig, num_train: int, params: list[str]) -> None:
+        if self.folder is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        np.save(self.folder / "features.npy", artefacts.features)
+        np.save(self.folder / "gradient_keys.npy", artefacts.gradient_keys)
+        if artefacts.prefix is not None:
+            artefacts.prefix.save(self.folder)
+        knn.save_index(artefacts.index, self._index_file(config))
+        # meta.json last: its presence marks a complete set of artefacts.
+        write_meta(self.folder, {"version": ARTEFACT_VERSION, "fingerprint": self.fingerprint, "num_train": num_train,
+                                 "params": params})
+
+    def load(self, config: IndexConfig, with_prefix: bool) -> Artefacts:
+        """The stored set; an index of another (space, kind) than stored is built from the stored vectors and kept."""
+        features = np.load(self.folder / "features.npy")
+        gradient_keys = np.load(self.folder / "gradient_keys.npy")
+        prefix = PrefixStore.load(self.folder) if with_prefix else None
+        path = self._index_file(config)
+        if path.is_file():
+            index = knn.load_index(path)
+        else:  # the same model and data registered with another index
+            index = knn.build_index(search_vectors(features, gradient_keys, config), config)
+            knn.save_index(index, path)
+        return Artefacts(features, gradient_keys, prefix, index)
+
+    # -- curvature, fitted on first use ---------------------------------------------------
+    def load_spectrum(self, curvature: str) -> Spectrum | None:
+        path = self._spectrum_file(curvature)
+        if path is None or not path.is_file():
+            return None
+        stored = json.loads(path.read_text())
+        return Spectrum.from_dict(stored) if stored.get("version") == ARTEFACT_VERSION else None
+
+    def save_spectrum(self, spectrum: Spectrum) -> None:
+        path = self._spectrum_file(spectrum.curvature)
+        if path is not None:
+            path.write_text(json.dumps({**spectrum.to_dict(), "version": ARTEFACT_VERSION}, indent=1, sort_keys=True))
+
+    def _spectrum_file(self, curvature: str) -> Path | None:
+        return self.folder / f"spectrum-{curvature}.json" if self.folder is not None else None
+
+    @property
+    def factors_file(self) -> Path | None:
+        return self.folder / "ekfac.safetensors" if self.folder is not None else None
+
+    def load_factors(self, names: list[str]) -> KroneckerFactors | None:
+        """EK-FAC's stored factors, if they are of these influence parameters."""
+        path = self.factors_file
+        loaded = KroneckerFactors.load(path) if path is not None else None
+        return loaded if loaded is not None and loaded.names == names else None
+
+    def save_factors(self, factors: KroneckerFactors) -> None:
+        if self.factors_file is not None:
+            factors.save(self.factors_file)

@@ -1,0 +1,113 @@
+"""Forward passes without gradients: a whole labelled set, or a query's test inputs, encoded once.
+
+A set gives each example's first-token feature, its gradient key (fastif/knn.py) and
+the frozen prefix's activations; test inputs give their predictions, the labels the
+gradients use, features and search keys, and the prefix's activations for their
+gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import knn
+from .data import resolve_label
+from .encoding import Tokenized, collate, length_batches, tokenize
+from .errors import CancelledError
+from .knn import SearchQuery
+from .objective import InfluenceObjective
+from .prefix import PrefixStore
+from .prepared_model import PreparedModel
+from .progress import ProgressCallback
+from .query import Query
+
+
+@dataclass
+class EncodedSet:
+    """Features, search keys and cached prefix activations of a whole set of labelled examples."""
+
+    features: np.ndarray  # [N, H]
+    gradient_keys: np.ndarray  # [N, (C-1)·A]
+    prefix: PrefixStore | None
+
+
+@dataclass
+class EncodedQueries:
+    """What one forward pass over the test inputs gives."""
+
+    probs: np.ndarray  # [q, C]
+    labels_used: list[int]
+    features: np.ndarray  # [q, H]
+    tokens: Tokenized
+    search_keys: np.ndarray  # [q, D]: kNN keys in the index's space (fastif/knn.py)
+    hidden: torch.Tensor | None = None  # [q, T, H]: the frozen prefix's output, when it is cached
+
+    def search(self, row: int) -> SearchQuery:
+        return SearchQuery(key=self.search_keys[row], feature=self.features[row])
+
+
+def encode_set(model: PreparedModel, tokens: Tokenized, pad_id: int, batch_size: int = 64,
+               on_progress: ProgressCallback | None = None, stage: str = "features") -> EncodedSet:
+    """One forward pass per length bucket over labelled examples: features, gradient keys, prefix cache."""
+    count = len(tokens)
+    device = model.classifier.device
+    features = np.zeros((count, model.model.config.hidden_size), dtype=np.float32)
+    probs = np.zeros((count, len(model.classifier.labels)), dtype=np.float64)
+    head_inputs: np.ndarray | None = None
+    rows: list[np.ndarray | None] = [None] * count
+    done = 0
+    for indices in length_batches(tokens.lengths, batch_size):
+        captured = model.capture(collate(tokens, indices, pad_id, device))
+        features[indices] = captured.features.float().cpu().numpy()
+        probs[indices] = torch.softmax(captured.logits.double(), dim=-1).cpu().numpy()
+        if head_inputs is None:
+            head_inputs = np.zeros((count, captured.head_inputs.shape[1]), dtype=np.float32)
+        head_inputs[indices] = captured.head_inputs.float().cpu().numpy()
+        if captured.hidden is not None:
+            for row, i in enumerate(indices):
+                rows[i] = captured.hidden[row, : len(tokens.input_ids[i])].float().cpu().numpy()
+        done += len(indices)
+        if on_progress and on_progress(stage, done, count):
+            raise CancelledError(f"cancelled while computing {stage}")
+    keys = knn.gradient_keys(probs, tokens.labels.numpy(), head_inputs)
+    return EncodedSet(features=features, gradient_keys=keys,
+                      prefix=PrefixStore.from_rows(rows) if model.prefix is not None else None)
+
+
+def encode_queries(model: PreparedModel, queries: Sequence[Query], max_length: int, pad_id: int,
+                   space: str) -> EncodedQueries:
+    """Predictions, the labels the gradients use, and kNN keys (in the index's ``space``) of the test inputs."""
+    classifier = model.classifier
+    given = [None if q.label is None else resolve_label(q.label, classifier.label2id, f"input {i}")
+             for i, q in enumerate(queries)]
+    pairs = [q.text_pair or "" for q in queries] if any(q.text_pair for q in queries) else None
+    tokens = tokenize(classifier.tokenizer, [q.text for q in queries], pairs, [-1] * len(queries), max_length)
+    captured = model.capture(collate(tokens, list(range(len(queries))), pad_id, classifier.device))
+    probs = torch.softmax(captured.logits.double(), dim=-1).cpu().numpy()
+    labels_used = [g if g is not None else int(p.argmax()) for g, p in zip(given, probs)]
+    tokens.labels = torch.as_tensor(labels_used, dtype=torch.long)
+    keys = knn.gradient_keys(probs, np.asarray(labels_used), captured.head_inputs.float().cpu().numpy())
+    features = captured.features.float().cpu().numpy()
+    return EncodedQueries(probs=probs.astype(np.float32), labels_used=labels_used, features=features, tokens=tokens,
+                          search_keys=keys if space == "gradient" else features, hidden=captured.hidden)
+
+
+def test_gradients(objective: InfluenceObjective, encoded: EncodedQueries, pad_id: int,
+                   rows: Sequence[int] | None = None) -> torch.Tensor:
+    """∇θ L(z_t) of each test input (or of ``rows`` of them) with its label used, [q, P].
+
+    From the frozen prefix's activations that encoding kept, where it is cached: the
+    frozen layers then ran once for all inputs, batched, and each gradient runs the rest.
+    """
+    rows = range(len(encoded.labels_used)) if rows is None else rows
+    device = objective.classifier.device
+    grads = []
+    for i in rows:
+        batch = collate(encoded.tokens, [i], pad_id, device)
+        hidden = None if encoded.hidden is None else encoded.hidden[i : i + 1, : batch.input_ids.shape[1]]
+        grads.append(objective.gradient(batch, hidden))
+    return torch.stack(grads)
