@@ -16,12 +16,16 @@ ModelStatus = Literal["building", "ready", "failed"]
 class TrainData(RequestModel):
     """Where the training examples live (relative to the data root) and which columns to read."""
 
-    path: NonEmptyStr
-    text_field: NonEmptyStr = "text"
-    text_pair_field: NonEmptyStr | None = None
-    label_field: NonEmptyStr = "label"
-    format: Literal["auto", "jsonl", "csv", "tsv", "hf"] = "auto"
-    quoting: Literal["minimal", "none"] = "minimal"
+    path: NonEmptyStr = Field(description="a JSON Lines, CSV or TSV file, or a folder of a Hugging Face dataset "
+                                          "saved with save_to_disk, relative to the data root")
+    text_field: NonEmptyStr = Field("text", description="the field holding each example's text")
+    text_pair_field: NonEmptyStr | None = Field(
+        None, description="the field holding the second text of a pair (NLI); none for single texts")
+    label_field: NonEmptyStr = Field("label", description="the field holding the label: a name or an index")
+    format: Literal["auto", "jsonl", "csv", "tsv", "hf"] = Field(
+        "auto", description="auto: from the extension (.jsonl, .json, .ndjson, .csv, .tsv; a folder is hf)")
+    quoting: Literal["minimal", "none"] = Field(
+        "minimal", description="CSV and TSV: none reads quote characters as text (SST-2's TSV holds stray ones)")
 
 
 class InfluenceSettings(RequestModel):

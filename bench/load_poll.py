@@ -37,7 +37,7 @@ _REPO = Path(__file__).resolve().parents[1]
 if str(_REPO) not in sys.path:  # run as a script: make the project importable
     sys.path.insert(0, str(_REPO))
 
-from fastif_cli.stack import free_port, redis_server_binary  # noqa: E402
+from fastif_cli.stack import free_port, redis_server_binary, stop_process  # noqa: E402
 
 WRK_SCRIPT = """
 ids = {%(ids)s}
@@ -129,13 +129,7 @@ class Service:
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc, grace_s=10)
         self.log.close()
         shutil.rmtree(self.scratch, ignore_errors=True)
 

@@ -233,21 +233,22 @@ def _submit_request(kind: SubmitKind, model_id: str, texts: list[str], labels: l
 
 def read_inputs(path: Path) -> list[dict[str, Any]]:
     """The inputs of a JSON Lines file, one object per non-blank line; ValueError naming the line."""
-    inputs = []
     with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not JSON: {err.msg}") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise ValueError(f"{path}:{number}: expected an object with a \"text\" string")
-            inputs.append({key: row[key] for key in ("text", "text_pair", "label") if row.get(key) is not None})
+        inputs = [_input_of(line, f"{path}:{number}") for number, line in enumerate(lines, 1) if line.strip()]
     if not inputs:
         raise ValueError(f"{path}: no inputs (one JSON object per line)")
     return inputs
+
+
+def _input_of(line: str, where: str) -> dict[str, Any]:
+    """One line of an inputs file as an input (its text, text_pair and label); ValueError naming `where`."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: not JSON: {err.msg}") from None
+    if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+        raise ValueError(f"{where}: expected an object with a \"text\" string")
+    return {key: row[key] for key in ("text", "text_pair", "label") if row.get(key) is not None}
 
 
 def jobs(

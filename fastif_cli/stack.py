@@ -107,6 +107,21 @@ def signal_group(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
+def stop_process(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM one process (not its group), then SIGKILL it if it is still there after `grace_s` seconds.
+
+    For a single child such as a private redis-server; one that has exited already is left alone.
+    """
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def wait_ready(url: str, procs: Stack, timeout_s: float = 120.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

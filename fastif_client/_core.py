@@ -1,6 +1,7 @@
-"""What the sync and the async client share: settings, routes of the job kinds, retry and poll timing.
+"""What the sync and the async client share: settings, routes of the job kinds, retries, paging and polling.
 
 Nothing here does I/O, so both clients run the same decisions and differ only in how they wait.
+The requests themselves, method by method, are in _calls.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -34,7 +36,10 @@ from api_schemas import (
     SelfInfluenceRequest,
 )
 
-from .errors import error_for_response
+from .errors import JobCancelled, JobFailed, ModelBuildFailed, ServiceUnreachable, WaitTimeout, error_for_response
+
+if TYPE_CHECKING:
+    from api_schemas import Job, Model, ResultsPage
 
 DEFAULT_URL = "http://127.0.0.1:8000"  # where `fastif serve` and `fastif standalone` listen by default
 URL_ENV, API_KEY_ENV = "FASTIF_URL", "FASTIF_API_KEY"
@@ -80,6 +85,10 @@ class ClientSettings:
             raise ValueError("retries, retry_backoff and max_retry_wait must not be negative")
         return cls(url.rstrip("/"), key, float(timeout), int(retries), float(retry_backoff), float(max_retry_wait))
 
+    def httpx_options(self) -> dict[str, Any]:
+        """What httpx.Client and httpx.AsyncClient are built with (all but the transport)."""
+        return {"base_url": self.base_url, "headers": self.headers(), "timeout": self.timeout}
+
     def headers(self) -> dict[str, str]:
         headers = {"User-Agent": USER_AGENT, "Accept": "application/json, application/problem+json"}
         if self.api_key:
@@ -96,19 +105,29 @@ class ClientSettings:
         return told if told <= self.max_retry_wait else None
 
 
-def wait_or_raise(settings: ClientSettings, response: httpx.Response, retries_done: int) -> float:
-    """Seconds to wait before sending again an answer that failed, or raise it as its FastIFError."""
-    wait = settings.retry_wait(response, retries_done)
-    if wait is None:
-        raise error_for_response(response, retry_after=retry_after_seconds(response.headers.get("Retry-After")),
-                                 attempts=retries_done + 1)
-    return wait
+class Attempts:
+    """The sending of one request, again after each answer of 429 or 503, as ClientSettings allows."""
 
+    def __init__(self, settings: ClientSettings, method: str, path: str) -> None:
+        self.settings, self.method, self.path = settings, method, path
+        self.retries_done = 0
 
-def stream_item(line: str, item_type: type[BaseModel] | None) -> Any:
-    """One line of a JSON Lines results stream as the stored object, or as `item_type`."""
-    item = json.loads(line)
-    return item if item_type is None else item_type.model_validate(item)
+    @contextmanager
+    def sending(self) -> Iterator[None]:
+        """Raises a failure to get any answer inside the block (httpx.TransportError) as ServiceUnreachable."""
+        try:
+            yield
+        except httpx.TransportError as exc:
+            raise ServiceUnreachable(self.method, f"{self.settings.base_url}{self.path}", exc) from exc
+
+    def wait_or_raise(self, response: httpx.Response) -> float:
+        """Seconds to wait before sending again after the error answer `response`, or raise it as its FastIFError."""
+        wait = self.settings.retry_wait(response, self.retries_done)
+        if wait is None:
+            raise error_for_response(response, retry_after=retry_after_seconds(response.headers.get("Retry-After")),
+                                     attempts=self.retries_done + 1)
+        self.retries_done += 1
+        return wait
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
@@ -190,6 +209,39 @@ def item_model(kind: str) -> type[BaseModel]:
     return job_kind(kind).item
 
 
+# -- reading results -------------------------------------------------------------------------------
+
+def as_item(item: dict[str, Any], item_type: type[BaseModel] | None) -> Any:
+    """A stored result item as it is, or as `item_type`."""
+    return item if item_type is None else item_type.model_validate(item)
+
+
+def stream_item(line: str, item_type: type[BaseModel] | None) -> Any:
+    """One line of a JSON Lines results stream as the stored object, or as `item_type`."""
+    return as_item(json.loads(line), item_type)
+
+
+class Paging:
+    """A job's results read a page at a time: where the next page begins (`offset`, None after the
+    last page) and its items, as the stored objects or as `item_type`."""
+
+    def __init__(self, page_size: int, item_type: type[BaseModel] | None) -> None:
+        if not 1 <= page_size <= 1000:
+            raise ValueError("page_size must be between 1 and 1000 (the service's page limit)")
+        self.page_size, self.item_type = page_size, item_type
+        self.offset: int | None = 0
+
+    def take(self, page: ResultsPage) -> Iterator[Any]:
+        """The items of `page` (the page that began at `offset`), each read when it is asked for.
+
+        Moves `offset` past them first, to None when `page` was the last.
+        """
+        assert self.offset is not None, "there is no page after the last"
+        offset = self.offset + len(page.items)
+        self.offset = None if not page.items or offset >= page.total else offset
+        return (as_item(item, self.item_type) for item in page.items)
+
+
 # -- waiting ---------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -209,6 +261,41 @@ class PollSchedule:
         while True:
             yield delay
             delay = min(self.cap, delay * self.factor)
+
+
+Watched = TypeVar("Watched", "Job", "Model")
+
+
+def model_is_ready(model: Model) -> bool:
+    """Whether a wait for `model` is over; raises ModelBuildFailed when its build failed."""
+    if model.status == "failed":
+        raise ModelBuildFailed(model)
+    return model.status == "ready"
+
+
+def job_has_succeeded(job: Job) -> bool:
+    """Whether a wait for `job` is over; raises JobFailed or JobCancelled when it ended otherwise."""
+    if job.status == "failed":
+        raise JobFailed(job)
+    if job.status == "cancelled":
+        raise JobCancelled(job)
+    return job.status == "succeeded"
+
+
+class Polling(Generic[Watched]):
+    """One wait for a job or a model: when it is over (`finished`), and how long to sleep between polls."""
+
+    def __init__(self, what: str, finished: Callable[[Watched], bool], timeout: float | None,
+                 schedule: PollSchedule) -> None:
+        self.what, self.finished = what, finished
+        self.deadline = Deadline(timeout)
+        self.delays = schedule.delays()
+
+    def next_delay(self, last: Watched) -> float:
+        """Seconds to sleep before the next poll; raises WaitTimeout, with `last` as last seen, past the timeout."""
+        if self.deadline.passed():
+            raise WaitTimeout(self.what, self.deadline.timeout or 0.0, last)
+        return min(next(self.delays), self.deadline.remaining())
 
 
 class Deadline:
@@ -243,3 +330,17 @@ class ProgressFeed:
             return None
         self.last = key
         return self.callback(progress)
+
+
+# -- the clients ----------------------------------------------------------------------------------
+
+class ClientBase:
+    """What FastIFClient and AsyncFastIFClient hold alike: their settings, resolved once, and poll schedule."""
+
+    def __init__(self, base_url: str | None, api_key: str | None, timeout: float, retries: int,
+                 retry_backoff: float, max_retry_wait: float, poll: PollSchedule) -> None:
+        self.settings = ClientSettings.resolve(base_url, api_key, timeout, retries, retry_backoff, max_retry_wait)
+        self.poll = poll
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.settings.base_url!r})"

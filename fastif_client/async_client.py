@@ -4,75 +4,39 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
 import httpx
 from pydantic import BaseModel
 
-from api_schemas import (
-    CorrectRequest,
-    ExplainRequest,
-    GraphRequest,
-    InfluenceRequest,
-    Job,
-    JobList,
-    JobStatus,
-    Model,
-    ModelCreate,
-    ModelList,
-    QualityRequest,
-    ResultsPage,
-    SelfInfluenceRequest,
-)
+from api_schemas import (CorrectRequest, ExplainRequest, GraphRequest, InfluenceRequest, Job, JobStatus, Model,
+                         ModelCreate, QualityRequest, ResultsPage, SelfInfluenceRequest)
 
-from ._core import (
-    ClientSettings,
-    Deadline,
-    PollSchedule,
-    ProgressCallback,
-    ProgressFeed,
-    job_kind,
-    job_route,
-    request_body,
-    segment,
-    stream_item,
-    wait_or_raise,
-)
-from .errors import (
-    JobCancelled,
-    JobFailed,
-    ModelBuildFailed,
-    NotFound,
-    ServiceUnreachable,
-    WaitTimeout,
-)
+from . import _calls as calls
+from ._calls import Answer, Call
+from ._core import (Attempts, ClientBase, Paging, Polling, PollSchedule, ProgressCallback, ProgressFeed, Watched,
+                    job_has_succeeded, model_is_ready, stream_item)
+from .errors import NotFound
 
 Item = TypeVar("Item", bound=BaseModel)
 
 
-class AsyncFastIFClient:
+class AsyncFastIFClient(ClientBase):
     """A client of one FastIF service for asyncio code: FastIFClient's methods, awaited
     (`iter_results` is an async iterator; an `on_progress` callback may be sync or async).
 
-    Built complete: `base_url` (else FASTIF_URL, else http://127.0.0.1:8000), `api_key` (else
-    FASTIF_API_KEY; sent as X-API-Key), `timeout` seconds per HTTP request, and `retries` of a
-    429 or 503 answer, each after its Retry-After (see ClientSettings). `poll` spaces the polls
-    of the wait methods. `transport` replaces the network (an httpx.MockTransport, a WSGI app).
+    Built from the same arguments as FastIFClient (see there), but `transport` is an
+    httpx.AsyncBaseTransport (an httpx.MockTransport, an httpx.ASGITransport).
     Use it as an async context manager, or await aclose().
     """
 
     def __init__(self, base_url: str | None = None, *, api_key: str | None = None, timeout: float = 30.0,
                  retries: int = 3, retry_backoff: float = 0.5, max_retry_wait: float = 60.0,
                  poll: PollSchedule = PollSchedule(), transport: httpx.AsyncBaseTransport | None = None) -> None:
-        self.settings = ClientSettings.resolve(base_url, api_key, timeout, retries, retry_backoff, max_retry_wait)
-        self.poll = poll
-        self._http = httpx.AsyncClient(base_url=self.settings.base_url, headers=self.settings.headers(),
-                                  timeout=self.settings.timeout, transport=transport)
-
-    def __repr__(self) -> str:
-        return f"AsyncFastIFClient({self.settings.base_url!r})"
+        super().__init__(base_url, api_key, timeout, retries, retry_backoff, max_retry_wait, poll)
+        self._http = httpx.AsyncClient(**self.settings.httpx_options(), transport=transport)
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -88,8 +52,7 @@ class AsyncFastIFClient:
 
     async def create_model(self, request: ModelCreate | Mapping[str, Any]) -> Model:
         """POST /v1/models: register a model directory and its training data; answers at once (`building`)."""
-        response = await self._request("POST", "/v1/models", json=request_body(ModelCreate, request))
-        return Model.model_validate(response.json())
+        return await self._send(calls.create_model(request))
 
     async def register_model(self, request: ModelCreate | Mapping[str, Any], *, wait: bool = True,
                              timeout: float | None = None, on_progress: ProgressCallback | None = None) -> Model:
@@ -103,21 +66,18 @@ class AsyncFastIFClient:
                              on_progress: ProgressCallback | None = None) -> Model:
         """Poll until the model is `ready`; raises ModelBuildFailed, or WaitTimeout after `timeout` seconds.
 
-        `on_progress` gets the build job's progress each time it changes.
+        `on_progress` (a function or a coroutine function) gets the build job's progress each time it changes.
         """
-        deadline, feed = Deadline(timeout), ProgressFeed(on_progress)
-        for delay in self.poll.delays():
+        polling = Polling(f"model {model_id}", model_is_ready, timeout, self.poll)
+        feed = ProgressFeed(on_progress)
+
+        async def fetch() -> Model:
             model = await self.get_model(model_id)
             if on_progress is not None and model.build_job_id:
                 await self._report_build_progress(model.build_job_id, feed)
-            if model.status == "ready":
-                return model
-            if model.status == "failed":
-                raise ModelBuildFailed(model)
-            if deadline.passed():
-                raise WaitTimeout(f"model {model_id}", timeout or 0.0, model)
-            await asyncio.sleep(min(delay, deadline.remaining()))
-        raise AssertionError("unreachable: the poll schedule is endless")
+            return model
+
+        return await self._wait(polling, fetch)
 
     async def _report_build_progress(self, build_job_id: str, feed: ProgressFeed) -> None:
         try:
@@ -128,16 +88,15 @@ class AsyncFastIFClient:
 
     async def list_models(self, limit: int = 100) -> list[Model]:
         """GET /v1/models: the registered models, newest first."""
-        response = await self._request("GET", "/v1/models", params={"limit": limit})
-        return ModelList.model_validate(response.json()).items
+        return await self._send(calls.list_models(limit))
 
     async def get_model(self, model_id: str) -> Model:
         """GET /v1/models/{id}."""
-        return Model.model_validate((await self._request("GET", f"/v1/models/{segment(model_id)}")).json())
+        return await self._send(calls.get_model(model_id))
 
     async def delete_model(self, model_id: str) -> None:
         """DELETE /v1/models/{id}: forget the model and its caches (a build in progress is cancelled)."""
-        await self._request("DELETE", f"/v1/models/{segment(model_id)}")
+        await self._send(calls.delete_model(model_id))
 
     # -- starting jobs ---------------------------------------------------------------------------
 
@@ -149,11 +108,7 @@ class AsyncFastIFClient:
         needed by quality jobs only (it is part of their route). The same `idempotency_key` with
         the same request returns the job it started the first time.
         """
-        spec = job_kind(kind)
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key is not None else None
-        response = await self._request("POST", job_route(spec, model_id), json=request_body(spec.request, request),
-                                       headers=headers)
-        return Job.model_validate(response.json())
+        return await self._send(calls.submit(kind, request, model_id, idempotency_key))
 
     async def submit_influence(self, request: InfluenceRequest | Mapping[str, Any], *,
                                idempotency_key: str | None = None) -> Job:
@@ -186,50 +141,40 @@ class AsyncFastIFClient:
 
     async def get_job(self, job_id: str) -> Job:
         """GET /v1/jobs/{id}: status, progress, times, error."""
-        return Job.model_validate((await self._request("GET", f"/v1/jobs/{segment(job_id)}")).json())
+        return await self._send(calls.get_job(job_id))
 
     async def list_jobs(self, status: JobStatus | None = None, limit: int = 50) -> list[Job]:
         """GET /v1/jobs: recent jobs, newest first, optionally only those in `status`."""
-        params: dict[str, Any] = {"limit": limit}
-        if status is not None:
-            params["status"] = status
-        return JobList.model_validate((await self._request("GET", "/v1/jobs", params=params)).json()).items
+        return await self._send(calls.list_jobs(status, limit))
 
     async def cancel_job(self, job_id: str) -> Job:
         """POST /v1/jobs/{id}/cancel: a queued job is cancelled now, a running one stops at its next check.
 
         Raises NotCancellable when the job has already finished.
         """
-        return Job.model_validate((await self._request("POST", f"/v1/jobs/{segment(job_id)}/cancel")).json())
+        return await self._send(calls.cancel_job(job_id))
 
     async def wait_for_job(self, job_id: str, *, timeout: float | None = None,
                            on_progress: ProgressCallback | None = None) -> Job:
         """Poll until the job has succeeded and return it; raises JobFailed, JobCancelled, or
         WaitTimeout after `timeout` seconds (None: no limit).
 
-        Polls back off from `poll.first` to `poll.cap` seconds; `on_progress` gets the job's
-        progress {stage, done, total} each time it changes.
+        Polls back off from `poll.first` to `poll.cap` seconds; `on_progress` (a function or a
+        coroutine function) gets the job's progress {stage, done, total} each time it changes.
         """
-        deadline, feed = Deadline(timeout), ProgressFeed(on_progress)
-        for delay in self.poll.delays():
+        polling = Polling(f"job {job_id}", job_has_succeeded, timeout, self.poll)
+        feed = ProgressFeed(on_progress)
+
+        async def fetch() -> Job:
             job = await self.get_job(job_id)
             await _settle(feed.report(job.progress))
-            if job.status == "succeeded":
-                return job
-            if job.status == "failed":
-                raise JobFailed(job)
-            if job.status == "cancelled":
-                raise JobCancelled(job)
-            if deadline.passed():
-                raise WaitTimeout(f"job {job_id}", timeout or 0.0, job)
-            await asyncio.sleep(min(delay, deadline.remaining()))
-        raise AssertionError("unreachable: the poll schedule is endless")
+            return job
+
+        return await self._wait(polling, fetch)
 
     async def results_page(self, job_id: str, offset: int = 0, limit: int = 100) -> ResultsPage:
         """GET /v1/jobs/{id}/results: items [offset, offset + limit) of `total`; NotReady until the job succeeded."""
-        response = await self._request("GET", f"/v1/jobs/{segment(job_id)}/results",
-                                       params={"offset": offset, "limit": limit})
-        return ResultsPage.model_validate(response.json())
+        return await self._send(calls.results_page(job_id, offset, limit))
 
     @overload
     def iter_results(self, job_id: str, *, page_size: int = 100, item_type: None = None) -> AsyncIterator[dict[str, Any]]: ...
@@ -244,16 +189,11 @@ class AsyncFastIFClient:
         Items are the stored JSON objects, or `item_type` instances (ResultItem, ExplainItem, ...;
         fastif_client.item_model(job.kind) names the one of a kind).
         """
-        if not 1 <= page_size <= 1000:
-            raise ValueError("page_size must be between 1 and 1000 (the service's page limit)")
-        offset = 0
-        while True:
-            page = await self.results_page(job_id, offset, page_size)
-            for item in page.items:
-                yield item if item_type is None else item_type.model_validate(item)
-            offset += len(page.items)
-            if not page.items or offset >= page.total:
-                return
+        paging = Paging(page_size, item_type)
+        while paging.offset is not None:
+            page = await self.results_page(job_id, paging.offset, paging.page_size)
+            for item in paging.take(page):
+                yield item
 
     @overload
     def stream_results(self, job_id: str, *, item_type: None = None) -> AsyncIterator[dict[str, Any]]: ...
@@ -266,10 +206,10 @@ class AsyncFastIFClient:
 
         The same items as iter_results, without a request per page; NotReady until the job succeeded.
         """
-        path = f"/v1/jobs/{segment(job_id)}/results.jsonl"
-        retries_done = 0
+        path = calls.results_stream_path(job_id)
+        attempts = Attempts(self.settings, "GET", path)
         while True:
-            try:
+            with attempts.sending():
                 async with self._http.stream("GET", path) as response:
                     if response.is_success:
                         async for line in response.aiter_lines():
@@ -277,28 +217,29 @@ class AsyncFastIFClient:
                                 yield stream_item(line, item_type)
                         return
                     await response.aread()
-                    wait = wait_or_raise(self.settings, response, retries_done)
-            except httpx.TransportError as exc:
-                raise ServiceUnreachable("GET", f"{self.settings.base_url}{path}", exc) from exc
+                    wait = attempts.wait_or_raise(response)
             await asyncio.sleep(wait)
-            retries_done += 1
 
     # -- HTTP ------------------------------------------------------------------------------------
 
-    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """Send, retrying 429 and 503 answers as ClientSettings says; raise every other error answer."""
-        retries_done = 0
+    async def _send(self, call: Call[Answer]) -> Answer:
+        """Send `call`, retrying 429 and 503 answers as ClientSettings says; raise every other error answer."""
+        attempts = Attempts(self.settings, call.method, call.path)
         while True:
-            try:
-                response = await self._http.request(method, path, **kwargs)
-            except httpx.TransportError as exc:
-                raise ServiceUnreachable(method, f"{self.settings.base_url}{path}", exc) from exc
+            with attempts.sending():
+                response = await self._http.request(call.method, call.path, params=call.params, json=call.json,
+                                                    headers=call.headers)
             if response.is_success:
-                return response
-            wait = wait_or_raise(self.settings, response, retries_done)
-            await asyncio.sleep(wait)
-            retries_done += 1
+                return call.read(response)
+            await asyncio.sleep(attempts.wait_or_raise(response))
 
+    async def _wait(self, polling: Polling[Watched], fetch: Callable[[], Awaitable[Watched]]) -> Watched:
+        """Fetch the job or model until `polling` says the wait is over, sleeping between polls."""
+        while True:
+            last = await fetch()
+            if polling.finished(last):
+                return last
+            await asyncio.sleep(polling.next_delay(last))
 
 
 async def _settle(value: Any) -> None:

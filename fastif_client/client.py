@@ -3,55 +3,26 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
 import httpx
 from pydantic import BaseModel
 
-from api_schemas import (
-    CorrectRequest,
-    ExplainRequest,
-    GraphRequest,
-    InfluenceRequest,
-    Job,
-    JobList,
-    JobStatus,
-    Model,
-    ModelCreate,
-    ModelList,
-    QualityRequest,
-    ResultsPage,
-    SelfInfluenceRequest,
-)
+from api_schemas import (CorrectRequest, ExplainRequest, GraphRequest, InfluenceRequest, Job, JobStatus, Model,
+                         ModelCreate, QualityRequest, ResultsPage, SelfInfluenceRequest)
 
-from ._core import (
-    ClientSettings,
-    Deadline,
-    PollSchedule,
-    ProgressCallback,
-    ProgressFeed,
-    job_kind,
-    job_route,
-    request_body,
-    segment,
-    stream_item,
-    wait_or_raise,
-)
-from .errors import (
-    JobCancelled,
-    JobFailed,
-    ModelBuildFailed,
-    NotFound,
-    ServiceUnreachable,
-    WaitTimeout,
-)
+from . import _calls as calls
+from ._calls import Answer, Call
+from ._core import (Attempts, ClientBase, Paging, Polling, PollSchedule, ProgressCallback, ProgressFeed, Watched,
+                    job_has_succeeded, model_is_ready, stream_item)
+from .errors import NotFound
 
 Item = TypeVar("Item", bound=BaseModel)
 
 
-class FastIFClient:
+class FastIFClient(ClientBase):
     """A client of one FastIF service; every method is one call (or one wait) against its API.
 
     Built complete: `base_url` (else FASTIF_URL, else http://127.0.0.1:8000), `api_key` (else
@@ -64,13 +35,8 @@ class FastIFClient:
     def __init__(self, base_url: str | None = None, *, api_key: str | None = None, timeout: float = 30.0,
                  retries: int = 3, retry_backoff: float = 0.5, max_retry_wait: float = 60.0,
                  poll: PollSchedule = PollSchedule(), transport: httpx.BaseTransport | None = None) -> None:
-        self.settings = ClientSettings.resolve(base_url, api_key, timeout, retries, retry_backoff, max_retry_wait)
-        self.poll = poll
-        self._http = httpx.Client(base_url=self.settings.base_url, headers=self.settings.headers(),
-                                  timeout=self.settings.timeout, transport=transport)
-
-    def __repr__(self) -> str:
-        return f"FastIFClient({self.settings.base_url!r})"
+        super().__init__(base_url, api_key, timeout, retries, retry_backoff, max_retry_wait, poll)
+        self._http = httpx.Client(**self.settings.httpx_options(), transport=transport)
 
     def close(self) -> None:
         self._http.close()
@@ -86,7 +52,7 @@ class FastIFClient:
 
     def create_model(self, request: ModelCreate | Mapping[str, Any]) -> Model:
         """POST /v1/models: register a model directory and its training data; answers at once (`building`)."""
-        return Model.model_validate(self._request("POST", "/v1/models", json=request_body(ModelCreate, request)).json())
+        return self._send(calls.create_model(request))
 
     def register_model(self, request: ModelCreate | Mapping[str, Any], *, wait: bool = True,
                        timeout: float | None = None, on_progress: ProgressCallback | None = None) -> Model:
@@ -102,19 +68,16 @@ class FastIFClient:
 
         `on_progress` gets the build job's progress each time it changes.
         """
-        deadline, feed = Deadline(timeout), ProgressFeed(on_progress)
-        for delay in self.poll.delays():
+        polling = Polling(f"model {model_id}", model_is_ready, timeout, self.poll)
+        feed = ProgressFeed(on_progress)
+
+        def fetch() -> Model:
             model = self.get_model(model_id)
             if on_progress is not None and model.build_job_id:
                 self._report_build_progress(model.build_job_id, feed)
-            if model.status == "ready":
-                return model
-            if model.status == "failed":
-                raise ModelBuildFailed(model)
-            if deadline.passed():
-                raise WaitTimeout(f"model {model_id}", timeout or 0.0, model)
-            time.sleep(min(delay, deadline.remaining()))
-        raise AssertionError("unreachable: the poll schedule is endless")
+            return model
+
+        return self._wait(polling, fetch)
 
     def _report_build_progress(self, build_job_id: str, feed: ProgressFeed) -> None:
         try:
@@ -125,15 +88,15 @@ class FastIFClient:
 
     def list_models(self, limit: int = 100) -> list[Model]:
         """GET /v1/models: the registered models, newest first."""
-        return ModelList.model_validate(self._request("GET", "/v1/models", params={"limit": limit}).json()).items
+        return self._send(calls.list_models(limit))
 
     def get_model(self, model_id: str) -> Model:
         """GET /v1/models/{id}."""
-        return Model.model_validate(self._request("GET", f"/v1/models/{segment(model_id)}").json())
+        return self._send(calls.get_model(model_id))
 
     def delete_model(self, model_id: str) -> None:
         """DELETE /v1/models/{id}: forget the model and its caches (a build in progress is cancelled)."""
-        self._request("DELETE", f"/v1/models/{segment(model_id)}")
+        self._send(calls.delete_model(model_id))
 
     # -- starting jobs ---------------------------------------------------------------------------
 
@@ -145,11 +108,7 @@ class FastIFClient:
         needed by quality jobs only (it is part of their route). The same `idempotency_key` with
         the same request returns the job it started the first time.
         """
-        spec = job_kind(kind)
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key is not None else None
-        response = self._request("POST", job_route(spec, model_id), json=request_body(spec.request, request),
-                                 headers=headers)
-        return Job.model_validate(response.json())
+        return self._send(calls.submit(kind, request, model_id, idempotency_key))
 
     def submit_influence(self, request: InfluenceRequest | Mapping[str, Any], *,
                          idempotency_key: str | None = None) -> Job:
@@ -182,21 +141,18 @@ class FastIFClient:
 
     def get_job(self, job_id: str) -> Job:
         """GET /v1/jobs/{id}: status, progress, times, error."""
-        return Job.model_validate(self._request("GET", f"/v1/jobs/{segment(job_id)}").json())
+        return self._send(calls.get_job(job_id))
 
     def list_jobs(self, status: JobStatus | None = None, limit: int = 50) -> list[Job]:
         """GET /v1/jobs: recent jobs, newest first, optionally only those in `status`."""
-        params: dict[str, Any] = {"limit": limit}
-        if status is not None:
-            params["status"] = status
-        return JobList.model_validate(self._request("GET", "/v1/jobs", params=params).json()).items
+        return self._send(calls.list_jobs(status, limit))
 
     def cancel_job(self, job_id: str) -> Job:
         """POST /v1/jobs/{id}/cancel: a queued job is cancelled now, a running one stops at its next check.
 
         Raises NotCancellable when the job has already finished.
         """
-        return Job.model_validate(self._request("POST", f"/v1/jobs/{segment(job_id)}/cancel").json())
+        return self._send(calls.cancel_job(job_id))
 
     def wait_for_job(self, job_id: str, *, timeout: float | None = None,
                      on_progress: ProgressCallback | None = None) -> Job:
@@ -206,25 +162,19 @@ class FastIFClient:
         Polls back off from `poll.first` to `poll.cap` seconds; `on_progress` gets the job's
         progress {stage, done, total} each time it changes.
         """
-        deadline, feed = Deadline(timeout), ProgressFeed(on_progress)
-        for delay in self.poll.delays():
+        polling = Polling(f"job {job_id}", job_has_succeeded, timeout, self.poll)
+        feed = ProgressFeed(on_progress)
+
+        def fetch() -> Job:
             job = self.get_job(job_id)
             feed.report(job.progress)
-            if job.status == "succeeded":
-                return job
-            if job.status == "failed":
-                raise JobFailed(job)
-            if job.status == "cancelled":
-                raise JobCancelled(job)
-            if deadline.passed():
-                raise WaitTimeout(f"job {job_id}", timeout or 0.0, job)
-            time.sleep(min(delay, deadline.remaining()))
-        raise AssertionError("unreachable: the poll schedule is endless")
+            return job
+
+        return self._wait(polling, fetch)
 
     def results_page(self, job_id: str, offset: int = 0, limit: int = 100) -> ResultsPage:
         """GET /v1/jobs/{id}/results: items [offset, offset + limit) of `total`; NotReady until the job succeeded."""
-        response = self._request("GET", f"/v1/jobs/{segment(job_id)}/results", params={"offset": offset, "limit": limit})
-        return ResultsPage.model_validate(response.json())
+        return self._send(calls.results_page(job_id, offset, limit))
 
     @overload
     def iter_results(self, job_id: str, *, page_size: int = 100, item_type: None = None) -> Iterator[dict[str, Any]]: ...
@@ -239,16 +189,10 @@ class FastIFClient:
         Items are the stored JSON objects, or `item_type` instances (ResultItem, ExplainItem, ...;
         fastif_client.item_model(job.kind) names the one of a kind).
         """
-        if not 1 <= page_size <= 1000:
-            raise ValueError("page_size must be between 1 and 1000 (the service's page limit)")
-        offset = 0
-        while True:
-            page = self.results_page(job_id, offset, page_size)
-            for item in page.items:
-                yield item if item_type is None else item_type.model_validate(item)
-            offset += len(page.items)
-            if not page.items or offset >= page.total:
-                return
+        paging = Paging(page_size, item_type)
+        while paging.offset is not None:
+            page = self.results_page(job_id, paging.offset, paging.page_size)
+            yield from paging.take(page)
 
     @overload
     def stream_results(self, job_id: str, *, item_type: None = None) -> Iterator[dict[str, Any]]: ...
@@ -261,36 +205,36 @@ class FastIFClient:
 
         The same items as iter_results, without a request per page; NotReady until the job succeeded.
         """
-        path = f"/v1/jobs/{segment(job_id)}/results.jsonl"
-        retries_done = 0
+        path = calls.results_stream_path(job_id)
+        attempts = Attempts(self.settings, "GET", path)
         while True:
-            try:
-                with self._http.stream("GET", path) as response:
-                    if response.is_success:
-                        for line in response.iter_lines():
-                            if line:
-                                yield stream_item(line, item_type)
-                        return
-                    response.read()
-                    wait = wait_or_raise(self.settings, response, retries_done)
-            except httpx.TransportError as exc:
-                raise ServiceUnreachable("GET", f"{self.settings.base_url}{path}", exc) from exc
+            with attempts.sending(), self._http.stream("GET", path) as response:
+                if response.is_success:
+                    for line in response.iter_lines():
+                        if line:
+                            yield stream_item(line, item_type)
+                    return
+                response.read()
+                wait = attempts.wait_or_raise(response)
             time.sleep(wait)
-            retries_done += 1
 
     # -- HTTP ------------------------------------------------------------------------------------
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """Send, retrying 429 and 503 answers as ClientSettings says; raise every other error answer."""
-        retries_done = 0
+    def _send(self, call: Call[Answer]) -> Answer:
+        """Send `call`, retrying 429 and 503 answers as ClientSettings says; raise every other error answer."""
+        attempts = Attempts(self.settings, call.method, call.path)
         while True:
-            try:
-                response = self._http.request(method, path, **kwargs)
-            except httpx.TransportError as exc:
-                raise ServiceUnreachable(method, f"{self.settings.base_url}{path}", exc) from exc
+            with attempts.sending():
+                response = self._http.request(call.method, call.path, params=call.params, json=call.json,
+                                              headers=call.headers)
             if response.is_success:
-                return response
-            wait = wait_or_raise(self.settings, response, retries_done)
-            time.sleep(wait)
-            retries_done += 1
+                return call.read(response)
+            time.sleep(attempts.wait_or_raise(response))
 
+    def _wait(self, polling: Polling[Watched], fetch: Callable[[], Watched]) -> Watched:
+        """Fetch the job or model until `polling` says the wait is over, sleeping between polls."""
+        while True:
+            last = fetch()
+            if polling.finished(last):
+                return last
+            time.sleep(polling.next_delay(last))

@@ -15,7 +15,7 @@ import httpx
 from api_schemas import FieldError, Problem
 
 if TYPE_CHECKING:
-    from api_schemas import Job, Model
+    from api_schemas import ErrorInfo, Job, Model
 
 PROBLEM_BASE = "https://fastif.dev/problems/"
 
@@ -176,13 +176,16 @@ def _problem_of(response: httpx.Response) -> Problem | None:
         return None
 
 
+def _failure_reason(error: ErrorInfo | None) -> str:
+    """The code and message of a failed job or build, as its exception's message gives them."""
+    return f"{error.code}: {error.message}" if error else "no reason recorded"
+
+
 class JobFailed(FastIFClientError):
     """The job ended `failed`; `job.error` holds the worker's code and message."""
 
     def __init__(self, job: Job) -> None:
-        error = job.error
-        reason = f"{error.code}: {error.message}" if error else "no reason recorded"
-        super().__init__(f"job {job.id} ({job.kind}) failed: {reason}")
+        super().__init__(f"job {job.id} ({job.kind}) failed: {_failure_reason(job.error)}")
         self.job = job
 
 
@@ -198,9 +201,7 @@ class ModelBuildFailed(FastIFClientError):
     """The model's build ended `failed`; `model.error` says why."""
 
     def __init__(self, model: Model) -> None:
-        error = model.error
-        reason = f"{error.code}: {error.message}" if error else "no reason recorded"
-        super().__init__(f"model {model.id} ({model.name}) failed to build: {reason}")
+        super().__init__(f"model {model.id} ({model.name}) failed to build: {_failure_reason(model.error)}")
         self.model = model
 
 

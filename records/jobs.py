@@ -52,16 +52,8 @@ class JobStore(HashRecordStore[Job]):
 
     # -- creating ---------------------------------------------------------------------------
 
-    def create(
-        self,
-        kind: str,
-        model_id: str | None,
-        request: dict[str, Any],
-        idempotency_key: str | None = None,
-        *,
-        owner: str | None = None,
-        max_queued: int = 0,
-    ) -> Job:
+    def create(self, kind: str, model_id: str | None, request: dict[str, Any], idempotency_key: str | None = None, *,
+               owner: str | None = None, max_queued: int = 0) -> Job:
         """Create a queued job; with an idempotency key, return the job it already made.
 
         `owner` names the API key that asked for it (None when the service runs without keys); the
@@ -71,16 +63,9 @@ class JobStore(HashRecordStore[Job]):
         """
         return self.create_or_replay(kind, model_id, request, idempotency_key, owner=owner, max_queued=max_queued)[0]
 
-    def create_or_replay(
-        self,
-        kind: str,
-        model_id: str | None,
-        request: dict[str, Any],
-        idempotency_key: str | None = None,
-        *,
-        owner: str | None = None,
-        max_queued: int = 0,
-    ) -> tuple[Job, bool]:
+    def create_or_replay(self, kind: str, model_id: str | None, request: dict[str, Any],
+                         idempotency_key: str | None = None, *, owner: str | None = None,
+                         max_queued: int = 0) -> tuple[Job, bool]:
         """create(), also saying whether the job is new (True) or an idempotent replay (False)."""
         request_hash = keys.sha256_hex(request)
         # The key identifies the request kind too: the same body sent to two endpoints differs.

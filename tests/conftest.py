@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 import pytest
 import redis
 
+from fastif_cli.stack import stop_process
+
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 6379
 # DB 13 first (the project's test DB), then others, so parallel sessions never share one.
 CANDIDATE_DBS = (13, 14, 15, 12, 11, 10, 9, 8)
@@ -83,16 +85,6 @@ def start_redis_process(port: int) -> subprocess.Popen:
     raise RuntimeError(f"redis-server did not start on port {port}")
 
 
-def stop_redis_process(proc: subprocess.Popen) -> None:
-    """Stop a server started by start_redis_process."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[str]:
     """Base URL (no DB number) of a running Redis server."""
@@ -104,7 +96,7 @@ def redis_server() -> Iterator[str]:
     try:
         yield f"redis://127.0.0.1:{port}"
     finally:
-        stop_redis_process(proc)
+        stop_process(proc, grace_s=5)
 
 
 @pytest.fixture(scope="session")
@@ -155,8 +147,7 @@ def redis_process() -> Iterator[Callable[[int], subprocess.Popen]]:
 
     yield start
     for proc in started:
-        if proc.poll() is None:
-            stop_redis_process(proc)
+        stop_process(proc, grace_s=5)
 
 
 @pytest.fixture(scope="module")

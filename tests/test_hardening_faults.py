@@ -24,7 +24,7 @@ import pytest
 import redis
 
 from bench.chaos import pool_children
-from fastif_cli.stack import free_port, redis_server_binary, start_stack
+from fastif_cli.stack import free_port, redis_server_binary, start_stack, stop_process
 from live_stack import LiveStack, make_data_root, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -51,16 +51,6 @@ def start_private_redis(port: int, workdir: Path, persistent: bool = False) -> s
             time.sleep(0.05)
     proc.kill()
     raise RuntimeError(f"redis-server did not start on port {port}")
-
-
-def stop_process(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def kill_pool_children(stack: LiveStack, worker_index: int | None = None) -> list[int]:

@@ -11,19 +11,19 @@ skips the curvature and uses (λI)⁻¹, i.e. -‖∇L(z)‖²/λ, a useful base
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-import dataclasses
-
 from ..config import CGConfig, LissaConfig, SolverConfig
 from ..curvature.solvers import LissaSolver, solver_for
-from ..engine import InfluenceEngine, solver_config
+from ..engine import InfluenceEngine
 from ..errors import CancelledError
 from ..progress import ProgressCallback
+from ..query import solver_config
 from .examples import ExampleSet, evaluate, per_example_gradients, training_set
 
 
@@ -73,21 +73,22 @@ class BatchedHVP:
         return torch.cat([r.reshape(rows, -1) for r in result], dim=1)
 
 
-def self_influence_scores(
-    engine: InfluenceEngine,
-    indices: Sequence[int] | None = None,
-    *,
-    solver: SolverConfig | LissaConfig | CGConfig = SolverConfig(),
-    chunk: int = 32,
-    on_progress: ProgressCallback | None = None,
-) -> np.ndarray:
+def _chosen_or_all(indices: Sequence[int] | None, data: ExampleSet) -> list[int]:
+    """The training indices asked for, as ints; every one of `data` when None."""
+    return list(range(len(data))) if indices is None else [int(i) for i in indices]
+
+
+def self_influence_scores(engine: InfluenceEngine, indices: Sequence[int] | None = None, *,
+                          solver: SolverConfig | LissaConfig | CGConfig = SolverConfig(), chunk: int = 32,
+                          on_progress: ProgressCallback | None = None) -> np.ndarray:
     """I(z_i, z_i) for each training index (all when None), with the same curvature and damping as a query."""
     data = training_set(engine)
-    indices = list(range(len(data))) if indices is None else [int(i) for i in indices]
+    indices = _chosen_or_all(indices, data)
     values = np.zeros(len(indices), dtype=np.float64)
     inverse = solver_for(solver_config(solver), engine.curvature)
     if isinstance(inverse, LissaSolver) and solver_config(solver).curvature == "hessian":
-        inverse = dataclasses.replace(inverse, product=BatchedHVP(engine, data))  # many rows: batched double backward
+        # Many rows: a batched double backward, in place of the one-vector compiled step too.
+        inverse = dataclasses.replace(inverse, product=BatchedHVP(engine, data), fused_step=None)
 
     def cancel_only(stage: str, done: int, total: int) -> bool:
         return bool(on_progress("self_influence", finished, len(indices))) if on_progress else False
@@ -105,17 +106,12 @@ def self_influence_scores(
     return values
 
 
-def rank_self_influence(
-    engine: InfluenceEngine,
-    indices: Sequence[int] | None = None,
-    *,
-    solver: SolverConfig | LissaConfig | CGConfig = SolverConfig(),
-    chunk: int = 32,
-    on_progress: ProgressCallback | None = None,
-) -> list[dict]:
+def rank_self_influence(engine: InfluenceEngine, indices: Sequence[int] | None = None, *,
+                        solver: SolverConfig | LissaConfig | CGConfig = SolverConfig(), chunk: int = 32,
+                        on_progress: ProgressCallback | None = None) -> list[dict]:
     """One item per example, most negative self-influence first, with its loss and predicted label."""
     data = training_set(engine)
-    indices = list(range(len(data))) if indices is None else [int(i) for i in indices]
+    indices = _chosen_or_all(indices, data)
     values = self_influence_scores(engine, indices, solver=solver, chunk=chunk, on_progress=on_progress)
     with torch.no_grad():
         evaluation = evaluate(engine, data, indices=indices)
