@@ -9,11 +9,13 @@ from .applications import (
     EvaluationSet,
     ExplainItem,
     ExplainRequest,
+    GraphDiagnostics,
     GraphEdge,
     GraphInput,
     GraphNode,
     GraphRequest,
     GraphResult,
+    GraphSettings,
     LabelledInput,
     SelfInfluenceItem,
     SelfInfluenceRequest,
@@ -33,7 +35,7 @@ from .quality import (
     QualitySizes,
     RetrainSettings,
 )
-from .results import Diagnostics, Influential, Prediction, ResultItem, ResultsPage
+from .results import BuildResult, CandidateScore, Diagnostics, Influential, Prediction, ResultItem, ResultsPage
 
 __all__ = [
     "Agreement",
@@ -44,14 +46,18 @@ __all__ = [
     "EvaluationSet",
     "ExplainItem",
     "ExplainRequest",
+    "GraphDiagnostics",
     "GraphEdge",
     "GraphInput",
     "GraphNode",
     "GraphRequest",
     "GraphResult",
+    "GraphSettings",
     "LabelledInput",
     "SelfInfluenceItem",
     "SelfInfluenceRequest",
+    "BuildResult",
+    "CandidateScore",
     "Diagnostics",
     "ErrorInfo",
     "FieldError",

@@ -13,7 +13,7 @@ from pydantic import Field, StrictInt, StrictStr, model_validator
 
 from .common import FiniteFloat, PathStr, RequestModel, ResponseModel
 from .influence import InfluenceInput, LissaConfig, SolverSettings
-from .results import Diagnostics, Influential, Prediction
+from .results import Prediction, ResultItem
 
 ModelId = Annotated[str, Field(min_length=1, max_length=128)]
 Count = Annotated[int, Field(strict=True, ge=1)]
@@ -45,16 +45,10 @@ class Agreement(ResponseModel):
     harmful_with_predicted_label: int
 
 
-class ExplainItem(ResponseModel):
-    """One result item of an explain job (the influence item plus `agreement`)."""
+class ExplainItem(ResultItem):
+    """One result item of an explain job: the influence item plus `agreement` (written last)."""
 
-    input_index: int
-    prediction: Prediction
-    label_used: str
-    helpful: list[Influential]
-    harmful: list[Influential]
     agreement: Agreement
-    diagnostics: Diagnostics
 
 
 # -- graph ---------------------------------------------------------------------------------------
@@ -77,15 +71,17 @@ class GraphRequest(SolverSettings):
 
 
 class GraphNode(ResponseModel):
+    """A test input (`kind` input) or a training example (`kind` train); each carries only its kind's fields."""
+
     id: str
     kind: Literal["input", "train"]
+    input_index: int | None = None
+    train_index: int | None = None
     text: str
     text_pair: str | None = None
-    input_index: int | None = None
     group: str | None = None
     prediction: Prediction | None = None
     label_used: str | None = None
-    train_index: int | None = None
     label: str | None = None
     degree: int | None = None
     total_score: FiniteFloat | None = None
@@ -99,15 +95,30 @@ class GraphEdge(ResponseModel):
     weight: FiniteFloat
 
 
+class GraphSettings(ResponseModel):
+    """The request's knobs the graph was drawn with."""
+
+    k: int | None
+    top: int
+    threshold: FiniteFloat | None
+
+
+class GraphDiagnostics(ResponseModel):
+    lissa_converged: bool  # every input's solver converged
+    s_test_norms: list[FiniteFloat]  # per input
+
+
 class GraphResult(ResponseModel):
-    """The one result item of a graph job; `images` are the URLs of the rendered picture."""
+    """The one result item of a graph job; `images` are the URLs of the rendered picture, `files` where
+    the worker wrote it (relative to the state directory)."""
 
     nodes: list[GraphNode]
     edges: list[GraphEdge]
     groups: list[str]
+    settings: GraphSettings
+    diagnostics: GraphDiagnostics
+    files: dict[str, str]
     images: dict[str, str]
-    settings: dict[str, Any] = Field(default_factory=dict)
-    diagnostics: dict[str, Any] = Field(default_factory=dict)
 
 
 # -- correct -------------------------------------------------------------------------------------
@@ -117,10 +128,10 @@ class LabelledInput(InfluenceInput):
     label: Label
 
 
-class DataRef(RequestModel):
-    """A data file inside the data root; fields left out are those of the model's training data."""
+class _DataFile(RequestModel):
+    """A data file inside the data root and how to read it."""
 
-    path: PathStr
+    path: PathStr | None = None
     text_field: str | None = None
     text_pair_field: str | None = None
     label_field: str | None = None
@@ -130,16 +141,15 @@ class DataRef(RequestModel):
     limit: Count | None = None
 
 
-class EvaluationSet(RequestModel):
+class DataRef(_DataFile):
+    """A data file inside the data root; fields left out are those of the model's training data."""
+
+    path: PathStr
+
+
+class EvaluationSet(_DataFile):
     """Exactly one of `path` (a DataRef's fields) or inline `examples`."""
 
-    path: PathStr | None = None
-    text_field: str | None = None
-    text_pair_field: str | None = None
-    label_field: str | None = None
-    format: Literal["auto", "jsonl", "csv", "tsv", "hf"] | None = None
-    quoting: Literal["minimal", "none"] | None = None
-    limit: Count | None = None
     examples: Annotated[list[LabelledInput], Field(min_length=1)] | None = None
 
     @model_validator(mode="after")
@@ -147,6 +157,10 @@ class EvaluationSet(RequestModel):
         if (self.path is None) == (self.examples is None):
             raise ValueError("give exactly one of 'path' or 'examples'")
         return self
+
+    def data_ref(self) -> DataRef:
+        """The file this set names (only when it names one)."""
+        return DataRef.model_validate(self.model_dump(exclude={"examples"}))
 
 
 class CandidateSource(RequestModel):
@@ -346,6 +360,6 @@ class SelfInfluenceItem(ResponseModel):
     self_influence: FiniteFloat
     loss: FiniteFloat
     text: str
-    text_pair: str | None = None
     label: str
     predicted: str
+    text_pair: str | None = None  # only for pair tasks

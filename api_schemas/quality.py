@@ -1,7 +1,7 @@
 """Body of POST /v1/models/{model_id}/quality and its one result item, the quality report.
 
 The report says how faithful the model's influence scores are: the linear datamodeling
-score (LDS) of each solver configuration (fastif/quality.py), how reproducible the
+score (LDS) of each solver configuration (fastif/quality/), how reproducible the
 retraining is, how many of each input's most influential training examples the kNN
 candidates hold, and how far the configurations agree with the reference one.
 The latest report is also kept on the model record (GET /v1/models/{id}, `quality`).
@@ -28,7 +28,7 @@ class RetrainSettings(RequestModel):
     fine-tuned influence parameters, on the cached frozen prefix, with the engine's objective.
 
     The defaults are RetrainConfig's (a test checks that they agree): the cheapest retraining
-    measured whose two seeds agree to a Spearman above 0.85 (fastif/quality.py)."""
+    measured whose two seeds agree to a Spearman above 0.85 (fastif/quality/)."""
 
     epochs: Annotated[int, Field(strict=True, ge=1, le=100)] = 5
     lr: Annotated[FiniteFloat, Field(gt=0, le=10)] = 3e-5

@@ -36,8 +36,8 @@ def job(job_id: str) -> str:
 
 
 def shard_state(job_id: str, *parts: object) -> str:
-    """A parallel influence job's shard bookkeeping, `fastif:job:{id}:{part}:…`: which shards were
-    sent and are done, each shard's s_test and scores, the average, who merges (all expire with the results)."""
+    """A parallel influence job's shard bookkeeping, `fastif:job:{id}:{part}:…`: its phase (workers/parallel.py),
+    which shards are done, each shard's s_test and scores, the average and the candidates (all expire with the results)."""
     return ":".join([job(job_id), *map(str, parts)])
 
 

@@ -17,17 +17,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 import torch
 
 from api_schemas import InfluenceRequest, ModelCreate
 from fastif import DataSpec, InfluenceEngine, LissaConfig, Query
-from fastif.report import result_items
 from records.settings import settings_from
 from tiny import make_tiny_bert, sentences, write_jsonl
 from workers import parallel, registry
 from workers.configs import queries_of, solver_config
 from workers.context import WorkerContext
 from workers.registry import engine_for
+from workers.results import result_items
 from workers.runner import JobRun, ProgressReporter
 from workers.tensor_cache import RedisTensorCache
 
@@ -331,3 +332,77 @@ def test_shard_seeds_are_the_request_seed_plus_the_shard():
         assert config.lissa.damp == LISSA["damp"] and config.lissa.scale == LISSA["scale"]
     assert parallel.averaged_key(request) == {"parallel": 3}
     assert np.isclose(parallel.shard_seed_config(request, 0).lissa.damping, LISSA["damp"] * LISSA["scale"])
+
+
+# -- the phases, and the merge through the path every job's results take ----------------------------------
+
+def phase_of(ctx, job_id: str) -> str | None:
+    return ctx.redis.get(f"fastif:job:{job_id}:phase")
+
+
+def test_the_phases_move_forward_once_each_and_are_kept_in_the_shard_state(ctx, model):
+    job_id, transport = start(ctx, model, TEXTS[:1], 2)
+    assert phase_of(ctx, job_id) == "stest"
+    first, second = transport.take(parallel.STEST_SHARD)
+    assert parallel.stest_shard(job_id, first, transport) == "done"
+    assert phase_of(ctx, job_id) == "stest" and transport.sent == []
+    assert parallel.stest_shard(job_id, second, transport) == "done"
+    assert phase_of(ctx, job_id) == "score"  # averaged, candidates found, scoring shards sent
+    # Each move happens once: nobody can take the job back to averaging or past the merge twice.
+    assert not parallel.advance(ctx, job_id, parallel.Phase.STEST, parallel.Phase.AVERAGE)
+    assert not parallel.advance(ctx, job_id, None, parallel.Phase.STEST)
+    first, second = transport.take(parallel.SCORE_SHARD)
+    assert parallel.score_shard(job_id, first) == "done" and phase_of(ctx, job_id) == "score"
+    assert parallel.score_shard(job_id, second) == "done" and phase_of(ctx, job_id) == "merge"
+    assert ctx.jobs.get(job_id).status == "succeeded"
+    assert 0 < ctx.redis.ttl(f"fastif:job:{job_id}:phase") <= ctx.settings.result_ttl_s
+
+
+def test_a_shard_of_a_job_without_shard_state_fails_it(ctx, model):
+    job_id, transport = start(ctx, model, TEXTS[:1], 2)
+    ctx.redis.delete(f"fastif:job:{job_id}:phase")
+    assert parallel.stest_shard(job_id, 0, transport) == "failed"
+    job = ctx.jobs.get(job_id)
+    assert job.status == "failed" and job.error.code == "internal-error" and "shard state is gone" in job.error.message
+
+
+def test_the_merge_stores_the_results_through_a_redis_outage_like_any_job(ctx, model, monkeypatch):
+    """The single path's protection holds for the merge too: the outcome waits for Redis instead of being lost."""
+    job_id, transport = start(ctx, model, TEXTS[:1], 2, output_path="merged.jsonl")
+    real_succeed, calls = ctx.jobs.succeed, []
+
+    def succeed_after_an_outage(job: str, items: list) -> bool:
+        calls.append(job)
+        if len(calls) == 1:
+            raise redis.ConnectionError("Redis is restarting")
+        return real_succeed(job, items)
+
+    monkeypatch.setattr(ctx.jobs, "succeed", succeed_after_an_outage)
+    run_to_the_end(ctx, job_id, transport)
+    assert calls == [job_id, job_id] and ctx.jobs.get(job_id).status == "succeeded"
+    _, items = ctx.jobs.results(job_id, 0, 10)
+    written = (ctx.settings.data_root / "merged.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in written] == items and len(items) == 1
+
+
+def test_a_merged_item_that_drifts_from_the_contract_fails_the_job_before_anything_is_stored(ctx, model, monkeypatch):
+    built = parallel.influence_items
+
+    def with_a_field_the_contract_lacks(*args):
+        return [{**item.model_dump(exclude_unset=True), "rank": 1} for item in built(*args)]
+
+    monkeypatch.setattr(parallel, "influence_items", with_a_field_the_contract_lacks)
+    job_id, transport = start(ctx, model, TEXTS[:1], 2)
+    shards = transport.take(parallel.STEST_SHARD)
+    for shard in shards:
+        assert parallel.stest_shard(job_id, shard, transport) == "done"
+    first, last = transport.take(parallel.SCORE_SHARD)
+    assert parallel.score_shard(job_id, first) == "done"
+    assert parallel.score_shard(job_id, last) == "failed"
+    job = ctx.jobs.get(job_id)
+    assert job.status == "failed" and job.error.code == "internal-error"
+    assert job.error.message.startswith(f"score shard {last}: ContractDrift") and "item.rank" in job.error.message
+    assert ctx.jobs.results(job_id, 0, 10) == (0, [])
+    from workers.influence import result_cache_key
+
+    assert ctx.redis.get(result_cache_key(model, InfluenceRequest.model_validate(ctx.jobs.request(job_id)))) is None

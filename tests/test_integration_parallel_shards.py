@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from fastif import DataSpec, InfluenceEngine, LissaConfig, Query
-from fastif.report import result_items
 from live_stack import live_stack, wait_for  # noqa: F401  (fixture)
+from workers.results import result_items
 
 pytestmark = pytest.mark.integration
 

@@ -17,6 +17,7 @@ from api_schemas import (
     CorrectionReport,
     CorrectRequest,
     DataRef,
+    ExplainItem,
     ExplainRequest,
     GraphRequest,
     Model,
@@ -26,7 +27,6 @@ from api_schemas import (
 from fastif import Example, InfluenceEngine, Query
 from fastif.applications import (
     correct,
-    explain,
     influence_graph,
     rank_self_influence,
     render,
@@ -38,8 +38,10 @@ from records.keys import job as job_key
 
 from .configs import correction_config, inputs_as_queries, solver_config
 from .data_files import load
-from .influence import engine_and_cache, ready_model, result_cache_key
-from .runner import JobFailed, JobRun
+from .registry import engine_and_cache, ready_model
+from .result_cache import cached_results, result_cache_key, store_results
+from .results import explain_items, stored_items
+from .runner import Items, JobFailed, JobRun
 from .tensor_cache import RedisTensorCache
 
 ROUND_CACHE_TTL_S = 3600  # a correct job's per-round s_test entries (fastif/applications/correction)
@@ -49,21 +51,20 @@ SendTask = Callable[[str, list, str], None]
 
 
 # -- explain -------------------------------------------------------------------------------------
-def run_explain(run: JobRun) -> list[dict]:
+def run_explain(run: JobRun) -> Items:
     request = ExplainRequest.model_validate(run.request)
     model = ready_model(run, request.model_id)
     key = result_cache_key(model, request, "explain")
-    raw = run.ctx.redis.get(key)
-    if raw is not None:
-        items = json.loads(raw)
-        for item in items:
-            item["diagnostics"]["cached"] = True
-        return items
+    cached = cached_results(run, key)
+    if cached is not None:
+        return cached
     run.progress("loading", 0, 1)
     engine, cache = engine_and_cache(run, model)
-    items = explain(engine, inputs_as_queries(request.inputs), k=request.k, top=request.top, solver=solver_config(request),
-                    cache=cache, on_progress=run.progress)
-    run.ctx.redis.set(key, json.dumps(items, separators=(",", ":")), ex=run.ctx.settings.cache_ttl_s)
+    # Each input is explained on its own (no grouping), with respect to its given label, else the predicted one.
+    encoded, influences = engine.analyze(inputs_as_queries(request.inputs), k=request.k, solver=solver_config(request),
+                                         group=False, cache=cache, on_progress=run.progress)
+    items = explain_items(engine, encoded, influences, request.top)
+    store_results(run, key, stored_items(ExplainItem, items))
     return items
 
 
@@ -73,7 +74,7 @@ def graph_files(job_id: str) -> dict[str, str]:
     return {"png": f"graphs/{job_id}.png", "svg": f"graphs/{job_id}.svg"}
 
 
-def run_graph(run: JobRun) -> list[dict]:
+def run_graph(run: JobRun) -> Items:
     request = GraphRequest.model_validate(run.request)
     model = ready_model(run, request.model_id)
     run.progress("loading", 0, 1)
@@ -98,7 +99,7 @@ def _labelled(run: JobRun, engine: InfluenceEngine, model: Model, source) -> lis
     if inline is not None:
         encoded = engine.encode(inputs_as_queries(inline))  # resolves the labels (names or ids)
         return [Example(e.text, e.text_pair, label) for e, label in zip(inline, encoded.labels_used)]
-    return load(run, engine, model, DataRef(**source.model_dump(exclude={"examples"})))
+    return load(run, engine, model, source.data_ref())
 
 
 def _register_corrected(run: JobRun, model: Model, name: str, folder: Path, send: SendTask) -> dict:
@@ -119,7 +120,7 @@ def correction_files(job_id: str) -> dict[str, str]:
     return {"png": f"corrections/{job_id}.png"}
 
 
-def run_correct(run: JobRun, send: SendTask) -> list[dict]:
+def run_correct(run: JobRun, send: SendTask) -> Items:
     request = CorrectRequest.model_validate(run.request)
     model = ready_model(run, request.model_id)
     run.progress("loading", 0, 1)
@@ -146,7 +147,8 @@ def run_correct(run: JobRun, send: SendTask) -> list[dict]:
     report.update(files=files, plot=f"/v1/jobs/{run.job_id}/correction.png", saved_model=None)
     if request.save_as is not None:
         report["saved_model"] = _save(run, engine, model, request, outcome, send)
-    # Validated against the contract before it is stored: a drift fails here, not in a client.
+    # Every field of the contract written out, defaults too, as correction reports have always been stored
+    # (runner.finish then checks the item like any other).
     return [CorrectionReport.model_validate(report).model_dump(mode="json")]
 
 
@@ -164,7 +166,7 @@ def _save(run: JobRun, engine: InfluenceEngine, model: Model, request: CorrectRe
 
 
 # -- self-influence ------------------------------------------------------------------------------
-def run_self_influence(run: JobRun) -> list[dict]:
+def run_self_influence(run: JobRun) -> Items:
     request = SelfInfluenceRequest.model_validate(run.request)
     model = ready_model(run, request.model_id)
     run.progress("loading", 0, 1)

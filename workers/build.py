@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 
 from .registry import engine_for, forget
-from .runner import JobFailed, JobRun
+from .runner import Items, JobFailed, JobRun
 
 
-def run_build(run: JobRun, model_id: str) -> list[dict]:
+def run_build(run: JobRun, model_id: str) -> Items:
     model = run.ctx.models.get(model_id)
     if model is None:
         raise JobFailed("model-not-found", f"no model {model_id} (it was deleted)")

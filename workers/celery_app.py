@@ -11,6 +11,7 @@ import os
 import socket
 import threading
 import uuid
+from functools import partial
 
 import redis
 from celery.signals import task_prerun, task_retry, task_success, worker_process_init, worker_ready, worker_shutdown
@@ -24,7 +25,8 @@ from . import applications, parallel, quality
 from .build import run_build
 from .context import context
 from .influence import run_influence
-from .runner import run_job
+from .results import ITEM_MODELS
+from .runner import Work, run_job
 
 log = logging.getLogger("fastif.workers")
 celery_app = make_celery(get_settings())
@@ -36,23 +38,37 @@ BOOT_ID = uuid.uuid4().hex
 _RETRY = {"autoretry_for": (redis.RedisError,), "retry_backoff": 2, "retry_backoff_max": 30, "max_retries": 20}
 
 
+def _send(name: str, args: list, task_id: str | None = None) -> None:
+    """Publish a task by name (``task_id``: the one it had, when sending it again)."""
+    celery_app.send_task(name, args=args, task_id=task_id, ignore_result=True)
+
+
+def _job_task(name: str, kind: str, work: Work):
+    """The task that runs a job of ``kind``: ``work`` computes it, its items are stored as the kind's contract model."""
+
+    def run(job_id: str) -> str:
+        return run_job(job_id, work, ITEM_MODELS[kind])
+
+    run.__name__ = run.__qualname__ = kind
+    return celery_app.task(name=name, **_RETRY)(run)
+
+
+influence = _job_task(INFLUENCE, "influence", partial(run_influence, send=_send))
+explain = _job_task(EXPLAIN, "explain", applications.run_explain)
+graph = _job_task(GRAPH, "graph", applications.run_graph)
+correct = _job_task(CORRECT, "correct", partial(applications.run_correct, send=_send))
+self_influence = _job_task(SELF_INFLUENCE, "self_influence", applications.run_self_influence)
+model_quality = _job_task(QUALITY, "quality", quality.run_quality)
+
+
 @celery_app.task(name=BUILD_MODEL, **_RETRY)
 def build_model(model_id: str) -> str:
     ctx = context()
     model = ctx.models.get(model_id)
     if model is None or not model.build_job_id:
         return "skipped"
-    return run_job(model.build_job_id, lambda run: run_build(run, model_id),
-                   on_failure=lambda code, message: ctx.models.set_failed(model_id, code, message))
-
-
-def _send(name: str, args: list) -> None:
-    celery_app.send_task(name, args=args, ignore_result=True)
-
-
-@celery_app.task(name=INFLUENCE, **_RETRY)
-def influence(job_id: str) -> str:
-    return run_job(job_id, lambda run: run_influence(run, lambda r, req: parallel.start_parallel(r, req, _send)))
+    return run_job(model.build_job_id, partial(run_build, model_id=model_id), ITEM_MODELS["build_model"],
+                   on_failure=partial(ctx.models.set_failed, model_id))
 
 
 @celery_app.task(name=parallel.STEST_SHARD, **_RETRY)
@@ -63,35 +79,6 @@ def stest_shard(job_id: str, shard: int) -> str:
 @celery_app.task(name=parallel.SCORE_SHARD, **_RETRY)
 def score_shard(job_id: str, shard: int) -> str:
     return parallel.score_shard(job_id, shard)
-
-
-def _send_job(name: str, args: list, task_id: str) -> None:
-    celery_app.send_task(name, args=args, task_id=task_id, ignore_result=True)
-
-
-@celery_app.task(name=EXPLAIN, **_RETRY)
-def explain(job_id: str) -> str:
-    return run_job(job_id, applications.run_explain)
-
-
-@celery_app.task(name=GRAPH, **_RETRY)
-def graph(job_id: str) -> str:
-    return run_job(job_id, applications.run_graph)
-
-
-@celery_app.task(name=CORRECT, **_RETRY)
-def correct(job_id: str) -> str:
-    return run_job(job_id, lambda run: applications.run_correct(run, _send_job))
-
-
-@celery_app.task(name=SELF_INFLUENCE, **_RETRY)
-def self_influence(job_id: str) -> str:
-    return run_job(job_id, applications.run_self_influence)
-
-
-@celery_app.task(name=QUALITY, **_RETRY)
-def model_quality(job_id: str) -> str:
-    return run_job(job_id, quality.run_quality)
 
 
 class Heartbeat:
@@ -108,7 +95,7 @@ class Heartbeat:
         info = {"pid": os.getpid(), "boot": BOOT_ID, "host": socket.gethostname(),
                 "queues": os.environ.get("FASTIF_QUEUES", "")}
         # Dead only when missing at every look for longer than two beats (see Reaper).
-        reaper = inflight.Reaper(client, _send_again, grace_s=2.5 * self.interval_s)
+        reaper = inflight.Reaper(client, _send, grace_s=2.5 * self.interval_s)
         while not self.stop.is_set():
             try:
                 beat(client, self.hostname, info, ttl_s=max(1, round(3 * self.interval_s)))
@@ -117,10 +104,6 @@ class Heartbeat:
             except redis.RedisError as err:
                 log.warning("heartbeat failed: %s", err)
             self.stop.wait(self.interval_s)
-
-
-def _send_again(name: str, args: list, task_id: str) -> None:
-    celery_app.send_task(name, args=args, task_id=task_id, ignore_result=True)
 
 
 @task_prerun.connect

@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 
-from api_schemas import CorrectRequest, InfluenceInput, InfluenceRequest, SolverSettings
-from fastif import LissaConfig, Query
+from api_schemas import (
+    CorrectRequest,
+    DataRef,
+    IndexSettings,
+    InfluenceInput,
+    InfluenceRequest,
+    InfluenceSettings,
+    QualityJobRequest,
+    SolverSettings,
+    TrainData,
+)
+from fastif import DataSpec, IndexConfig, InfluenceSpec, LissaConfig, Query
 from fastif.applications import CorrectionConfig
 from fastif.config import SolverConfig
+from fastif.quality import RetrainConfig
 
 
 def solver_config(request: SolverSettings, seed_offset: int = 0) -> SolverConfig:
@@ -42,3 +54,35 @@ def correction_config(request: CorrectRequest) -> CorrectionConfig:
         anchors_per_round=request.anchors_per_round, trials=request.trials, seed=request.seed, k=request.candidates.k,
         strategies=tuple(request.strategies), optimizer=request.optimizer,
         params=request.params if isinstance(request.params, str) else tuple(request.params), l2=request.l2)
+
+
+def retrain_config(request: QualityJobRequest) -> RetrainConfig:
+    """How a quality job retrains on each subset (fastif/quality)."""
+    retrain = request.retrain
+    return RetrainConfig(epochs=retrain.epochs, batch_size=retrain.batch_size, lr=retrain.lr,
+                         optimizer=retrain.optimizer, seeds=request.seeds, seed=request.seed, schedule=retrain.schedule)
+
+
+# -- a registered model's engine, and the data files jobs name ---------------------------------------
+def train_data_spec(path: Path, data: TrainData) -> DataSpec:
+    """The model's training data, at ``path`` (resolved in the data root)."""
+    return DataSpec(path=str(path), text_field=data.text_field, text_pair_field=data.text_pair_field,
+                    label_field=data.label_field, format=data.format, quoting=data.quoting)
+
+
+def data_file_spec(path: Path, ref: DataRef, train: TrainData) -> DataSpec:
+    """A data file a job names, at ``path``: read with the model's training-data fields unless ``ref`` says otherwise
+    (a pair field only goes with a text field of the request's own)."""
+    return DataSpec(path=str(path), text_field=ref.text_field or train.text_field,
+                    text_pair_field=ref.text_pair_field if ref.text_field else train.text_pair_field,
+                    label_field=ref.label_field or train.label_field, format=ref.format or "auto",
+                    quoting=ref.quoting or train.quoting)
+
+
+def influence_spec(settings: InfluenceSettings) -> InfluenceSpec:
+    return InfluenceSpec(params="auto" if settings.params == "auto" else tuple(settings.params),
+                         weight_decay=settings.weight_decay, max_length=settings.max_length)
+
+
+def index_config(settings: IndexSettings) -> IndexConfig:
+    return IndexConfig(kind=settings.kind, space=settings.space)

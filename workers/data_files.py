@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from api_schemas import DataRef, Model
-from fastif import DataSpec, Example, InfluenceEngine, load_examples
+from fastif import Example, InfluenceEngine, load_examples
 from records.paths import OutsideRoot, resolve_inside
 
+from .configs import data_file_spec
 from .runner import JobFailed, JobRun
 
 
@@ -21,14 +22,6 @@ def resolve(run: JobRun, relative: str) -> Path:
 
 def load(run: JobRun, engine: InfluenceEngine, model: Model, ref: DataRef) -> list[Example]:
     """Examples of a data file, read with the model's training-data fields unless the request says otherwise."""
-    train = model.request.train_data
-    spec = DataSpec(
-        path=str(resolve(run, ref.path)),
-        text_field=ref.text_field or train.text_field,
-        text_pair_field=ref.text_pair_field if ref.text_field else train.text_pair_field,
-        label_field=ref.label_field or train.label_field,
-        format=ref.format or "auto",
-        quoting=ref.quoting or train.quoting,
-    )
-    examples = load_examples(spec, engine.classifier.label2id)
+    examples = load_examples(data_file_spec(resolve(run, ref.path), ref, model.request.train_data),
+                             engine.classifier.label2id)
     return examples[: ref.limit] if ref.limit else examples

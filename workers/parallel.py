@@ -1,10 +1,29 @@
-"""FastIF's parallel variant over Celery: W s_test shards, then W scoring shards.
+"""FastIF's parallel variant over Celery, as a small state machine: W s_test shards, then W scoring shards.
 
-Shard w estimates s_test with LiSSA seeded ``seed + w``; the estimates are averaged.
-Which shards are done is a Redis set per job, not a bare counter: a redelivered
-shard (its worker died) overwrites its own slot instead of counting twice, and the
-last shard to arrive is the one that sees the set complete. The counts are mirrored
-on the job record for clients to watch. No Celery chord is involved.
+Where a job stands is one key of its shard state, ``phase`` (records/keys.py ``shard_state``).
+Each move to the next phase is a compare-and-set, so exactly one task makes it:
+
+    (none) --coordinator--> stest --last s_test shard--> average --the same shard--> score --last scoring shard--> merge
+
+- coordinate (the influence task, ``start_parallel``): none -> stest, then send W STEST_SHARD
+  messages. A redelivered coordinator finds the phase set and sends nothing.
+- stest (``stest_shard`` w): LiSSA seeded ``seed + w`` (its estimate cached under its own seed,
+  like any single-worker s_test) into slot w, and w joins the phase's done set: a redelivered
+  shard overwrites its own slot and counts once. The shard that sees the set full and wins
+  stest -> average goes on:
+- average: the mean of the W estimates, cached under the request's solver key plus the shard
+  count; each row's kNN candidates and the inputs' predictions, found once for every later
+  task; then average -> score, and W SCORE_SHARD messages.
+- score (``score_shard`` w): slice w of each row's candidates, scored against the average.
+  The shard that sees the set full and wins score -> merge goes on:
+- merge: the slices concatenated in order become the job's results, stored by
+  ``runner.finish`` as every job's are (checked against the contract, written to
+  `output_path`, kept through a Redis outage).
+
+A shard that finds its phase over has nothing to add and does nothing. The done counts are
+mirrored on the job record (`shards`, `stest_shards_done`, `score_shards_done`) for clients to
+watch; a shard started more than max_deliveries times fails the job; a shard of a job that is
+over is skipped. No Celery chord is involved.
 """
 
 from __future__ import annotations
@@ -12,26 +31,72 @@ from __future__ import annotations
 import json
 import socket
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from functools import partial
 
 import numpy as np
-import redis
+import safetensors.numpy
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from api_schemas import InfluenceRequest
-from fastif import CancelledError, FastIFError, Influence
+from api_schemas import TERMINAL_STATUSES, InfluenceRequest, ResultItem
+from fastif import Influence, InfluenceEngine
 from fastif.config import SolverConfig
-from fastif.report import result_items
 from records.keys import shard_state
 
-from .context import WorkerContext, context
 from .configs import queries_of, solver_config
-from .influence import engine_and_cache, ready_model, result_cache_key, store_results
-from .runner import JobFailed, JobRun, ProgressReporter, unexpected_failure, wait_for_redis, write_output
+from .context import WorkerContext, context
+from .registry import engine_and_cache, ready_model
+from .result_cache import result_cache_key, store_results
+from .results import influence_items, stored_items
+from .runner import (
+    HANDED_ON,
+    HandedOn,
+    JobFailed,
+    JobRun,
+    ProgressReporter,
+    fail_job,
+    finish,
+    run_step,
+    waiting_out_redis,
+)
 
 STEST_SHARD = "fastif.stest_shard"
 SCORE_SHARD = "fastif.score_shard"
-TERMINAL = ("succeeded", "failed", "cancelled")
+
+SendTask = Callable[[str, list], None]
+"""``send(task_name, args)``: publish a task (the Celery app's send_task)."""
+
+
+class Phase(StrEnum):
+    STEST = "stest"
+    AVERAGE = "average"
+    SCORE = "score"
+    MERGE = "merge"
+
+
+# Compare-and-set of the phase key: KEYS[1] the key; ARGV the phase expected ("" for none), the next one, the TTL.
+_ADVANCE = """
+if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+
+
+def advance(ctx: WorkerContext, job_id: str, expected: Phase | None, next_phase: Phase) -> bool:
+    """Move the job from ``expected`` to ``next_phase``; True for the one caller that did."""
+    move = ctx.redis.register_script(_ADVANCE)
+    return bool(move(keys=[shard_state(job_id, "phase")], args=[expected or "", next_phase, ctx.settings.result_ttl_s]))
+
+
+def _in_phase(run: JobRun, phase: Phase) -> bool:
+    """Whether the job is in ``phase``; a job with no phase at all has lost its shard state and fails."""
+    current = run.ctx.redis.get(shard_state(run.job_id, "phase"))
+    if current is None:
+        raise JobFailed("internal-error", f"the parallel job's shard state is gone (a {phase} shard found no phase)")
+    return current == phase
 
 
 def shard_seed_config(request: InfluenceRequest, shard: int) -> SolverConfig:
@@ -39,31 +104,58 @@ def shard_seed_config(request: InfluenceRequest, shard: int) -> SolverConfig:
 
 
 def averaged_key(request: InfluenceRequest) -> dict:
+    """What tells the averaged s_test apart from a single seed's in the cache."""
     return {"parallel": request.parallel}
 
 
-def start_parallel(run: JobRun, request: InfluenceRequest, send) -> None:
-    """The coordinator: reset shard state, then send W s_test shards (or go straight to scoring if cached)."""
-    client = run.ctx.redis
-    job_id = run.job_id
-    # A redelivered coordinator must not send the shards twice (they may be running).
-    if not client.set(shard_state(job_id, "shards_sent"), 1, nx=True, ex=run.ctx.settings.result_ttl_s):
-        return
-    run.ctx.jobs.hset(job_id, {"shards": request.parallel, "stest_shards_done": 0, "score_shards_done": 0})
-    for shard in range(request.parallel):
-        send(STEST_SHARD, [job_id, shard])
+# -- coordinate ----------------------------------------------------------------------------------
+def start_parallel(run: JobRun, request: InfluenceRequest, send: SendTask) -> HandedOn:
+    """The coordinator: none -> stest, then the W s_test shards; the shards finish the job."""
+    if advance(run.ctx, run.job_id, None, Phase.STEST):
+        run.ctx.jobs.hset(run.job_id, {"shards": request.parallel, "stest_shards_done": 0, "score_shards_done": 0})
+        for shard in range(request.parallel):
+            send(STEST_SHARD, [run.job_id, shard])
+    return HANDED_ON
+
+
+# -- the shard tasks -----------------------------------------------------------------------------
+def stest_shard(job_id: str, shard: int, send: SendTask) -> str:
+    return _run_shard(job_id, shard, Phase.STEST, partial(_stest_work, send=send))
+
+
+def score_shard(job_id: str, shard: int) -> str:
+    return _run_shard(job_id, shard, Phase.SCORE, _score_work)
+
+
+ShardWork = Callable[[JobRun, InfluenceRequest, int], None]
+
+
+def _run_shard(job_id: str, shard: int, phase: str, work: ShardWork) -> str:
+    """One shard task: "skipped" when the job is over, "done" when the shard did its part, else how the job ended
+    (an error ends it through runner.run_step, as any job's)."""
+    ctx = context()
+    with waiting_out_redis(ctx.redis):
+        if not _shard_guard(ctx, job_id, shard, phase):
+            return "skipped"
+        run = JobRun(job_id, ctx.jobs.request(job_id), 0, ctx, ProgressReporter(ctx.jobs, job_id))
+
+        def step() -> str:
+            work(run, InfluenceRequest.model_validate(run.request), shard)
+            return "done"
+
+        return run_step(run, step, part=f"{phase} shard {shard}")
 
 
 def _shard_guard(ctx: WorkerContext, job_id: str, shard: int, phase: str) -> bool:
     """False when the job is over; fails the job if this shard keeps losing its worker."""
     job = ctx.jobs.get(job_id)
-    if job is None or job.status in TERMINAL:
+    if job is None or job.status in TERMINAL_STATUSES:
         return False
     attempts = ctx.jobs.hincr(job_id, f"{phase}_{shard}_attempts")
     ctx.jobs.hset(job_id, {f"{phase}_{shard}_worker": socket.gethostname() + ":" + _node_name()})
     if attempts > ctx.settings.max_deliveries:
-        ctx.jobs.fail(job_id, "redelivery-limit",
-                      f"{phase} shard {shard} was started {attempts - 1} times and its worker died each time")
+        fail_job(ctx.jobs, job_id, "redelivery-limit",
+                 f"{phase} shard {shard} was started {attempts - 1} times and its worker died each time")
         return False
     return True
 
@@ -75,119 +167,128 @@ def _node_name() -> str:
     return getattr(request, "hostname", None) or "?"
 
 
-def _run_shard(job_id: str, shard: int, phase: str, work) -> str:
-    ctx = context()
-    if not _shard_guard(ctx, job_id, shard, phase):
-        return "skipped"
-    progress = ProgressReporter(ctx.jobs, job_id)
-    run = JobRun(job_id, ctx.jobs.request(job_id), 0, ctx, progress)
-    try:
-        work(run, InfluenceRequest.model_validate(run.request), shard)
-    except CancelledError:
-        ctx.jobs.mark_cancelled(job_id)
-        return "cancelled"
-    except (JobFailed, FastIFError) as err:
-        ctx.jobs.fail(job_id, err.code, str(err))
-        return "failed"
-    except redis.RedisError:
-        wait_for_redis(ctx.redis)  # the task's autoretry must publish to Redis: see run_job
-        raise
-    except Exception as err:
-        code, message = unexpected_failure(err)
-        ctx.jobs.fail(job_id, code, f"{phase} shard {shard}: {message}")
-        return "failed"
-    return "done"
+def _count_done(run: JobRun, phase: Phase, shard: int) -> int:
+    """Add ``shard`` to the phase's done set (a shard delivered again counts once); the count, also on the job record."""
+    done_set = shard_state(run.job_id, f"{phase}_done")
+    client = run.ctx.redis
+    client.sadd(done_set, shard)
+    client.expire(done_set, run.ctx.settings.result_ttl_s)  # like every key of the shard state
+    done = client.scard(done_set)
+    run.ctx.jobs.hset(run.job_id, {f"{phase}_shards_done": done})
+    return done
 
 
-def stest_shard(job_id: str, shard: int, send) -> str:
-    return _run_shard(job_id, shard, "stest", lambda run, request, w: _stest_work(run, request, w, send))
-
-
-def score_shard(job_id: str, shard: int) -> str:
-    return _run_shard(job_id, shard, "score", _score_work)
-
-
-def _stest_work(run: JobRun, request: InfluenceRequest, shard: int, send) -> None:
+# -- stest, then average -------------------------------------------------------------------------
+def _stest_work(run: JobRun, request: InfluenceRequest, shard: int, send: SendTask) -> None:
+    if not _in_phase(run, Phase.STEST):
+        return  # the estimates were averaged already: a late copy of this shard has nothing to add
     model = ready_model(run, request.model_id)
     engine, cache = engine_and_cache(run, model)
     plan = engine.plan(queries_of(request), request.group, cache)
     # Each shard's own estimate is cached under its own seed, like any single-worker s_test.
     s_tests, diagnostics, _ = engine.cached_s_test(plan, shard_seed_config(request, shard), cache, run.progress)
-    converged = bool(diagnostics["converged"])
     client = run.ctx.redis_bytes
     ttl = run.ctx.settings.result_ttl_s
     client.set(shard_state(run.job_id, "stest", shard), save_tensors({"s_test": s_tests.cpu().contiguous()}), ex=ttl)
-    client.hset(shard_state(run.job_id, "stest_meta"), str(shard), json.dumps({"converged": converged}))
+    client.hset(shard_state(run.job_id, "stest_meta"), str(shard), json.dumps({"converged": bool(diagnostics["converged"])}))
     client.expire(shard_state(run.job_id, "stest_meta"), ttl)
-    client.sadd(shard_state(run.job_id, "stest_done"), shard)
-    client.expire(shard_state(run.job_id, "stest_done"), ttl)  # like every key of the shard state
-    done = client.scard(shard_state(run.job_id, "stest_done"))
-    run.ctx.jobs.hset(run.job_id, {"stest_shards_done": done})
-    # Exactly one shard starts the scoring: the one that wins this SETNX once the set is full.
-    if done >= request.parallel and client.set(shard_state(run.job_id, "scoring_started"), 1, nx=True, ex=ttl):
-        _average_and_cache(run, request, engine, plan, cache)
+    if _count_done(run, Phase.STEST, shard) >= request.parallel and advance(run.ctx, run.job_id, Phase.STEST, Phase.AVERAGE):
+        _average(run, request, engine, plan, cache)
+        if not advance(run.ctx, run.job_id, Phase.AVERAGE, Phase.SCORE):
+            raise JobFailed("internal-error", "the parallel job left the average phase while it was being averaged")
         for w in range(request.parallel):
             send(SCORE_SHARD, [run.job_id, w])
 
 
-def _average_and_cache(run: JobRun, request, engine, plan, cache) -> None:
+def _average(run: JobRun, request: InfluenceRequest, engine: InfluenceEngine, plan, cache) -> None:
+    """Phase average: the shards' mean s_test, cached as the parallel request's; the candidates every later task scores."""
     client = run.ctx.redis_bytes
+    ttl = run.ctx.settings.result_ttl_s
     shards = [load_tensors(client.get(shard_state(run.job_id, "stest", w)))["s_test"] for w in range(request.parallel)]
     averaged = sum(shards) / len(shards)
     solver_key = {**solver_config(request).cache_identity(), **averaged_key(request)}
     for row, key in enumerate(plan.keys):
         cache.put("s_test", {**key, **solver_key}, averaged[row])
-    client.set(shard_state(run.job_id, "stest_avg"), save_tensors({"s_test": averaged.contiguous()}),
-               ex=run.ctx.settings.result_ttl_s)
+    client.set(shard_state(run.job_id, "stest_avg"), save_tensors({"s_test": averaged.contiguous()}), ex=ttl)
+    found = [engine.candidates(query, request.k) for query in plan.search]
+    scoring = ScoringPlan(indices=[f.indices for f in found], distances=[f.distances for f in found],
+                          probs=plan.encoded.probs, labels_used=list(plan.encoded.labels_used),
+                          gradients_seconds=plan.seconds["gradients"])
+    client.set(shard_state(run.job_id, "candidates"), scoring.to_bytes(), ex=ttl)
 
 
+@dataclass
+class ScoringPlan:
+    """What the scoring shards and the merge need of the query, found once in the average phase.
+
+    ``probs`` and ``labels_used`` are the inputs' predictions, as EncodedQueries has them
+    (workers/results.py builds the items from them).
+    """
+
+    indices: list[np.ndarray]  # per row: its kNN candidates, nearest first
+    distances: list[np.ndarray | None]  # per row; None when every training example is a candidate
+    probs: np.ndarray  # [inputs, classes]
+    labels_used: list[int]
+    gradients_seconds: float  # encoding the inputs and taking their gradients
+
+    def to_bytes(self) -> bytes:
+        arrays = {"probs": np.ascontiguousarray(self.probs), "labels_used": np.asarray(self.labels_used, dtype=np.int64),
+                  "gradients_seconds": np.asarray([self.gradients_seconds], dtype=np.float64)}
+        for row, (indices, distances) in enumerate(zip(self.indices, self.distances)):
+            arrays[f"indices_{row}"] = np.ascontiguousarray(indices)
+            if distances is not None:
+                arrays[f"distances_{row}"] = np.ascontiguousarray(distances)
+        return safetensors.numpy.save(arrays)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> ScoringPlan:
+        arrays = safetensors.numpy.load(raw)
+        rows = sum(1 for name in arrays if name.startswith("indices_"))
+        return cls(indices=[arrays[f"indices_{row}"] for row in range(rows)],
+                   distances=[arrays.get(f"distances_{row}") for row in range(rows)],
+                   probs=arrays["probs"], labels_used=[int(label) for label in arrays["labels_used"]],
+                   gradients_seconds=float(arrays["gradients_seconds"][0]))
+
+
+# -- score, then merge ---------------------------------------------------------------------------
 def _slice(count: int, shards: int, shard: int) -> slice:
     bounds = np.linspace(0, count, shards + 1).astype(int)
     return slice(int(bounds[shard]), int(bounds[shard + 1]))
 
 
 def _score_work(run: JobRun, request: InfluenceRequest, shard: int) -> None:
+    if not _in_phase(run, Phase.SCORE):
+        return  # the merge has begun: a late copy of this shard has nothing to add
     model = ready_model(run, request.model_id)
-    engine, cache = engine_and_cache(run, model)
+    engine, _ = engine_and_cache(run, model)
     client = run.ctx.redis_bytes
     averaged = load_tensors(client.get(shard_state(run.job_id, "stest_avg")))["s_test"]
-    plan = engine.plan(queries_of(request), request.group, cache)
+    scoring = ScoringPlan.from_bytes(client.get(shard_state(run.job_id, "candidates")))
     clock = time.perf_counter()
-    parts = []
-    for row in range(len(plan.vectors)):
-        found = engine.candidates(plan.search[row], request.k)
-        parts.append(found.indices[_slice(len(found.indices), request.parallel, shard)])
+    parts = [indices[_slice(len(indices), request.parallel, shard)] for indices in scoring.indices]
     scores = [s.tolist() for s in engine.score_rows(averaged, parts, on_progress=run.progress)]
     payload = {"scores": scores, "seconds": time.perf_counter() - clock}
-    ttl = run.ctx.settings.result_ttl_s
-    client.set(shard_state(run.job_id, "scores", shard), json.dumps(payload), ex=ttl)
-    client.sadd(shard_state(run.job_id, "score_done"), shard)
-    client.expire(shard_state(run.job_id, "score_done"), ttl)
-    done = client.scard(shard_state(run.job_id, "score_done"))
-    run.ctx.jobs.hset(run.job_id, {"score_shards_done": done})
-    if done >= request.parallel and client.set(shard_state(run.job_id, "merged"), 1, nx=True, ex=ttl):
-        _merge(run, request, engine, plan, averaged)
+    client.set(shard_state(run.job_id, "scores", shard), json.dumps(payload), ex=run.ctx.settings.result_ttl_s)
+    if _count_done(run, Phase.SCORE, shard) >= request.parallel and advance(run.ctx, run.job_id, Phase.SCORE, Phase.MERGE):
+        _merge(run, request, engine, scoring, averaged)
 
 
-def _merge(run: JobRun, request: InfluenceRequest, engine, plan, averaged) -> None:
-    """The last scoring shard: concatenate the slices in order and store the job's results."""
+def _merge(run: JobRun, request: InfluenceRequest, engine: InfluenceEngine, scoring: ScoringPlan, averaged) -> None:
+    """Phase merge: concatenate the slices in order and store the job's results as every job's are (runner.finish)."""
     client = run.ctx.redis_bytes
     parts = [json.loads(client.get(shard_state(run.job_id, "scores", w))) for w in range(request.parallel)]
     meta = client.hgetall(shard_state(run.job_id, "stest_meta"))
     converged = all(json.loads(v)["converged"] for v in meta.values())
+    # The slowest scoring shard is the job's scoring time.
+    seconds = {"gradients": scoring.gradients_seconds, "scoring": max(part["seconds"] for part in parts)}
+    solver = {"solver": "lissa", "curvature": request.curvature, "converged": converged, "shards": request.parallel}
     influences = []
-    for row in range(len(plan.vectors)):
-        found = engine.candidates(plan.search[row], request.k)
+    for row, (indices, distances) in enumerate(zip(scoring.indices, scoring.distances)):
         scores = np.concatenate([np.asarray(part["scores"][row], dtype=np.float64) for part in parts])
-        if len(scores) != len(found.indices):
-            raise JobFailed("internal-error", f"row {row}: {len(scores)} scores for {len(found.indices)} candidates")
-        influences.append(Influence(
-            indices=found.indices, scores=scores, distances=found.distances, converged=converged,
-            s_test_norm=float(averaged[row].norm()), cached=False,
-            seconds={**plan.seconds, "scoring": max(part["seconds"] for part in parts)},
-            solver={"solver": "lissa", "curvature": request.curvature, "converged": converged, "shards": request.parallel},
-        ))
-    items = result_items(engine, plan.encoded, influences, request.top)
-    store_results(run, result_cache_key(ready_model(run, request.model_id), request), items)
-    write_output(run, items)
-    run.ctx.jobs.succeed(run.job_id, items)
+        if len(scores) != len(indices):
+            raise JobFailed("internal-error", f"row {row}: {len(scores)} scores for {len(indices)} candidates")
+        influences.append(Influence(indices=indices, scores=scores, distances=distances, converged=converged,
+                                    s_test_norm=float(averaged[row].norm()), cached=False, seconds=seconds, solver=solver))
+    items = influence_items(engine, scoring, influences, request.top)
+    store_results(run, result_cache_key(ready_model(run, request.model_id), request), stored_items(ResultItem, items))
+    finish(run, items, ResultItem)

@@ -1,6 +1,6 @@
 """The quality job: the LDS of each solver configuration on a model, and what explains it.
 
-Steps (fastif/quality.py does the measuring; this module only arranges it):
+Steps (fastif/quality/ does the measuring; this module only arranges it):
 
 1. the retraining set: a fixed random sample of the training set (all of it when the
    request's ``train_sample`` is not below the training set's size);
@@ -28,12 +28,12 @@ from api_schemas import DataRef, Model, QualityJobRequest, QualityReport
 from api_schemas.quality import MAX_HELD_OUT, MIN_TRAIN_SAMPLE
 from fastif import CancelledError, FastIFError, InfluenceEngine, Query
 from fastif.progress import ProgressCallback
-from fastif.quality import RetrainConfig, columnwise_spearman, eval_set, lds, random_subsets, retrained_test_losses
+from fastif.quality import columnwise_spearman, eval_set, lds, random_subsets, retrained_test_losses
 
-from .configs import inputs_as_queries, solver_config
+from .configs import inputs_as_queries, retrain_config, solver_config
 from .data_files import load
-from .influence import engine_and_cache, ready_model
-from .runner import JobFailed, JobRun
+from .registry import engine_and_cache, ready_model
+from .runner import Items, JobFailed, JobRun
 
 # score_rows keeps one index list per row: rows are scored in groups of at most this many (row, example) pairs.
 SCORE_PAIRS = 8_000_000
@@ -139,7 +139,7 @@ def _measure(run: JobRun, engine: InfluenceEngine, model: Model, named, plan, sa
     return item, scores, solution.vectors
 
 
-def run_quality(run: JobRun) -> list[dict]:
+def run_quality(run: JobRun) -> Items:
     request = QualityJobRequest.model_validate(run.request)
     model = ready_model(run, request.model_id)
     started = time.perf_counter()
@@ -154,9 +154,7 @@ def run_quality(run: JobRun) -> list[dict]:
                         f"{num_train} training examples (sample {len(sample)}, subsets of {size}) "
                         "are too few for the LDS")
     subsets = random_subsets(len(sample), request.subsets, request.fraction, request.seed)
-    retrain = RetrainConfig(epochs=request.retrain.epochs, batch_size=request.retrain.batch_size, lr=request.retrain.lr,
-                            optimizer=request.retrain.optimizer, seeds=request.seeds, seed=request.seed,
-                            schedule=request.retrain.schedule)
+    retrain = retrain_config(request)
     seconds: dict[str, float] = {"loading": time.perf_counter() - started}
 
     clock = time.perf_counter()

@@ -6,9 +6,13 @@ import threading
 from pathlib import Path
 
 from api_schemas import Model
-from fastif import DataSpec, IndexConfig, InfluenceEngine, InfluenceSpec
+from fastif import InfluenceEngine
 from records.paths import OutsideRoot, resolve_inside
 from records.settings import Settings
+
+from .configs import index_config, influence_spec, train_data_spec
+from .runner import JobFailed, JobRun
+from .tensor_cache import RedisTensorCache
 
 _engines: dict[str, InfluenceEngine] = {}
 _lock = threading.Lock()
@@ -33,16 +37,11 @@ def engine_for(model: Model, settings: Settings) -> InfluenceEngine:
         if engine is not None:
             return engine
         request = model.request
-        data = request.train_data
-        params = request.influence.params
         engine = InfluenceEngine.from_paths(
             _resolve(settings, request.model_path),
-            DataSpec(path=str(_resolve(settings, data.path)), text_field=data.text_field,
-                     text_pair_field=data.text_pair_field, label_field=data.label_field,
-                     format=data.format, quoting=data.quoting),
-            InfluenceSpec(params="auto" if params == "auto" else tuple(params),
-                          weight_decay=request.influence.weight_decay, max_length=request.influence.max_length),
-            IndexConfig(kind=request.index.kind, space=request.index.space),
+            train_data_spec(_resolve(settings, request.train_data.path), request.train_data),
+            influence_spec(request.influence),
+            index_config(request.index),
             artefact_dir=artefact_dir(settings),
             compile_hvp=settings.compile_hvp,
         )
@@ -53,3 +52,21 @@ def engine_for(model: Model, settings: Settings) -> InfluenceEngine:
 def forget(model_id: str) -> None:
     with _lock:
         _engines.pop(model_id, None)
+
+
+def ready_model(run: JobRun, model_id: str) -> Model:
+    """The job's model, which must still be registered and built."""
+    model = run.ctx.models.get(model_id)
+    if model is None:
+        raise JobFailed("model-not-found", f"no model {model_id} (it was deleted)")
+    if model.status != "ready":
+        raise JobFailed("model-not-ready", f"model {model_id} is {model.status}")
+    return model
+
+
+def engine_and_cache(run: JobRun, model: Model) -> tuple[InfluenceEngine, RedisTensorCache]:
+    """The model's prepared engine, and its Redis cache of per-test gradients and s_test."""
+    engine = engine_for(model, run.ctx.settings)
+    engine.prepare()
+    cache = RedisTensorCache(run.ctx.redis_bytes, model.fingerprint or engine.fingerprint, run.ctx.settings.cache_ttl_s)
+    return engine, cache

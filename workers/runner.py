@@ -1,7 +1,8 @@
 """The life of a job on a worker: delivery count, progress, cancellation, outcome.
 
-Every task goes through ``run_job`` so that each job kind fails, cancels and
-reports progress the same way, and a job is never left ``running`` by an error.
+Every task goes through ``run_job`` (a whole job) or ``run_step`` (a parallel job's shard)
+so that each job kind fails, cancels and reports progress the same way, and a job is never
+left ``running`` by an error; every job that succeeds is stored by ``finish``.
 """
 
 from __future__ import annotations
@@ -11,17 +12,20 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import redis
+from pydantic import BaseModel
 
 from fastif import CancelledError, FastIFError
 from records.jobs import JobStore
 from records.paths import OutsideRoot, resolve_inside
 
 from .context import WorkerContext, context
+from .results import stored_items
 
 log = logging.getLogger("fastif.workers")
 
@@ -67,7 +71,7 @@ class JobFailed(Exception):
         self.code = code
 
 
-def write_output(run: JobRun, items: list[dict]) -> None:
+def write_output(run: JobRun, items: list[dict[str, Any]]) -> None:
     """The items as JSON Lines in the request's `output_path` (in the data root), when it names one.
 
     Written beside the target and renamed over it, so that the file is complete or absent; a full
@@ -127,63 +131,96 @@ class JobRun:
     progress: ProgressReporter
 
 
-def run_job(
-    job_id: str,
-    work: Callable[[JobRun], list[dict] | None],
-    on_failure: Callable[[str, str], None] | None = None,
-) -> str:
+class HandedOn:
+    """What a job's work returns when other tasks finish the job (a parallel influence job's shards)."""
+
+    def __repr__(self) -> str:
+        return "HANDED_ON"
+
+
+HANDED_ON = HandedOn()
+
+Items = Sequence[BaseModel | dict[str, Any]]
+Work = Callable[[JobRun], "Items | HandedOn"]
+OnFailure = Callable[[str, str], None]
+
+
+def run_job(job_id: str, work: Work, item_model: type[BaseModel] | None = None,
+            on_failure: OnFailure | None = None) -> str:
     """Run ``work`` for the job and record how it ended; returns the final status.
 
-    ``work`` returns the result items (stored with the success), or None when it
-    has handed the job on (a parallel job's shards finish it).
+    ``work`` returns the result items, which ``finish`` stores as ``item_model``s, or HANDED_ON
+    when other tasks will finish the job (``"handed-on"``). Every task passes its job kind's model
+    (workers/results.py ITEM_MODELS); None stores the items as given (stand-in work in tests).
+    """
+    ctx = context()
+    with waiting_out_redis(ctx.redis):
+        jobs = ctx.jobs
+        deliveries = jobs.start_delivery(job_id)
+        if deliveries == 0:
+            return "skipped"  # gone, finished or cancelled while queued
+        if deliveries > ctx.settings.max_deliveries:
+            message = (f"the job was started {deliveries - 1} times and its worker died each time "
+                       f"(limit {ctx.settings.max_deliveries}); giving up")
+            return fail_job(jobs, job_id, "redelivery-limit", message, on_failure)
+        run = JobRun(job_id, jobs.request(job_id), deliveries, ctx, ProgressReporter(jobs, job_id))
 
-    When Redis goes away, the error goes back to the task's autoretry, which publishes
-    the retry to Redis: so first wait for Redis to answer again. Without that wait the
-    retry could not be published, Celery rejected the message, and the job stayed
+        def step() -> str:
+            outcome = work(run)
+            return "handed-on" if isinstance(outcome, HandedOn) else finish(run, outcome, item_model)
+
+        return run_step(run, step, on_failure)
+
+
+@contextmanager
+def waiting_out_redis(client: redis.Redis) -> Iterator[None]:
+    """A Redis error leaves a task only once Redis answers again.
+
+    It goes back to the task's autoretry, which publishes the retry to Redis; without the wait
+    the retry could not be published, Celery rejected the message, and the job stayed
     `running` for good.
     """
     try:
-        return _run_job(job_id, work, on_failure)
+        yield
     except redis.RedisError:
-        wait_for_redis(context().redis)
+        wait_for_redis(client)
         raise
 
 
-def _run_job(
-    job_id: str,
-    work: Callable[[JobRun], list[dict] | None],
-    on_failure: Callable[[str, str], None] | None,
-) -> str:
-    ctx = context()
-    jobs = ctx.jobs
-    deliveries = jobs.start_delivery(job_id)
-    if deliveries == 0:
-        return "skipped"  # gone, finished or cancelled while queued
-    if deliveries > ctx.settings.max_deliveries:
-        message = (f"the job was started {deliveries - 1} times and its worker died each time "
-                   f"(limit {ctx.settings.max_deliveries}); giving up")
-        return _fail(jobs, job_id, "redelivery-limit", message, on_failure)
-    run = JobRun(job_id, jobs.request(job_id), deliveries, ctx, ProgressReporter(jobs, job_id))
+def run_step(run: JobRun, step: Callable[[], str], on_failure: OnFailure | None = None, part: str = "") -> str:
+    """Run one task's part of a job and return its status; an error ends the job, recorded as every job's is.
+
+    Cancellation, a JobFailed or engine error, and anything unexpected each end the job on its
+    record (through a Redis outage); a Redis error goes on to the task's retry. ``part`` (a
+    shard) prefixes the message of an unexpected failure.
+    """
+    jobs = run.ctx.jobs
     try:
-        items = work(run)
-        if items is not None:
-            write_output(run, items)
+        return step()
     except CancelledError:
-        through_outage(lambda: jobs.mark_cancelled(job_id), jobs.redis)
+        through_outage(lambda: jobs.mark_cancelled(run.job_id), jobs.redis)
         return "cancelled"
-    except JobFailed as err:
-        return _fail(jobs, job_id, err.code, str(err), on_failure)
-    except FastIFError as err:
-        return _fail(jobs, job_id, err.code, str(err), on_failure)
+    except (JobFailed, FastIFError) as err:
+        return fail_job(jobs, run.job_id, err.code, str(err), on_failure)
     except redis.RedisError:
         raise  # Redis itself is gone: let the task's retry bring the job back
     except Exception as err:  # a full disk, a bug or an unexpected input: say so on the record, keep the worker
-        log.exception("job %s failed", job_id)
-        return _fail(jobs, job_id, *unexpected_failure(err), on_failure)
-    if items is None:
-        return "handed-on"
+        log.exception("job %s failed %s", run.job_id, part)
+        code, message = unexpected_failure(err)
+        return fail_job(jobs, run.job_id, code, f"{part}: {message}" if part else message, on_failure)
+
+
+def finish(run: JobRun, items: Items, item_model: type[BaseModel] | None) -> str:
+    """Store the job's result items and mark it succeeded: how every job that ends well ends.
+
+    Each item is checked against its contract model first (workers/results.py), so a drift fails
+    the job instead of reaching a client; then the items go to `output_path`, if the request names
+    one, and to the job record.
+    """
+    stored = list(items) if item_model is None else stored_items(item_model, items)
+    write_output(run, stored)
     # Hours of computation must not be thrown away by a Redis restart at the last moment.
-    through_outage(lambda: jobs.succeed(job_id, items), jobs.redis)
+    through_outage(lambda: run.ctx.jobs.succeed(run.job_id, stored), run.ctx.jobs.redis)
     return "succeeded"
 
 
@@ -199,7 +236,8 @@ def unexpected_failure(err: Exception) -> tuple[str, str]:
     return "internal-error", f"{type(err).__name__}: {err}"
 
 
-def _fail(jobs: JobStore, job_id: str, code: str, message: str, on_failure) -> str:
+def fail_job(jobs: JobStore, job_id: str, code: str, message: str, on_failure: OnFailure | None = None) -> str:
+    """End the job as failed (through a Redis outage), and tell ``on_failure`` (a build fails its model too)."""
     through_outage(lambda: jobs.fail(job_id, code, message), jobs.redis)
     if on_failure is not None:
         through_outage(lambda: on_failure(code, message), jobs.redis)
