@@ -2,7 +2,7 @@
 
 Per test input z_t (gold label): Spearman's ρ over random half subsets S of the
 training set between Σ_{i∈S} I(z_i, z_t) (the scores' prediction) and z_t's loss after
-retraining on S (fastif/quality.py). The retraining warm-starts from the fine-tuned
+retraining on S (fastif/quality/). The retraining warm-starts from the fine-tuned
 influence parameters and trains only them, on the cached frozen-prefix activations,
 minimising the engine's objective; two shuffling seeds per subset say how
 reproducible the retraining itself is (``retraining_noise``: the most any scores can
@@ -96,7 +96,7 @@ class LdsConfig:
     sensitivity_subsets: int = 24
 
 
-# Retraining: see RetrainConfig's defaults in fastif/quality.py and "the retraining" in lds.md.
+# Retraining: see RetrainConfig's defaults in fastif/quality/ and "the retraining" in lds.md.
 DEFAULT = LdsConfig(num_train=2000, num_inputs=48, num_subsets=48, fraction=0.5, retrain=RetrainConfig(),
                     slow_inputs=8, cg_inputs=2, lissa_depth=1000, sweep_ratios=(0.1, 1.0, 3.0, 10.0, 30.0, 100.0),
                     cg_sweep_ratios=(), cg_max_iter=50, curvature_sweep_ratios=(0.001, 0.01, 0.1, 1.0, 10.0),
@@ -594,7 +594,7 @@ def _markdown(setup, config: LdsConfig, headline: dict, data: dict) -> str:
     return f"""# lds: are the influence scores true? (linear datamodeling score)
 
 Per test input: Spearman's ρ over {config.num_subsets} random half subsets S of the N = {data['config']['num_train']}
-training examples between Σ_{{i∈S}} I(z_i, z_t) and the input's loss after retraining on S (fastif/quality.py),
+training examples between Σ_{{i∈S}} I(z_i, z_t) and the input's loss after retraining on S (fastif/quality/),
 averaged over inputs (± its standard error). Scores have the engine's sign (negative = helpful), so scores that
 predict retraining give a positive LDS; a plain gradient dot product is the floor to beat, and the retraining's
 own reproducibility (the Spearman between two shuffling seeds) is roughly the ceiling.

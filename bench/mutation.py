@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -38,19 +37,22 @@ TARGETS: dict[str, list[str]] = {
     "fastif/curvature/spectrum.py": ["fastif.curvature.spectrum.*"],
     "fastif/curvature/kfac.py": ["fastif.curvature.kfac.xǁKronecker*"],
     "fastif/factored.py": ["fastif.factored.*"],
-    "fastif/engine.py (scoring)": [
-        "fastif.engine.x_solver_config*", "fastif.engine.x_feature_distances*", "fastif.engine.xǁInfluenceǁranked*",
+    "fastif/tape.py": ["fastif.tape.*"],
+    "fastif/scoring.py": ["fastif.scoring.*"],
+    "fastif/query.py": ["fastif.query.*"],
+    "fastif/engine.py (the query's steps)": [
         "fastif.engine.xǁInfluenceEngineǁscore*", "fastif.engine.xǁInfluenceEngineǁcandidates*",
         "fastif.engine.xǁInfluenceEngineǁcached_s_test*", "fastif.engine.xǁInfluenceEngineǁinfluences*",
-        "fastif.engine.xǁInfluenceEngineǁplan*", "fastif.engine.xǁInfluenceEngineǁ_query_key*",
-        "fastif.engine.xǁInfluenceEngineǁ_group_key*",
+        "fastif.engine.xǁInfluenceEngineǁplan*",
     ],
     "fastif/knn.py": ["fastif.knn.*"],
     "fastif/params.py": ["fastif.params.*"],
     "workers/parallel.py": [
         "workers.parallel.x_start_parallel*", "workers.parallel.x_shard_seed_config*", "workers.parallel.x_averaged_key*",
-        "workers.parallel.x__shard_guard*", "workers.parallel.x__stest_work*", "workers.parallel.x__average_and_cache*",
+        "workers.parallel.x__shard_guard*", "workers.parallel.x__stest_work*", "workers.parallel.x__average*",
         "workers.parallel.x__slice*", "workers.parallel.x__score_work*", "workers.parallel.x__merge*",
+        "workers.parallel.x_advance*", "workers.parallel.x__in_phase*", "workers.parallel.x__count_done*",
+        "workers.parallel.xǁScoringPlanǁ*",
     ],
     "records/keys.py": ["records.keys.*"],
     "fastif/applications/correction/selection.py": ["fastif.applications.correction.selection.*"],

@@ -27,7 +27,7 @@ import numpy as np
 
 from fastif_cli.stack import free_port, start_stack
 
-from .common import Clock, bars, headline_block, log, setup_block, table, write_results
+from .common import Clock, bars, headline_block, setup_block, table, write_results
 from .speed import best_from_stest
 
 TERMINAL = ("succeeded", "failed", "cancelled")

@@ -18,8 +18,7 @@ of one LiSSA call are independent given the samples).
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ import torch
 from fastif import LissaConfig, LissaDivergedError, Query
 from fastif.curvature import lissa
 
-from .common import (Clock, bars, engine_progress, headline_block, log, plot, rel_diff, setup_block, spearman, pearson,
+from .common import (Clock, bars, engine_progress, headline_block, plot, rel_diff, setup_block, spearman, pearson,
                      table, top_overlap, write_results)
 from .exact import cached_cg, gradient_scores
 

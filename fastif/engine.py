@@ -171,7 +171,7 @@ class InfluenceEngine:
         return self._stages.curvature.spectrum(curvature)
 
     def factors(self, on_progress: ProgressCallback | None = None) -> KroneckerFactors:
-        """EK-FAC's factors of the Gauss-Newton matrix (fastif/curvature/kfac.py), fitted once and kept with the artefacts."""
+        """EK-FAC's factors of the Gauss-Newton matrix (fitted by fastif/curvature/kfac_fit.py) once and kept with the artefacts."""
         return self._stages.curvature.factors(on_progress)
 
     def solve(self, vectors: torch.Tensor, solver: Solver = SolverConfig(),

@@ -95,7 +95,7 @@ class InfluenceObjective:
                   with_l2: bool = True, reduction: str = "mean") -> torch.Tensor:
         """The training objective at ``params``: cross-entropy (mean or per example) plus the L2 term.
 
-        What retraining the influence parameters minimises (fastif/quality.py), so that
+        What retraining the influence parameters minimises (fastif/quality/), so that
         the scores and the retraining they are judged against optimise the same thing.
         """
         loss = F.cross_entropy(self._forward(batch, hidden, params), batch.labels, reduction=reduction)

@@ -4,7 +4,7 @@ A ``Tape`` collects one ``Use`` per time an influence parameter enters a forward
 output, how to contract its per-example gradient with a direction, and (for matrices)
 its per-example gradient as factor pairs. Forward code (fastif/first_token.py,
 fastif/top.py) writes to it; scoring (fastif/factored.py) and the Kronecker factors
-(fastif/curvature/kfac.py) read it. ``recording`` puts every Linear and LayerNorm call
+(fastif/curvature/kfac_fit.py) read it. ``recording`` puts every Linear and LayerNorm call
 of a set of modules on a tape through forward hooks.
 """
 
@@ -25,7 +25,7 @@ Contraction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Pairs = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """``pairs(grad, rows) -> (left [n, t, out], right [n, t, in])``: a matrix parameter's per-example gradient
 as Σ_t left_t right_tᵀ (for a Linear weight, δ_t x_tᵀ over tokens). The Kronecker factors of
-fastif/curvature/kfac.py are the covariances of the two sides.
+fastif/curvature/kfac_fit.py are the covariances of the two sides.
 """
 
 

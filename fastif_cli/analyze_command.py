@@ -21,7 +21,7 @@ def run(**opts) -> None:
     from fastif import DataSpec, FastIFError, IndexConfig, InfluenceEngine, InfluenceSpec, LissaConfig, Query
     from fastif.config import CURVATURES, SOLVERS, SolverConfig
     from fastif.progress import rich_progress
-    from fastif.report import result_items
+    from workers.results import result_items
 
     texts, pairs, labels = opts["text"], opts["text_pair"] or [], opts["label"] or []
     if pairs and len(pairs) != len(texts):

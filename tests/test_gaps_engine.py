@@ -21,12 +21,12 @@ from torch import nn
 from fastif import DataSpec, InfluenceEngine, InfluenceSpec, LissaConfig, Query, SolverConfig
 from fastif.applications.correction.selection import Chosen, RoundInfluence, Scored, choose, round_influence
 from fastif.applications.examples import training_set
-from fastif.applications.explain import explain
 from fastif.applications.graph import influence_graph
 from fastif.config import CGConfig
 from fastif.query import Influence, feature_distances, solver_config
 from fastif.factored import FactoredScores
 from fastif.scoring import Scorer
+from workers.results import explain_items
 from fastif.tape import Tape, bias_contraction, recording
 from tiny import Reference, assert_close, make_tiny_family, sentences, write_jsonl
 
@@ -292,8 +292,8 @@ def test_a_partly_cached_plan_solves_only_the_missing_rows(setup):
 # -- the signs of the applications' chosen points ---------------------------------------------------------------
 def test_explain_helpful_are_negative_and_harmful_positive(setup):
     engine, _, _ = setup
-    items = explain(engine, [Query(t) for t in TEXTS], k=None, top=4, solver=CG)
-    _, influences = engine.analyze([Query(t) for t in TEXTS], k=None, solver=CG)
+    encoded, influences = engine.analyze([Query(t) for t in TEXTS], k=None, solver=CG)
+    items = [item.model_dump() for item in explain_items(engine, encoded, influences, top=4)]
     for item, influence in zip(items, influences):
         helpful = [e["score"] for e in item["helpful"]]
         harmful = [e["score"] for e in item["harmful"]]

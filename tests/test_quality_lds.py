@@ -1,4 +1,4 @@
-"""fastif/quality.py: the linear datamodeling score, against computations written out here.
+"""fastif/quality/: the linear datamodeling score, against computations written out here.
 
 - ``lds`` against a plain loop with scipy's spearmanr per input;
 - scores that reproduce a linear loss model exactly give LDS 1 (their negation -1),

@@ -1,5 +1,6 @@
-"""FastIF's applications on top of the engine: explanations, influence graphs, error
-correction (with the training set or a pool of new examples) and self-influence.
+"""FastIF's applications on top of the engine: influence graphs, error correction (with the
+training set or a pool of new examples) and self-influence. Explanations are influence
+results plus a label agreement, built where the result items are (workers/results.py).
 
 Each module uses the engine's public methods and its one training objective; none
 imports Celery, Redis or HTTP.
@@ -7,12 +8,11 @@ imports Celery, Redis or HTTP.
 
 from .correction import STRATEGIES, Correction, CorrectionConfig, correct, render_rounds, save_corrected
 from .examples import ExampleSet, encode_examples, evaluate, training_set
-from .explain import agreement, explain
 from .graph import influence_graph, layout, render
 from .self_influence import rank_self_influence, self_influence_scores
 
 __all__ = [
-    "STRATEGIES", "Correction", "CorrectionConfig", "ExampleSet", "agreement", "correct", "encode_examples", "evaluate",
-    "explain", "influence_graph", "layout", "rank_self_influence", "render", "render_rounds", "save_corrected", "self_influence_scores",
+    "STRATEGIES", "Correction", "CorrectionConfig", "ExampleSet", "correct", "encode_examples", "evaluate",
+    "influence_graph", "layout", "rank_self_influence", "render", "render_rounds", "save_corrected", "self_influence_scores",
     "training_set",
 ]

@@ -94,7 +94,7 @@ class TrainingCurvature:
         return self._spectra[curvature]
 
     def factors(self, on_progress: ProgressCallback | None = None) -> KroneckerFactors:
-        """EK-FAC's factors of the Gauss-Newton matrix (fastif/curvature/kfac.py), fitted once and kept with the artefacts."""
+        """EK-FAC's factors of the Gauss-Newton matrix (fitted by fastif/curvature/kfac_fit.py) once and kept with the artefacts."""
         if self._factors is None:
             self._factors = self.store.load_factors(self.objective.names) or self._fit_factors(on_progress)
         return self._factors
