@@ -10,6 +10,8 @@ computed again.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,24 +58,49 @@ class ArtefactStore:
         meta = json.loads((self.folder / "meta.json").read_text())
         return meta.get("version") == ARTEFACT_VERSION and meta.get("fingerprint") == self.fingerprint
 
-    def save(self, artefacts: Artefacts, config: IndexConfig, num_train: int, params: list[str]) -> None:
+    def staging(self) -> Path | None:
+        """An empty folder to build into; ``finish`` moves what is built there into place (None: keep nothing).
+
+        Readers of an earlier set keep their memory maps: the new files replace the old ones
+        by rename, never by writing over them.
+        """
         if self.folder is None:
-            return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        np.save(self.folder / "features.npy", artefacts.features)
-        np.save(self.folder / "gradient_keys.npy", artefacts.gradient_keys)
-        if artefacts.prefix is not None:
-            artefacts.prefix.save(self.folder)
+            return None
+        staging = self.folder / ".building"
+        shutil.rmtree(staging, ignore_errors=True)  # what a build that died left
+        staging.mkdir(parents=True)
+        return staging
+
+    def finish(self, artefacts: Artefacts, config: IndexConfig, num_train: int, params: list[str]) -> Artefacts:
+        """The built set moved into place, its index saved, and ``meta.json`` last; returned as opened for queries."""
+        if self.folder is None:
+            return artefacts
+        for array in (artefacts.features, artefacts.gradient_keys, getattr(artefacts.prefix, "flat", None)):
+            if isinstance(array, np.memmap):
+                array.flush()
+        staging = self.folder / ".building"
+        for built in staging.iterdir():
+            os.replace(built, self.folder / built.name)
+        staging.rmdir()
         knn.save_index(artefacts.index, self._index_file(config))
         # meta.json last: its presence marks a complete set of artefacts.
         write_meta(self.folder, {"version": ARTEFACT_VERSION, "fingerprint": self.fingerprint, "num_train": num_train,
                                  "params": params})
+        return self.load(config, artefacts.prefix.dtype if artefacts.prefix is not None else None)
 
-    def load(self, config: IndexConfig, with_prefix: bool) -> Artefacts:
-        """The stored set; an index of another (space, kind) than stored is built from the stored vectors and kept."""
-        features = np.load(self.folder / "features.npy")
-        gradient_keys = np.load(self.folder / "gradient_keys.npy")
-        prefix = PrefixStore.load(self.folder) if with_prefix else None
+    def load(self, config: IndexConfig, prefix_dtype: str | None) -> Artefacts | None:
+        """The stored set, memory-mapped read-only; None when the prefix activations are not stored in ``prefix_dtype``.
+
+        ``prefix_dtype`` None: no activations wanted (they are recomputed). An index of another
+        (space, kind) than stored is built from the stored vectors and kept.
+        """
+        prefix = None
+        if prefix_dtype is not None:
+            prefix = PrefixStore.load(self.folder, prefix_dtype)
+            if prefix is None:
+                return None
+        features = np.load(self.folder / "features.npy", mmap_mode="r")
+        gradient_keys = np.load(self.folder / "gradient_keys.npy", mmap_mode="r")
         path = self._index_file(config)
         if path.is_file():
             index = knn.load_index(path)
@@ -81,6 +108,12 @@ class ArtefactStore:
             index = knn.build_index(search_vectors(features, gradient_keys, config), config)
             knn.save_index(index, path)
         return Artefacts(features, gradient_keys, prefix, index)
+
+    def bytes_on_disk(self) -> int:
+        """What the stored set takes (every prefix dtype and index kept for this fingerprint)."""
+        if self.folder is None or not self.folder.is_dir():
+            return 0
+        return sum(path.stat().st_size for path in self.folder.iterdir() if path.is_file())
 
     # -- curvature, fitted on first use ---------------------------------------------------
     def load_spectrum(self, curvature: str) -> Spectrum | None:

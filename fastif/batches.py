@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,16 +14,26 @@ from .prefix import PrefixStore
 
 @dataclass(frozen=True)
 class TrainingBatches:
+    """``prefix``: the stored activations; else ``recompute(batch)`` runs the frozen layers for just this batch;
+    with neither, every forward runs the whole model."""
+
     tokens: Tokenized
     pad_id: int
     device: torch.device
-    prefix: PrefixStore | None  # None: the frozen layers run in every forward
+    prefix: PrefixStore | None
+    recompute: Callable[[Batch], torch.Tensor] | None = None
 
     def __call__(self, indices: Sequence[int]) -> tuple[Batch, torch.Tensor | None]:
-        """Examples ``indices`` as one batch padded to the longest, and their prefix activations (None if not cached)."""
+        """Examples ``indices`` as one batch padded to the longest, and their prefix activations (None: none)."""
         batch = collate(self.tokens, indices, self.pad_id, self.device)
-        hidden = self.prefix.gather_batch(indices, batch) if self.prefix is not None else None
-        return batch, hidden
+        if self.prefix is not None:
+            return batch, self.prefix.gather_batch(indices, batch)
+        return batch, self.recompute(batch) if self.recompute is not None else None
+
+    @property
+    def with_prefix(self) -> bool:
+        """Whether batches come with the frozen prefix's activations (the fast paths start from them)."""
+        return self.prefix is not None or self.recompute is not None
 
     def __len__(self) -> int:
         return len(self.tokens)

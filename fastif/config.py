@@ -144,20 +144,44 @@ class DataSpec:
     quoting: Literal["minimal", "none"] = "minimal"
 
 
+INDEX_KINDS: tuple[str, ...] = ("auto", "flat", "ivf", "hnsw")
+INDEX_SPACES: tuple[str, ...] = ("gradient", "feature")
+
+
 @dataclass(frozen=True)
 class IndexConfig:
     """The faiss index that picks the candidates: exact Flat, or IVF / HNSW for large N.
 
-    ``space``: ``gradient`` searches the output layer's per-example loss gradients by
-    inner product (either sign); ``feature`` is FastIF's L2 search of first-token
-    features (see fastif/knn.py).
+    ``kind``: ``auto`` (the default) is exact Flat up to fastif.knn.AUTO_FLAT_MAX_EXAMPLES
+    training examples and IVF above, its ``nprobe`` chosen at build time so that the
+    measured recall@1000 of the Flat index's neighbours is at least ``recall_target``;
+    ``ivf`` searches ``nprobe`` cells as given. ``space``: ``gradient`` searches the output
+    layer's per-example loss gradients by inner product (either sign); ``feature`` is
+    FastIF's L2 search of first-token features (see fastif/knn.py).
     """
 
-    kind: Literal["flat", "ivf", "hnsw"] = "flat"
+    kind: Literal["auto", "flat", "ivf", "hnsw"] = "auto"
     space: Literal["gradient", "feature"] = "gradient"
     nlist: int | None = None  # IVF cells; default ~ 4 * sqrt(N)
-    nprobe: int = 16
+    nprobe: int = 16  # IVF cells searched per query (``ivf``; ``auto`` chooses its own)
     hnsw_m: int = 32
+    recall_target: float = 0.95  # the recall@1000 ``auto`` chooses nprobe for
+    # The frozen prefix's activations: kept on disk ("cached", in ``prefix_dtype``; float16 and bfloat16
+    # halve the bytes), or computed again for the few examples a query touches ("recompute": no storage).
+    prefix: Literal["cached", "recompute"] = "cached"
+    prefix_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+    def __post_init__(self) -> None:
+        if self.kind not in INDEX_KINDS:
+            raise ValueError(f"unknown index kind {self.kind!r}; choose one of {', '.join(INDEX_KINDS)}")
+        if self.space not in INDEX_SPACES:
+            raise ValueError(f"unknown index space {self.space!r}; choose one of {', '.join(INDEX_SPACES)}")
+        if self.nlist is not None and self.nlist < 1:
+            raise ValueError(f"nlist must be at least 1 (or None for the default), got {self.nlist}")
+        if self.nprobe < 1 or self.hnsw_m < 2:
+            raise ValueError(f"nprobe must be at least 1 and hnsw_m at least 2, got {self.nprobe} and {self.hnsw_m}")
+        if not 0 < self.recall_target <= 1:
+            raise ValueError(f"recall_target must be in (0, 1], got {self.recall_target}")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,32 +51,52 @@ class EncodedQueries:
         return SearchQuery(key=self.search_keys[row], feature=self.features[row])
 
 
+def allocate_set(model: PreparedModel, tokens: Tokenized, folder: Path | None = None, prefix_dtype: str = "float32",
+                 keep_prefix: bool = True) -> EncodedSet:
+    """Room for a set's features, gradient keys and (``keep_prefix``) prefix activations.
+
+    In ``folder``: ``.npy`` memory maps that ``encode_set`` fills batch by batch, so that a
+    build holds a few batches at a time whatever the set's size; else arrays in memory.
+    """
+    count = len(tokens)
+    key_width = (len(model.classifier.labels) - 1) * model.output_layer.in_features
+
+    def array(name: str, width: int) -> np.ndarray:
+        if folder is None:
+            return np.zeros((count, width), dtype=np.float32)
+        return np.lib.format.open_memmap(folder / name, mode="w+", dtype=np.float32, shape=(count, width))
+
+    prefix = None
+    if model.prefix is not None and keep_prefix:
+        prefix = PrefixStore.allocate(tokens.lengths, model.model.config.hidden_size, prefix_dtype, folder)
+    return EncodedSet(features=array("features.npy", model.model.config.hidden_size),
+                      gradient_keys=array("gradient_keys.npy", key_width), prefix=prefix)
+
+
 def encode_set(model: PreparedModel, tokens: Tokenized, pad_id: int, batch_size: int = 64,
-               on_progress: ProgressCallback | None = None, stage: str = "features") -> EncodedSet:
-    """One forward pass per length bucket over labelled examples: features, gradient keys, prefix cache."""
+               on_progress: ProgressCallback | None = None, stage: str = "features",
+               into: EncodedSet | None = None) -> EncodedSet:
+    """One forward pass per length bucket over labelled examples: features, gradient keys, prefix activations.
+
+    Written batch by batch into ``into`` (``allocate_set``; in memory when None).
+    """
+    encoded = allocate_set(model, tokens) if into is None else into
     count = len(tokens)
     device = model.classifier.device
-    features = np.zeros((count, model.model.config.hidden_size), dtype=np.float32)
-    probs = np.zeros((count, len(model.classifier.labels)), dtype=np.float64)
-    head_inputs: np.ndarray | None = None
-    rows: list[np.ndarray | None] = [None] * count
     done = 0
     for indices in length_batches(tokens.lengths, batch_size):
         captured = model.capture(collate(tokens, indices, pad_id, device))
-        features[indices] = captured.features.float().cpu().numpy()
-        probs[indices] = torch.softmax(captured.logits.double(), dim=-1).cpu().numpy()
-        if head_inputs is None:
-            head_inputs = np.zeros((count, captured.head_inputs.shape[1]), dtype=np.float32)
-        head_inputs[indices] = captured.head_inputs.float().cpu().numpy()
-        if captured.hidden is not None:
+        encoded.features[indices] = captured.features.float().cpu().numpy()
+        probs = torch.softmax(captured.logits.double(), dim=-1).cpu().numpy()
+        head_inputs = captured.head_inputs.float().cpu().numpy()
+        encoded.gradient_keys[indices] = knn.gradient_keys(probs, tokens.labels[indices].numpy(), head_inputs)
+        if encoded.prefix is not None:
             for row, i in enumerate(indices):
-                rows[i] = captured.hidden[row, : len(tokens.input_ids[i])].float().cpu().numpy()
+                encoded.prefix.write(i, captured.hidden[row, : len(tokens.input_ids[i])])
         done += len(indices)
         if on_progress and on_progress(stage, done, count):
             raise CancelledError(f"cancelled while computing {stage}")
-    keys = knn.gradient_keys(probs, tokens.labels.numpy(), head_inputs)
-    return EncodedSet(features=features, gradient_keys=keys,
-                      prefix=PrefixStore.from_rows(rows) if model.prefix is not None else None)
+    return encoded
 
 
 def encode_queries(model: PreparedModel, queries: Sequence[Query], max_length: int, pad_id: int,

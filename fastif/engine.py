@@ -30,7 +30,7 @@ from .curvature import KroneckerFactors, Solution, Spectrum, solver_for
 from .curvature.solvers import CurvatureSource
 from .curvature.training import TrainingCurvature
 from .data import Example, load_examples, texts_of
-from .encoded import EncodedQueries, encode_queries, encode_set, test_gradients
+from .encoded import EncodedQueries, allocate_set, encode_queries, encode_set, test_gradients
 from .encoding import Batch, Tokenized, collate, tokenize
 from .fingerprint import combine, file_digest, model_digest
 from .knn import SearchQuery
@@ -106,12 +106,17 @@ class InfluenceEngine:
         digest = combine(file=file_digest(Path(data.path)), spec=data.__dict__)
         return cls(classifier, train, spec, index_config, artefact_dir, data_digest=digest, compile_hvp=compile_hvp)
 
-    def _stages_over(self, prefix) -> _Stages:
-        batches = TrainingBatches(self.tokens, self.pad_id, self.classifier.device, prefix)
+    def _stages_over(self, prefix: PrefixStore | None, recompute: bool = False) -> _Stages:
+        batches = TrainingBatches(self.tokens, self.pad_id, self.classifier.device, prefix,
+                                  self._prefix_activations if recompute else None)
         # Before prepare() the curvature is only loaded from disk: fitted, it would miss the cached prefix.
         curvature = TrainingCurvature(self.objective, batches, self.store, self.prepared.factored,
                                       can_fit=self.index is not None)
         return _Stages(batches, curvature, Scorer(self.objective, batches, self.prepared.factored))
+
+    def _prefix_activations(self, batch: Batch) -> torch.Tensor:
+        """The frozen prefix's output for ``batch``, computed now (``prefix: "recompute"``)."""
+        return self.prepared.capture(batch).hidden
 
     # -- what the stages hold, for callers that look inside ----------------------------
     @property
@@ -128,20 +133,27 @@ class InfluenceEngine:
 
     # -- the build ------------------------------------------------------------------------
     def prepare(self, on_progress: ProgressCallback | None = None, batch_size: int = 64) -> None:
-        """Features, gradient keys, cached prefix activations and the faiss index; loaded from disk when present."""
+        """Features, gradient keys, prefix activations and the faiss index; loaded from disk when stored.
+
+        A build writes them batch by batch into memory maps (fastif/artefacts.py), so its memory
+        does not grow with the training set; queries read them read-only.
+        """
         if self.index is not None:
             return
-        if self.store.complete():
-            artefacts = self.store.load(self.index_config, with_prefix=self.prefix is not None)
-        else:
-            encoded = encode_set(self.prepared, self.tokens, self.pad_id, batch_size, on_progress)
+        recompute = self.index_config.prefix == "recompute"
+        dtype = None if recompute or self.prefix is None else self.index_config.prefix_dtype
+        artefacts = self.store.load(self.index_config, dtype) if self.store.complete() else None
+        if artefacts is None:
+            encoded = allocate_set(self.prepared, self.tokens, self.store.staging(), self.index_config.prefix_dtype,
+                                   keep_prefix=not recompute)
+            encode_set(self.prepared, self.tokens, self.pad_id, batch_size, on_progress, into=encoded)
             index = knn.build_index(search_vectors(encoded.features, encoded.gradient_keys, self.index_config),
                                     self.index_config)
-            artefacts = Artefacts(encoded.features, encoded.gradient_keys, encoded.prefix, index)
-            self.store.save(artefacts, self.index_config, self.num_train, self.names)
+            built = Artefacts(encoded.features, encoded.gradient_keys, encoded.prefix, index)
+            artefacts = self.store.finish(built, self.index_config, self.num_train, self.names)
         self.features, self.gradient_keys, self.prefix_store = artefacts.features, artefacts.gradient_keys, artefacts.prefix
         self.index = artefacts.index
-        self._stages = self._stages_over(artefacts.prefix)
+        self._stages = self._stages_over(artefacts.prefix, recompute and self.prefix is not None)
 
     def _require_prepared(self) -> None:
         if self.index is None:

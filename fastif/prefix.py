@@ -72,37 +72,86 @@ class FrozenPrefix:
             handle.remove()
 
 
+PREFIX_DTYPES = ("float32", "float16", "bfloat16")
+# numpy has no bfloat16: its values are kept as their 16 raw bits and reinterpreted by torch.
+_STORED_AS = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def prefix_file(dtype: str) -> str:
+    """The file of the flat activations in ``dtype`` (float32 keeps the name it always had)."""
+    return "prefix.npy" if dtype == "float32" else f"prefix-{dtype}.npy"
+
+
 @dataclass
 class PrefixStore:
-    """Cached activations of every example, ragged: rows ``offsets[i]:offsets[i+1]`` of ``flat``."""
+    """Cached activations of every example, ragged: rows ``offsets[i]:offsets[i+1]`` of ``flat``.
 
-    flat: np.ndarray  # float32 [total_tokens, hidden]; a memory map when loaded from disk
+    ``dtype`` is how they are stored (float32, or float16 / bfloat16 at half the bytes);
+    they are always handed out as float32.
+    """
+
+    flat: np.ndarray  # [total_tokens, hidden]; a memory map when on disk
     offsets: np.ndarray  # int64 [N + 1]
+    dtype: str = "float32"
 
     def gather(self, indices: Sequence[int], width: int, device: torch.device) -> torch.Tensor:
         """Activations of ``indices`` zero-padded to ``width`` tokens: [len(indices), width, hidden]."""
         out = torch.zeros((len(indices), width, self.flat.shape[1]), dtype=torch.float32)
         for row, i in enumerate(indices):
             start, end = int(self.offsets[i]), int(self.offsets[i + 1])
-            out[row, : end - start] = torch.from_numpy(np.array(self.flat[start:end], dtype=np.float32))
+            out[row, : end - start] = self._as_torch(self.flat[start:end])
         return out.to(device)
 
     def gather_batch(self, indices: Sequence[int], batch: Batch) -> torch.Tensor:
         return self.gather(indices, batch.input_ids.shape[1], batch.input_ids.device)
 
-    def save(self, folder: Path) -> None:
-        np.save(folder / "prefix_offsets.npy", self.offsets)
-        np.save(folder / "prefix.npy", self.flat)
+    def write(self, index: int, activations: torch.Tensor) -> None:
+        """Example ``index``'s activations [its tokens, hidden], converted to the stored dtype."""
+        start, end = int(self.offsets[index]), int(self.offsets[index + 1])
+        stored = activations.detach().to("cpu", _TORCH_DTYPES[self.dtype])
+        if self.dtype == "bfloat16":
+            stored = stored.view(torch.int16)
+        self.flat[start:end] = stored.numpy()
+
+    def _as_torch(self, rows: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(np.array(rows))  # a copy: the memory map is read-only
+        return (tensor.view(torch.bfloat16) if self.dtype == "bfloat16" else tensor).float()
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.flat.nbytes + self.offsets.nbytes)
 
     @classmethod
-    def load(cls, folder: Path) -> PrefixStore:
-        return cls(flat=np.load(folder / "prefix.npy", mmap_mode="r"), offsets=np.load(folder / "prefix_offsets.npy"))
+    def allocate(cls, lengths: Sequence[int], hidden: int, dtype: str = "float32",
+                 folder: Path | None = None) -> PrefixStore:
+        """Room for every example's activations (``lengths`` tokens each): a file in ``folder`` or memory.
+
+        On disk the flat array is a memory map written example by example, so a build holds
+        a few batches of activations at a time, however many examples there are.
+        """
+        if dtype not in PREFIX_DTYPES:
+            raise ValueError(f"prefix dtype must be one of {', '.join(PREFIX_DTYPES)}, not {dtype!r}")
+        offsets = np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))]).astype(np.int64)
+        shape = (int(offsets[-1]), hidden)
+        if folder is None:
+            flat = np.zeros(shape, dtype=_STORED_AS[dtype])
+        else:
+            np.save(folder / "prefix_offsets.npy", offsets)
+            flat = np.lib.format.open_memmap(folder / prefix_file(dtype), mode="w+", dtype=_STORED_AS[dtype], shape=shape)
+        return cls(flat=flat, offsets=offsets, dtype=dtype)
+
+    def flush(self) -> None:
+        if isinstance(self.flat, np.memmap):
+            self.flat.flush()
 
     @classmethod
-    def from_rows(cls, rows: Sequence[np.ndarray]) -> PrefixStore:
-        lengths = np.array([len(r) for r in rows], dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        return cls(flat=np.concatenate(rows).astype(np.float32), offsets=offsets)
+    def load(cls, folder: Path, dtype: str = "float32") -> PrefixStore | None:
+        """The stored activations in ``dtype``, opened read-only; None when none are stored in that dtype."""
+        path = folder / prefix_file(dtype)
+        if not path.is_file():
+            return None
+        return cls(flat=np.load(path, mmap_mode="r"), offsets=np.load(folder / "prefix_offsets.npy"), dtype=dtype)
 
 
 def write_meta(folder: Path, meta: dict) -> None:

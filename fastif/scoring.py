@@ -54,7 +54,7 @@ class Scorer:
     def __init__(self, objective: InfluenceObjective, batches: TrainingBatches, factored: FactoredScores | None):
         self.objective = objective
         self.batches = batches
-        self.factored = factored if batches.prefix is not None else None  # factors start from cached activations
+        self.factored = factored if batches.with_prefix else None  # factors start from the prefix's activations
         self.device = objective.classifier.device
 
     def score_rows(self, s_tests: torch.Tensor, candidates: Sequence[Sequence[int]], batch_size: int = 64,

@@ -44,6 +44,8 @@ class ExampleSet:
         return len(self.examples)
 
     def batch(self, engine: InfluenceEngine, indices: Sequence[int]) -> tuple[Batch, torch.Tensor | None]:
+        if self.is_training:  # the engine's batches: stored or recomputed prefix activations alike
+            return engine.training_batch(list(indices))
         batch = collate(self.tokens, list(indices), engine.pad_id, engine.classifier.device)
         hidden = self.prefix.gather_batch(list(indices), batch) if self.prefix is not None and engine.prefix is not None else None
         return batch, hidden

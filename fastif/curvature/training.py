@@ -70,7 +70,7 @@ class TrainingCurvature:
     def fused_step(self, curvature: str) -> FusedStep | None:
         """LiSSA's step on the Hessian in one compiled program (fastif/compiled.py), where the objective has one."""
         compiled = self.objective.compiled
-        if curvature != "hessian" or compiled is None or self.batches.prefix is None:
+        if curvature != "hessian" or compiled is None or not self.batches.with_prefix:
             return None
 
         def step(indices: Sequence[int], h: torch.Tensor, vectors: torch.Tensor, damp: float, scale: float):
@@ -108,7 +108,7 @@ class TrainingCurvature:
         sample = self.batches.sample(FIT_EXAMPLES)
         chunks = [[sample[c] for c in chunk] for chunk in length_batches(self.batches.lengths(sample), 64)]
         objective = self.objective
-        if self.factored is not None and self.batches.prefix is not None:
+        if self.factored is not None and self.batches.with_prefix:
             def forward(batch, hidden, tape):
                 return objective.top(hidden, batch.attention_mask, tape)
             modules = self.factored.modules

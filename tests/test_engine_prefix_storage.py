@@ -1,0 +1,105 @@
+"""How the frozen prefix's activations are kept: float32, float16 or bfloat16 on disk, or computed again.
+
+And the build writes them (with features and gradient keys) into memory maps batch by
+batch, so what it allocates does not grow with the training set.
+"""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from fastif import DataSpec, IndexConfig, InfluenceEngine, InfluenceSpec, Query, SolverConfig
+from fastif.prefix import prefix_file
+from tiny import make_tiny_family, sentences, write_jsonl
+
+QUERIES = [Query("the film was superb and warm"), Query("boring and sad story", label="positive")]
+SOLVER = SolverConfig(solver="cg", damping=0.1, cg_max_iter=30)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_family(tmp_path_factory.mktemp("prefix-model") / "model", "bert", seed=3, initializer_range=0.3)
+
+
+def engine_of(model_dir, train, artefacts, **index) -> InfluenceEngine:
+    engine = InfluenceEngine.from_paths(model_dir, DataSpec(str(train)), InfluenceSpec(), IndexConfig(**index),
+                                        artefact_dir=artefacts, device="cpu")
+    engine.prepare()
+    return engine
+
+
+@pytest.fixture(scope="module")
+def train(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("prefix-data") / "train.jsonl", sentences(40, seed=5, noise=0.1))
+
+
+@pytest.fixture(scope="module")
+def float32(model_dir, train, tmp_path_factory):
+    return engine_of(model_dir, train, tmp_path_factory.mktemp("artefacts"))
+
+
+def scores_of(engine: InfluenceEngine) -> np.ndarray:
+    _, influences = engine.analyze(QUERIES, k=None, solver=SOLVER)
+    return np.stack([influence.scores for influence in influences])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_halves_the_bytes_and_ranks_like_float32(model_dir, train, float32, dtype):
+    half = engine_of(model_dir, train, float32.artefact_dir.parent, prefix_dtype=dtype)
+    folder = float32.artefact_dir
+    assert (folder / prefix_file(dtype)).stat().st_size < 0.52 * (folder / "prefix.npy").stat().st_size
+    assert half.prefix_store.dtype == dtype and half.prefix_store.flat.itemsize == 2
+    # The stored values are float32's rounded to the half type, read back as float32.
+    exact = float32.prefix_store.gather(range(3), 12, "cpu")
+    np.testing.assert_array_equal(half.prefix_store.gather(range(3), 12, "cpu").numpy(),
+                                  exact.to(getattr(torch, dtype)).float().numpy())
+    expected, actual = scores_of(float32), scores_of(half)
+    for row in range(len(QUERIES)):
+        assert spearmanr(expected[row], actual[row]).statistic >= 0.999
+    np.testing.assert_allclose(actual, expected, rtol=0.05, atol=0.02 * float(np.abs(expected).max()))
+
+
+def test_recompute_keeps_no_activations_and_gives_the_cached_scores(model_dir, train, float32, tmp_path):
+    recomputed = engine_of(model_dir, train, tmp_path, prefix="recompute")
+    assert recomputed.prefix_store is None
+    assert not any(path.name.startswith("prefix") and path.name != "prefix_offsets.npy"
+                   for path in recomputed.artefact_dir.iterdir())
+    assert recomputed.factored is not None  # the fast paths still start from the prefix's activations
+    np.testing.assert_allclose(scores_of(recomputed), scores_of(float32), rtol=1e-5,
+                               atol=1e-5 * float(np.abs(scores_of(float32)).max()))
+
+
+def test_a_layout_not_stored_is_built_and_the_other_stays(model_dir, train, float32):
+    folder = float32.artefact_dir
+    engine_of(model_dir, train, folder.parent, prefix_dtype="float16")
+    assert (folder / "prefix.npy").is_file() and (folder / prefix_file("float16")).is_file()
+    assert not (folder / ".building").exists()
+    again = engine_of(model_dir, train, folder.parent)  # float32 again: loaded, not rebuilt
+    np.testing.assert_array_equal(np.asarray(again.prefix_store.flat), np.asarray(float32.prefix_store.flat))
+
+
+def test_what_a_build_allocates_does_not_grow_with_the_training_set(tmp_path):
+    """Features, keys and activations go to memory maps: the build's own allocations are those of a few
+    batches, plus bookkeeping of a few dozen bytes per example (token lengths, offsets)."""
+    model_dir = make_tiny_family(tmp_path / "model", "bert", seed=3, hidden=64, intermediate=64)
+    peaks, whole = {}, {}
+    for count in (200, 1600):
+        train = write_jsonl(tmp_path / f"train-{count}.jsonl", sentences(count, seed=7))
+        engine = InfluenceEngine.from_paths(model_dir, DataSpec(str(train)), InfluenceSpec(),
+                                            artefact_dir=tmp_path / f"artefacts-{count}", device="cpu")
+        tracemalloc.start()
+        engine.prepare(batch_size=32)
+        peaks[count] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert isinstance(engine.prefix_store.flat, np.memmap)
+        # What a build that gathers the whole set in memory holds at once.
+        whole[count] = engine.prefix_store.flat.nbytes + engine.features.nbytes + engine.gradient_keys.nbytes
+    growth, whole_growth = peaks[1600] - peaks[200], whole[1600] - whole[200]
+    assert growth < 0.1 * whole_growth, (peaks, whole)
