@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,18 +60,24 @@ class ArtefactStore:
         meta = json.loads((self.folder / "meta.json").read_text())
         return meta.get("version") == ARTEFACT_VERSION and meta.get("fingerprint") == self.fingerprint
 
-    def staging(self) -> Path | None:
-        """An empty folder to build into; ``finish`` moves what is built there into place (None: keep nothing).
+    @contextmanager
+    def building(self) -> Iterator[Path | None]:
+        """An empty folder to build into (None: keep nothing), removed with its contents if the build fails.
 
-        Readers of an earlier set keep their memory maps: the new files replace the old ones
-        by rename, never by writing over them.
+        ``finish`` then moves what was built into place: readers of an earlier set keep their
+        memory maps, since the new files replace the old ones by rename, never by writing over them.
         """
         if self.folder is None:
-            return None
+            yield None
+            return
         staging = self.folder / ".building"
-        shutil.rmtree(staging, ignore_errors=True)  # what a build that died left
+        shutil.rmtree(staging, ignore_errors=True)  # what a build whose process died left
         staging.mkdir(parents=True)
-        return staging
+        try:
+            yield staging
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
     def finish(self, artefacts: Artefacts, config: IndexConfig, num_train: int, params: list[str]) -> Artefacts:
         """The built set moved into place, its index saved, and ``meta.json`` last; returned as opened for queries."""

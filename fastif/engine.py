@@ -144,12 +144,13 @@ class InfluenceEngine:
         dtype = None if recompute or self.prefix is None else self.index_config.prefix_dtype
         artefacts = self.store.load(self.index_config, dtype) if self.store.complete() else None
         if artefacts is None:
-            encoded = allocate_set(self.prepared, self.tokens, self.store.staging(), self.index_config.prefix_dtype,
-                                   keep_prefix=not recompute)
-            encode_set(self.prepared, self.tokens, self.pad_id, batch_size, on_progress, into=encoded)
-            index = knn.build_index(search_vectors(encoded.features, encoded.gradient_keys, self.index_config),
-                                    self.index_config)
-            built = Artefacts(encoded.features, encoded.gradient_keys, encoded.prefix, index)
+            with self.store.building() as folder:  # a build that fails (a full disk, a cancel) leaves nothing
+                encoded = allocate_set(self.prepared, self.tokens, folder, self.index_config.prefix_dtype,
+                                       keep_prefix=not recompute)
+                encode_set(self.prepared, self.tokens, self.pad_id, batch_size, on_progress, into=encoded)
+                vectors = search_vectors(encoded.features, encoded.gradient_keys, self.index_config)
+                built = Artefacts(encoded.features, encoded.gradient_keys, encoded.prefix,
+                                  knn.build_index(vectors, self.index_config))
             artefacts = self.store.finish(built, self.index_config, self.num_train, self.names)
         self.features, self.gradient_keys, self.prefix_store = artefacts.features, artefacts.gradient_keys, artefacts.prefix
         self.index = artefacts.index

@@ -13,7 +13,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from fastif import DataSpec, IndexConfig, InfluenceEngine, InfluenceSpec, Query, SolverConfig
+from fastif import CancelledError, DataSpec, IndexConfig, InfluenceEngine, InfluenceSpec, Query, SolverConfig
 from fastif.prefix import prefix_file
 from tiny import make_tiny_family, sentences, write_jsonl
 
@@ -103,3 +103,14 @@ def test_what_a_build_allocates_does_not_grow_with_the_training_set(tmp_path):
         whole[count] = engine.prefix_store.flat.nbytes + engine.features.nbytes + engine.gradient_keys.nbytes
     growth, whole_growth = peaks[1600] - peaks[200], whole[1600] - whole[200]
     assert growth < 0.1 * whole_growth, (peaks, whole)
+
+
+def test_a_build_that_fails_leaves_nothing_half_written(model_dir, train, tmp_path):
+    engine = InfluenceEngine.from_paths(model_dir, DataSpec(str(train)), InfluenceSpec(), artefact_dir=tmp_path,
+                                        device="cpu")
+    with pytest.raises(CancelledError):
+        engine.prepare(batch_size=8, on_progress=lambda stage, done, total: done >= 16)  # cancelled midway
+    assert engine.index is None
+    assert list(engine.artefact_dir.iterdir()) == []  # no staging folder, no meta.json, no stray arrays
+    engine.prepare()
+    assert (engine.artefact_dir / "meta.json").is_file() and engine.features.shape[0] == 40
