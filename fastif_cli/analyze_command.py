@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import typer
@@ -16,12 +17,21 @@ def _fail(message: str) -> None:
 
 
 def run(**opts) -> None:
-    import torch  # noqa: F401  (imported here so --help stays fast)
+    import torch  # imported here so --help stays fast
 
     from fastif import DataSpec, FastIFError, IndexConfig, InfluenceEngine, InfluenceSpec, LissaConfig, Query
     from fastif.config import CURVATURES, SOLVERS, SolverConfig
     from fastif.progress import rich_progress
+    from fastif.threads import available_cores, torch_threads
     from workers.results import result_items
+
+    # The command has the machine to itself: every core it may use, unless told (fastif/threads.py says why).
+    if opts["threads"] is not None and opts["threads"] < 1:
+        _fail(f"--threads must be at least 1, not {opts['threads']}")
+    try:
+        torch.set_num_threads(opts["threads"] or torch_threads(available_cores(), 1, os.environ))
+    except ValueError as err:
+        _fail(str(err))
 
     texts, pairs, labels = opts["text"], opts["text_pair"] or [], opts["label"] or []
     if pairs and len(pairs) != len(texts):

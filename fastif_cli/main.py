@@ -56,6 +56,8 @@ def analyze(
     artefacts: Annotated[Optional[Path], typer.Option(help="folder to keep features and the index between runs")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda; default: cuda when present")] = None,
     compile_hvp: Annotated[bool, typer.Option("--compile", help="torch.compile the HVP: 10-30 s once, then faster LiSSA steps")] = False,
+    threads: Annotated[Optional[int], typer.Option(help="torch intra-op threads; default FASTIF_TORCH_THREADS, "
+                                                   "else every core this process may use")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object with every candidate's score")] = False,
 ) -> None:
     """Run the engine locally, without the service."""

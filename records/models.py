@@ -49,15 +49,17 @@ class ModelStore(HashRecordStore[Model]):
         return self._update(model_id, {"build_job_id": job_id})
 
     def set_ready(self, model_id: str, fingerprint: str, num_train: int, labels: list[str],
-                  curvature: dict | None = None) -> bool:
+                  curvature: dict | None = None, index: dict | None = None) -> bool:
         """The build finished: the model can be queried; False if the model is gone.
 
-        ``curvature``: what the build measured of the curvature (spectrum, EK-FAC fit), shown on the record.
+        ``curvature``: what the build measured of the curvature (spectrum, EK-FAC fit), shown on the record;
+        ``index``: the kNN index it built and its measured recall (fastif.knn.IndexReport).
         """
         return self._update(model_id, {
             "status": "ready", "ready_at": repr(time.time()), "fingerprint": fingerprint,
             "num_train": int(num_train), "labels": json.dumps(list(labels)),
-            "curvature": json.dumps(curvature or {}), "error_code": "", "error_message": "",
+            "curvature": json.dumps(curvature or {}), "index": json.dumps(index) if index else "",
+            "error_code": "", "error_message": "",
         })
 
     def set_quality(self, model_id: str, report: dict) -> bool:
@@ -128,5 +130,6 @@ def _to_model(fields: dict[str, str]) -> Model:
         fingerprint=fields.get("fingerprint") or None,
         build_job_id=fields.get("build_job_id") or None,
         curvature=json.loads(fields["curvature"]) if fields.get("curvature") else None,
+        index=json.loads(fields["index"]) if fields.get("index") else None,
         quality=json.loads(fields["quality"]) if fields.get("quality") else None,
     )

@@ -218,3 +218,47 @@ def test_table_output_without_json(files):
     result = invoke(files, "--text", TEXTS[0], "--k", "5", "--top", "2")
     assert result.exit_code == 0, result.output
     assert "most helpful" in result.stdout and "most harmful" in result.stdout and "input 0" in result.stdout
+
+
+@pytest.mark.parametrize("extra, environ, cores, expected", [
+    (("--threads", "3"), {"FASTIF_TORCH_THREADS": "2"}, 5, 3),  # the option first
+    ((), {"FASTIF_TORCH_THREADS": "2"}, 5, 2),  # then the variable
+    ((), {}, 5, 5),  # else every core the process may use: it has the machine to itself
+])
+def test_threads_option_sets_torch_threads(files, monkeypatch, extra, environ, cores, expected):
+    """What torch runs on when the engine starts; the engine is stopped there by a FastIFError."""
+    import torch
+    from typer.testing import CliRunner
+
+    from fastif import FastIFError, InfluenceEngine
+    from fastif_cli.main import app
+
+    seen = []
+
+    def record_threads(*_args, **_kwargs):
+        seen.append(torch.get_num_threads())
+        raise FastIFError("stopped after the threads were set")
+
+    monkeypatch.setattr(InfluenceEngine, "from_paths", record_threads)
+    monkeypatch.setattr("fastif.threads.available_cores", lambda: cores)
+    for name in ("FASTIF_TORCH_THREADS", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    _, model, train = files
+    with single_thread():
+        result = CliRunner().invoke(app, ["analyze", "--model", str(model), "--train", str(train), "--device", "cpu",
+                                          "--text", TEXTS[0], *extra])
+    assert_one_line_error(result.exit_code, result.stdout, result.stderr, "stopped after the threads were set")
+    assert seen == [expected]
+
+
+@pytest.mark.parametrize("extra, environ, message", [
+    (("--threads", "0"), {}, "--threads must be at least 1, not 0"),
+    ((), {"FASTIF_TORCH_THREADS": "two"}, "FASTIF_TORCH_THREADS must be a whole number >= 1, got 'two'"),
+])
+def test_bad_thread_counts_are_one_line_errors(files, monkeypatch, extra, environ, message):
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    result = invoke(files, "--text", TEXTS[0], *extra)
+    assert_one_line_error(result.exit_code, result.stdout, result.stderr, message)

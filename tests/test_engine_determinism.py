@@ -93,9 +93,10 @@ def test_repeats_average_independent_streams(engine, vectors):
 def test_artefacts_are_saved_and_loaded_back(files, tmp_path, monkeypatch):
     first = build(files, artefact_dir=tmp_path)
     folder = tmp_path / first.fingerprint
-    for name in ("meta.json", "features.npy", "gradient_keys.npy", "index-gradient-flat.faiss", "prefix.npy",
+    for name in ("meta.json", "features.npy", "gradient_keys.npy", "index-gradient-auto.faiss", "prefix.npy",
                  "prefix_offsets.npy"):
         assert (folder / name).is_file(), name
+    assert type(first.index).__name__ == "IndexFlatIP"  # the default kind "auto" is exactly Flat at this size
     _, expected = first.analyze(QUERIES, k=12, solver=LISSA)
 
     model, train = files

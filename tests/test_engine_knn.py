@@ -258,7 +258,8 @@ def test_switching_space_reuses_the_stored_artefacts(files, tmp_path):
     assert other.fingerprint == first.fingerprint
     assert (folder / "meta.json").stat().st_mtime_ns == stamp  # loaded, not computed again
     assert isinstance(first.index, faiss.IndexFlatIP) and isinstance(other.index, faiss.IndexFlatL2)
-    assert (folder / "index-gradient-flat.faiss").is_file() and (folder / "index-feature-flat.faiss").is_file()
+    # the default kind "auto" is exactly Flat at this size (fastif.knn.AUTO_FLAT_MAX_EXAMPLES)
+    assert (folder / "index-gradient-auto.faiss").is_file() and (folder / "index-feature-auto.faiss").is_file()
     np.testing.assert_array_equal(other.features, first.features)
     query = other.encode(QUERIES[:1]).search(0)
     expected, _ = brute_force(other.features, query.feature, 5)

@@ -263,4 +263,4 @@ def test_every_field_of_the_request_and_the_index_changes_the_result_key(redis_c
     payload = {**request().model_dump(mode="json", exclude={"model_id", "output_path"}),
                "index": model.request.index.model_dump(mode="json")}
     assert base == keys.cache_key("fp-1", "result", payload)
-    assert json.loads(keys.canonical_json(payload))["index"] == {"kind": "flat", "space": "gradient"}
+    assert json.loads(keys.canonical_json(payload))["index"] == {"kind": "auto", "space": "gradient"}

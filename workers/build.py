@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import time
 
+from fastif import knn
+from fastif.artefacts import search_vectors
+
 from .registry import engine_for, forget
 from .runner import Items, JobFailed, JobRun
 
@@ -16,6 +19,9 @@ def run_build(run: JobRun, model_id: str) -> Items:
     run.progress("loading", 0, 1)
     engine = engine_for(model, run.ctx.settings)
     engine.prepare(on_progress=run.progress)
+    # What the index is ("auto" resolved) and its recall of the exact neighbours, for the model record.
+    run.progress("index", 0, 1)
+    index = knn.index_report(engine.index, search_vectors(engine.features, engine.gradient_keys, engine.index_config))
     # Measured once here so that no query pays for them: the spectrum that relative
     # damping refers to, and the factors of the default solver (EK-FAC).
     clock = time.perf_counter()
@@ -27,6 +33,7 @@ def run_build(run: JobRun, model_id: str) -> Items:
     seconds["ekfac"] = time.perf_counter() - clock
     curvature = {"spectra": {"gauss-newton": spectrum.to_dict()}, "ekfac_examples": factors.examples,
                  "ekfac_uncovered": factors.uncovered, "seconds": {k: round(v, 2) for k, v in seconds.items()}}
-    run.ctx.models.set_ready(model_id, engine.fingerprint, engine.num_train, engine.classifier.labels, curvature)
+    run.ctx.models.set_ready(model_id, engine.fingerprint, engine.num_train, engine.classifier.labels, curvature,
+                             index.to_dict())
     return [{"model_id": model_id, "fingerprint": engine.fingerprint, "num_train": engine.num_train,
              "num_params": engine.num_params}]

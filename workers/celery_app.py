@@ -14,7 +14,8 @@ import uuid
 from functools import partial
 
 import redis
-from celery.signals import task_prerun, task_retry, task_success, worker_process_init, worker_ready, worker_shutdown
+from celery.signals import (task_prerun, task_retry, task_success, worker_init, worker_process_init, worker_ready,
+                            worker_shutdown)
 
 from records import inflight, keys
 from records.celery_app import BUILD_MODEL, CORRECT, EXPLAIN, GRAPH, INFLUENCE, QUALITY, SELF_INFLUENCE, make_celery
@@ -159,11 +160,34 @@ def _stop_heartbeat(**_kwargs) -> None:
             pass
 
 
+# The worker's WorkController, kept by its main process before the pool forks: the pool
+# processes read how many they are from it (its --concurrency, resolved by then).
+_controller = None
+
+
+@worker_init.connect
+def _keep_controller(sender=None, **_kwargs) -> None:
+    global _controller
+    _controller = sender
+
+
+def pool_processes() -> int:
+    """The worker's prefork pool size (1 when not known)."""
+    concurrency = getattr(_controller, "concurrency", None)
+    return concurrency if isinstance(concurrency, int) and concurrency > 0 else 1
+
+
 @worker_process_init.connect
 def _limit_threads(**_kwargs) -> None:
-    """In each pool process, after the fork: its share of the CPU threads."""
+    """In each pool process, after the fork: its share of the cores, or FASTIF_TORCH_THREADS (fastif/threads.py)."""
     import torch
 
-    threads = os.environ.get("FASTIF_TORCH_THREADS")
-    if threads:
-        torch.set_num_threads(int(threads))
+    from fastif.threads import available_cores, torch_threads
+
+    cores, processes = available_cores(), pool_processes()
+    try:
+        threads = torch_threads(cores, processes, os.environ)
+    except ValueError as err:  # a pool process that raised here would be forked again and again
+        threads = torch_threads(cores, processes, {})
+        log.error("%s; each of %d pool processes uses %d of %d cores", err, processes, threads, cores)
+    torch.set_num_threads(threads)
