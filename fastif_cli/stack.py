@@ -22,8 +22,7 @@ def serve_api(host: str, port: int) -> None:
 
 def run_worker(queues: str, concurrency: int, hostname: str | None) -> None:
     os.environ["FASTIF_QUEUES"] = queues
-    # Each pool process gets its share of the cores instead of all of them fighting.
-    os.environ.setdefault("FASTIF_TORCH_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, concurrency))))
+    # Each pool process takes its share of the cores it may run on (fastif/threads.py, in workers/celery_app.py).
     from workers.celery_app import celery_app
 
     argv = ["worker", "-Q", queues, "-c", str(concurrency), "-P", "prefork", "--loglevel", "INFO",
@@ -159,7 +158,9 @@ def start_stack(host: str, port: int, workers: int, log_dir: Path | None = None,
                                   *persistence], env, log_dir / "redis.log" if log_dir else None)
             env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
             _wait_redis(env["REDIS_URL"], stack)
-        threads = str(threads_per_worker or max(1, (os.cpu_count() or 1) // max(1, workers)))
+        # The cores this process may run on (fastif/threads.py's rule, without importing torch here).
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = str(threads_per_worker or max(1, cores // max(1, workers)))
         for index in range(workers):
             stack.start(f"worker-{index}", [sys.executable, "-m", "fastif_cli.main", "worker", "--concurrency", "1",
                                             "--hostname", f"worker{index}@%h"],

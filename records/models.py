@@ -49,16 +49,18 @@ class ModelStore(HashRecordStore[Model]):
         return self._update(model_id, {"build_job_id": job_id})
 
     def set_ready(self, model_id: str, fingerprint: str, num_train: int, labels: list[str],
-                  curvature: dict | None = None, index: dict | None = None) -> bool:
+                  curvature: dict | None = None, index: dict | None = None, bytes_on_disk: int | None = None) -> bool:
         """The build finished: the model can be queried; False if the model is gone.
 
         ``curvature``: what the build measured of the curvature (spectrum, EK-FAC fit), shown on the record;
-        ``index``: the kNN index it built and its measured recall (fastif.knn.IndexReport).
+        ``index``: the kNN index it built and its measured recall (fastif.knn.IndexReport); ``bytes_on_disk``:
+        what its artefacts take on the state volume.
         """
         return self._update(model_id, {
             "status": "ready", "ready_at": repr(time.time()), "fingerprint": fingerprint,
             "num_train": int(num_train), "labels": json.dumps(list(labels)),
             "curvature": json.dumps(curvature or {}), "index": json.dumps(index) if index else "",
+            "bytes_on_disk": "" if bytes_on_disk is None else str(int(bytes_on_disk)),
             "error_code": "", "error_message": "",
         })
 
@@ -131,5 +133,6 @@ def _to_model(fields: dict[str, str]) -> Model:
         build_job_id=fields.get("build_job_id") or None,
         curvature=json.loads(fields["curvature"]) if fields.get("curvature") else None,
         index=json.loads(fields["index"]) if fields.get("index") else None,
+        bytes_on_disk=int(fields["bytes_on_disk"]) if fields.get("bytes_on_disk") else None,
         quality=json.loads(fields["quality"]) if fields.get("quality") else None,
     )

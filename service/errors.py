@@ -50,6 +50,7 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "internal-error": (500, "Internal server error"),
     "redis-unavailable": (503, "Redis unavailable"),
     "no-workers": (503, "No workers alive"),
+    "insufficient-storage": (507, "Insufficient storage"),
 }
 
 # Status codes Starlette may raise on its own, mapped to our slugs.

@@ -34,6 +34,6 @@ def run_build(run: JobRun, model_id: str) -> Items:
     curvature = {"spectra": {"gauss-newton": spectrum.to_dict()}, "ekfac_examples": factors.examples,
                  "ekfac_uncovered": factors.uncovered, "seconds": {k: round(v, 2) for k, v in seconds.items()}}
     run.ctx.models.set_ready(model_id, engine.fingerprint, engine.num_train, engine.classifier.labels, curvature,
-                             index.to_dict())
+                             index.to_dict(), engine.store.bytes_on_disk())
     return [{"model_id": model_id, "fingerprint": engine.fingerprint, "num_train": engine.num_train,
              "num_params": engine.num_params}]

@@ -85,4 +85,4 @@ def influence_spec(settings: InfluenceSettings) -> InfluenceSpec:
 
 
 def index_config(settings: IndexSettings) -> IndexConfig:
-    return IndexConfig(kind=settings.kind, space=settings.space)
+    return IndexConfig(kind=settings.kind, space=settings.space, prefix=settings.prefix, prefix_dtype=settings.prefix_dtype)

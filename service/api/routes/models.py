@@ -12,12 +12,15 @@ from records.errors import JobNotCancellable, JobNotFound, QueueFull
 
 from ...enqueue import send_job_task
 from ...paths import resolve_in_root
+from ...storage import check_room
 from ..deps import AdminOnly, CallerDep, CeleryDep, JobsDep, ModelsDep, SettingsDep
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
-@router.post("", status_code=202, response_model=Model, dependencies=[AdminOnly])
+@router.post("", status_code=202, response_model=Model, dependencies=[AdminOnly], responses={
+    507: {"description": "The state volume has less free space than the build needs (insufficient-storage); "
+                         "nothing is recorded"}})
 def register_model(body: ModelCreate, response: Response, settings: SettingsDep, models: ModelsDep,
                    jobs: JobsDep, celery: CeleryDep, caller: CallerDep) -> Model:
     """Register a model and its training data (paths inside the data root); starts the build. Admin keys only."""
@@ -28,6 +31,7 @@ def register_model(body: ModelCreate, response: Response, settings: SettingsDep,
         "model_path": model_path,
         "train_data": body.train_data.model_copy(update={"path": train_path}),
     })
+    check_room(settings.data_root, settings.state_root, request)  # 507 before anything is recorded
     model = models.create(request)
     try:
         job = jobs.create("build_model", model.id, request.model_dump(mode="json"), owner=caller.name,
