@@ -258,9 +258,11 @@ def test_every_field_of_the_request_and_the_index_changes_the_result_key(redis_c
     # another index picks other candidates; another fingerprint is another model
     assert result_cache_key(model_record(store, "fp-1", space="feature"), request()) != base
     assert result_cache_key(model_record(store, "fp-1", kind="hnsw"), request()) != base
+    assert result_cache_key(model_record(store, "fp-1", prefix_dtype="float16"), request()) != base  # rounded activations
     assert result_cache_key(model_record(store, "fp-2"), request()) != base
     assert result_cache_key(model, request(), kind="explain") != base
     payload = {**request().model_dump(mode="json", exclude={"model_id", "output_path"}),
                "index": model.request.index.model_dump(mode="json")}
     assert base == keys.cache_key("fp-1", "result", payload)
-    assert json.loads(keys.canonical_json(payload))["index"] == {"kind": "auto", "space": "gradient"}
+    assert json.loads(keys.canonical_json(payload))["index"] == {"kind": "auto", "space": "gradient", "prefix": "cached",
+                                                                  "prefix_dtype": "float32"}
