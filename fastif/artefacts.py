@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from .curvature import KroneckerFactors, Spectrum
 from .prefix import PrefixStore, write_meta
 
 ARTEFACT_VERSION = 2
+STALE_BUILD_S = 24 * 3600  # a staging folder this old belongs to a build whose process died
 
 
 @dataclass(frozen=True)
@@ -70,23 +73,29 @@ class ArtefactStore:
         if self.folder is None:
             yield None
             return
-        staging = self.folder / ".building"
-        shutil.rmtree(staging, ignore_errors=True)  # what a build whose process died left
-        staging.mkdir(parents=True)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for stale in self.folder.glob(".building-*"):  # left by a build whose process died a day ago or more
+            if time.time() - stale.stat().st_mtime > STALE_BUILD_S:
+                shutil.rmtree(stale, ignore_errors=True)
+        # One folder per build: two workers building the same fingerprint never share a file.
+        staging = Path(tempfile.mkdtemp(prefix=".building-", dir=self.folder))
         try:
             yield staging
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
 
-    def finish(self, artefacts: Artefacts, config: IndexConfig, num_train: int, params: list[str]) -> Artefacts:
-        """The built set moved into place, its index saved, and ``meta.json`` last; returned as opened for queries."""
+    def finish(self, staging: Path | None, artefacts: Artefacts, config: IndexConfig, num_train: int,
+               params: list[str]) -> Artefacts:
+        """What was built in ``staging`` moved into place, its index saved, and ``meta.json`` last; returned as
+        opened for queries. Two builds of one fingerprint write the same numbers, so whichever renames last wins."""
         if self.folder is None:
             return artefacts
-        for array in (artefacts.features, artefacts.gradient_keys, getattr(artefacts.prefix, "flat", None)):
+        for array in (artefacts.features, artefacts.gradient_keys):
             if isinstance(array, np.memmap):
                 array.flush()
-        staging = self.folder / ".building"
+        if artefacts.prefix is not None:
+            artefacts.prefix.flush()
         for built in staging.iterdir():
             os.replace(built, self.folder / built.name)
         staging.rmdir()

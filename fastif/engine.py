@@ -87,6 +87,8 @@ class InfluenceEngine:
             weight_decay=spec.weight_decay,
             max_length=spec.max_length,
             data=data_digest or combine(texts=texts, pairs=pairs, labels=[ex.label for ex in self.train]),
+            # Rounded activations give (slightly) other curvature and s_test: their own artefacts and caches.
+            **({"prefix_dtype": index_config.prefix_dtype} if self._rounds_prefix(index_config) else {}),
         )
         self.artefact_dir = Path(artefact_dir) / self.fingerprint if artefact_dir else None
         self.store = ArtefactStore(self.artefact_dir, self.fingerprint)
@@ -108,15 +110,14 @@ class InfluenceEngine:
 
     def _stages_over(self, prefix: PrefixStore | None, recompute: bool = False) -> _Stages:
         batches = TrainingBatches(self.tokens, self.pad_id, self.classifier.device, prefix,
-                                  self._prefix_activations if recompute else None)
+                                  self.prepared.prefix_activations if recompute else None)
         # Before prepare() the curvature is only loaded from disk: fitted, it would miss the cached prefix.
         curvature = TrainingCurvature(self.objective, batches, self.store, self.prepared.factored,
                                       can_fit=self.index is not None)
         return _Stages(batches, curvature, Scorer(self.objective, batches, self.prepared.factored))
 
-    def _prefix_activations(self, batch: Batch) -> torch.Tensor:
-        """The frozen prefix's output for ``batch``, computed now (``prefix: "recompute"``)."""
-        return self.prepared.capture(batch).hidden
+    def _rounds_prefix(self, config: IndexConfig) -> bool:
+        return self.prefix is not None and config.prefix == "cached" and config.prefix_dtype != "float32"
 
     # -- what the stages hold, for callers that look inside ----------------------------
     @property
@@ -151,7 +152,7 @@ class InfluenceEngine:
                 vectors = search_vectors(encoded.features, encoded.gradient_keys, self.index_config)
                 built = Artefacts(encoded.features, encoded.gradient_keys, encoded.prefix,
                                   knn.build_index(vectors, self.index_config))
-            artefacts = self.store.finish(built, self.index_config, self.num_train, self.names)
+            artefacts = self.store.finish(folder, built, self.index_config, self.num_train, self.names)
         self.features, self.gradient_keys, self.prefix_store = artefacts.features, artefacts.gradient_keys, artefacts.prefix
         self.index = artefacts.index
         self._stages = self._stages_over(artefacts.prefix, recompute and self.prefix is not None)

@@ -1,7 +1,9 @@
-"""Skip the frozen bottom of the network by replaying its cached output.
+"""Skip the frozen bottom of the network by replaying its output.
 
 The activations entering the first influence block never change, so they are
-computed once per training example and stored. During gradient, HVP and JVP
+computed once per training example and stored (``PrefixStore``, in float32 or at
+half the bytes), or computed again for just the batch at hand (``prefix:
+"recompute"``, fastif/batches.py). During gradient, HVP and JVP
 passes the frozen blocks are bypassed: each returns the cached activations, and
 the model's own forward still builds the masks, runs the influence blocks and the
 head. This keeps every model family's head and mask logic as the library wrote
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 
 from .encoding import Batch
+from .errors import DataError
 
 
 def _hidden_of(output: object) -> torch.Tensor:
@@ -110,6 +113,9 @@ class PrefixStore:
         """Example ``index``'s activations [its tokens, hidden], converted to the stored dtype."""
         start, end = int(self.offsets[index]), int(self.offsets[index + 1])
         stored = activations.detach().to("cpu", _TORCH_DTYPES[self.dtype])
+        if self.dtype == "float16" and not bool(torch.isfinite(stored).all()):
+            raise DataError(f"training example {index}'s activations exceed float16's range (±65504); "
+                            f"store them as bfloat16 or float32 (index.prefix_dtype)")
         if self.dtype == "bfloat16":
             stored = stored.view(torch.int16)
         self.flat[start:end] = stored.numpy()
@@ -117,10 +123,6 @@ class PrefixStore:
     def _as_torch(self, rows: np.ndarray) -> torch.Tensor:
         tensor = torch.from_numpy(np.array(rows))  # a copy: the memory map is read-only
         return (tensor.view(torch.bfloat16) if self.dtype == "bfloat16" else tensor).float()
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.flat.nbytes + self.offsets.nbytes)
 
     @classmethod
     def allocate(cls, lengths: Sequence[int], hidden: int, dtype: str = "float32",

@@ -91,6 +91,10 @@ class PreparedModel:
         return Captured(logits=logits, features=features[0], head_inputs=head_inputs[-1].reshape(len(batch), -1),
                         hidden=sink[0] if sink else None)
 
+    def prefix_activations(self, batch: Batch) -> torch.Tensor:
+        """The frozen prefix's output for ``batch``, computed now (for ``prefix: "recompute"``)."""
+        return self.capture(batch).hidden
+
     def _checked_top(self, probe: Batch, captured: Captured) -> TopOfModel | None:
         """The top run straight from cached activations into the last block and head, if it gives the model's logits."""
         head = head_of(self.model)

@@ -14,6 +14,7 @@ import torch
 from scipy.stats import spearmanr
 
 from fastif import CancelledError, DataSpec, IndexConfig, InfluenceEngine, InfluenceSpec, Query, SolverConfig
+from fastif.artefacts import ArtefactStore
 from fastif.prefix import prefix_file
 from tiny import make_tiny_family, sentences, write_jsonl
 
@@ -53,8 +54,8 @@ def scores_of(engine: InfluenceEngine) -> np.ndarray:
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_halves_the_bytes_and_ranks_like_float32(model_dir, train, float32, dtype):
     half = engine_of(model_dir, train, float32.artefact_dir.parent, prefix_dtype=dtype)
-    folder = float32.artefact_dir
-    assert (folder / prefix_file(dtype)).stat().st_size < 0.52 * (folder / "prefix.npy").stat().st_size
+    size = (half.artefact_dir / prefix_file(dtype)).stat().st_size
+    assert size < 0.52 * (float32.artefact_dir / "prefix.npy").stat().st_size
     assert half.prefix_store.dtype == dtype and half.prefix_store.flat.itemsize == 2
     # The stored values are float32's rounded to the half type, read back as float32.
     exact = float32.prefix_store.gather(range(3), 12, "cpu")
@@ -76,13 +77,24 @@ def test_recompute_keeps_no_activations_and_gives_the_cached_scores(model_dir, t
                                atol=1e-5 * float(np.abs(scores_of(float32)).max()))
 
 
-def test_a_layout_not_stored_is_built_and_the_other_stays(model_dir, train, float32):
-    folder = float32.artefact_dir
-    engine_of(model_dir, train, folder.parent, prefix_dtype="float16")
-    assert (folder / "prefix.npy").is_file() and (folder / prefix_file("float16")).is_file()
-    assert not (folder / ".building").exists()
-    again = engine_of(model_dir, train, folder.parent)  # float32 again: loaded, not rebuilt
+def test_rounded_activations_have_their_own_artefacts_and_caches(model_dir, train, float32):
+    """Their curvature and s_test differ (slightly) from float32's: another fingerprint, so nothing is shared."""
+    half = engine_of(model_dir, train, float32.artefact_dir.parent, prefix_dtype="float16")
+    assert half.fingerprint != float32.fingerprint and half.artefact_dir != float32.artefact_dir
+    recomputed = InfluenceEngine.from_paths(model_dir, DataSpec(str(train)), InfluenceSpec(),
+                                            IndexConfig(prefix="recompute"), device="cpu")
+    assert recomputed.fingerprint == float32.fingerprint  # float32 numbers either way: the same caches serve
+    again = engine_of(model_dir, train, float32.artefact_dir.parent)  # float32 again: loaded, not rebuilt
     np.testing.assert_array_equal(np.asarray(again.prefix_store.flat), np.asarray(float32.prefix_store.flat))
+    assert not list(float32.artefact_dir.glob(".building-*"))
+
+
+def test_two_builds_of_one_fingerprint_never_share_a_file(tmp_path):
+    store = ArtefactStore(tmp_path / "fp", "fp")
+    with store.building() as first, store.building() as second:
+        assert first != second and first.is_dir() and second.is_dir()
+        (second / "features.npy").write_bytes(b"x")
+    assert first.is_dir() and (second / "features.npy").is_file()  # neither build removed the other's
 
 
 def test_what_a_build_allocates_does_not_grow_with_the_training_set(tmp_path):
