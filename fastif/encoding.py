@@ -1,20 +1,64 @@
-"""Tokenisation with dynamic padding: each batch is padded to its own longest example."""
+"""Tokenisation with dynamic padding: each batch is padded to its own longest example.
+
+Token ids are kept flat (``Ragged``: one int32 array and row offsets), not as a Python
+list per example: at a few hundred thousand examples the lists' int objects alone would
+take gigabytes. The tokenizer runs over the texts in chunks for the same reason.
+"""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
+
+TOKENIZE_CHUNK = 4096  # texts per tokenizer call: its Python lists live for one chunk at a time
+
+
+@dataclass(frozen=True)
+class Ragged:
+    """Rows of ids of different lengths, stored flat: row i is ``flat[offsets[i]:offsets[i + 1]]``."""
+
+    flat: np.ndarray  # int32 [total tokens]
+    offsets: np.ndarray  # int64 [rows + 1]
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, row: int) -> np.ndarray:
+        return self.flat[self.offsets[row] : self.offsets[row + 1]]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+class _RaggedBuilder:
+    """Appends the id lists of one tokenizer call at a time, keeping them flat."""
+
+    def __init__(self) -> None:
+        self.flats: list[np.ndarray] = []
+        self.lengths: list[np.ndarray] = []
+
+    def extend(self, rows: Sequence[Sequence[int]]) -> None:
+        self.lengths.append(np.fromiter(map(len, rows), dtype=np.int64, count=len(rows)))
+        self.flats.append(np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32))
+
+    def build(self) -> Ragged:
+        lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, dtype=np.int64)
+        flat = np.concatenate(self.flats) if self.flats else np.zeros(0, dtype=np.int32)
+        return Ragged(flat=flat, offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
 
 
 @dataclass
 class Tokenized:
     """Token ids per example (unpadded), optional segment ids, and labels."""
 
-    input_ids: list[list[int]]
-    token_type_ids: list[list[int]] | None
+    input_ids: Ragged
+    token_type_ids: Ragged | None
     labels: torch.Tensor  # int64 [N]; -1 where unknown
 
     def __len__(self) -> int:
@@ -22,7 +66,7 @@ class Tokenized:
 
     @property
     def lengths(self) -> list[int]:
-        return [len(ids) for ids in self.input_ids]
+        return self.input_ids.lengths.tolist()
 
 
 @dataclass
@@ -49,13 +93,16 @@ def tokenize(
     labels: Sequence[int],
     max_length: int,
 ) -> Tokenized:
-    encoded = tokenizer(list(texts), list(pairs) if pairs is not None else None, truncation=True, max_length=max_length)
-    token_types = encoded.get("token_type_ids")
-    return Tokenized(
-        input_ids=list(encoded["input_ids"]),
-        token_type_ids=list(token_types) if token_types is not None else None,
-        labels=torch.as_tensor(list(labels), dtype=torch.long),
-    )
+    ids, types = _RaggedBuilder(), _RaggedBuilder()
+    for start in range(0, len(texts), TOKENIZE_CHUNK):
+        chunk = slice(start, start + TOKENIZE_CHUNK)
+        encoded = tokenizer(list(texts[chunk]), list(pairs[chunk]) if pairs is not None else None, truncation=True,
+                            max_length=max_length)
+        ids.extend(encoded["input_ids"])
+        if encoded.get("token_type_ids") is not None:
+            types.extend(encoded["token_type_ids"])
+    return Tokenized(input_ids=ids.build(), token_type_ids=types.build() if types.lengths else None,
+                     labels=torch.as_tensor(list(labels), dtype=torch.long))
 
 
 def collate(tokens: Tokenized, indices: Sequence[int], pad_id: int, device: torch.device) -> Batch:

@@ -126,3 +126,20 @@ def test_a_build_that_fails_leaves_nothing_half_written(model_dir, train, tmp_pa
     assert list(engine.artefact_dir.iterdir()) == []  # no staging folder, no meta.json, no stray arrays
     engine.prepare()
     assert (engine.artefact_dir / "meta.json").is_file() and engine.features.shape[0] == 40
+
+
+def test_token_ids_are_kept_flat_in_chunks_and_equal_the_tokenizers(model_dir, monkeypatch):
+    """No Python list per example (at 400K examples their ints alone take gigabytes); the same ids."""
+    from fastif import encoding
+    from fastif.modeling import load_classifier
+
+    tokenizer = load_classifier(model_dir, "cpu").tokenizer
+    rows = sentences(10, seed=9)
+    texts, pairs = [r["text"] for r in rows], [r["text"][::-1] for r in rows]
+    monkeypatch.setattr(encoding, "TOKENIZE_CHUNK", 3)  # 10 texts in 4 tokenizer calls
+    tokens = encoding.tokenize(tokenizer, texts, pairs, [0] * 10, max_length=12)
+    expected = tokenizer(texts, pairs, truncation=True, max_length=12)
+    assert tokens.input_ids.flat.dtype == np.int32 and len(tokens) == 10
+    assert [tokens.input_ids[i].tolist() for i in range(10)] == expected["input_ids"]
+    assert [tokens.token_type_ids[i].tolist() for i in range(10)] == expected["token_type_ids"]
+    assert tokens.lengths == [len(ids) for ids in expected["input_ids"]]
