@@ -41,9 +41,9 @@ class Artefacts:
     index: faiss.Index
 
 
-def search_vectors(features: np.ndarray, gradient_keys: np.ndarray, config: IndexConfig) -> np.ndarray:
-    """What the index holds: gradient keys or features, as ``config.space`` says."""
-    return gradient_keys if config.space == "gradient" else features
+def search_vectors(features: np.ndarray, gradient_keys: np.ndarray, space: str) -> np.ndarray:
+    """What an index in ``space`` holds, and what its queries are: gradient keys, or first-token features."""
+    return gradient_keys if space == "gradient" else features
 
 
 class ArtefactStore:
@@ -103,7 +103,18 @@ class ArtefactStore:
         # meta.json last: its presence marks a complete set of artefacts.
         write_meta(self.folder, {"version": ARTEFACT_VERSION, "fingerprint": self.fingerprint, "num_train": num_train,
                                  "params": params})
-        return self.load(config, artefacts.prefix.dtype if artefacts.prefix is not None else None)
+        # Queries read the arrays through read-only maps; the index just built serves as it is.
+        reopened = self._arrays(artefacts.prefix.dtype if artefacts.prefix is not None else None)
+        return Artefacts(*reopened, artefacts.index)
+
+    def _arrays(self, prefix_dtype: str | None) -> tuple[np.ndarray, np.ndarray, PrefixStore | None] | None:
+        prefix = None
+        if prefix_dtype is not None:
+            prefix = PrefixStore.load(self.folder, prefix_dtype)
+            if prefix is None:
+                return None
+        return (np.load(self.folder / "features.npy", mmap_mode="r"),
+                np.load(self.folder / "gradient_keys.npy", mmap_mode="r"), prefix)
 
     def load(self, config: IndexConfig, prefix_dtype: str | None) -> Artefacts | None:
         """The stored set, memory-mapped read-only; None when the prefix activations are not stored in ``prefix_dtype``.
@@ -111,18 +122,15 @@ class ArtefactStore:
         ``prefix_dtype`` None: no activations wanted (they are recomputed). An index of another
         (space, kind) than stored is built from the stored vectors and kept.
         """
-        prefix = None
-        if prefix_dtype is not None:
-            prefix = PrefixStore.load(self.folder, prefix_dtype)
-            if prefix is None:
-                return None
-        features = np.load(self.folder / "features.npy", mmap_mode="r")
-        gradient_keys = np.load(self.folder / "gradient_keys.npy", mmap_mode="r")
+        arrays = self._arrays(prefix_dtype)
+        if arrays is None:
+            return None
+        features, gradient_keys, prefix = arrays
         path = self._index_file(config)
         if path.is_file():
             index = knn.load_index(path)
         else:  # the same model and data registered with another index
-            index = knn.build_index(search_vectors(features, gradient_keys, config), config)
+            index = knn.build_index(search_vectors(features, gradient_keys, config.space), config)
             knn.save_index(index, path)
         return Artefacts(features, gradient_keys, prefix, index)
 

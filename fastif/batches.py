@@ -39,8 +39,9 @@ class TrainingBatches:
         return len(self.tokens)
 
     def lengths(self, indices: Sequence[int] | None = None) -> list[int]:
-        lengths = self.tokens.lengths
-        return lengths if indices is None else [lengths[int(i)] for i in indices]
+        """Token counts of every example (or of ``indices``), read from the ids' offsets."""
+        lengths = self.tokens.input_ids.lengths
+        return (lengths if indices is None else lengths[np.asarray(indices, dtype=np.int64)]).tolist()
 
     def sample(self, count: int) -> list[int]:
         """A fixed sample of ``count`` indices (all of them when there are fewer), in order."""

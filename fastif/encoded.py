@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from . import knn
+from .artefacts import search_vectors
 from .data import resolve_label
 from .encoding import Tokenized, collate, length_batches, tokenize
 from .errors import CancelledError
@@ -114,7 +115,7 @@ def encode_queries(model: PreparedModel, queries: Sequence[Query], max_length: i
     keys = knn.gradient_keys(probs, np.asarray(labels_used), captured.head_inputs.float().cpu().numpy())
     features = captured.features.float().cpu().numpy()
     return EncodedQueries(probs=probs.astype(np.float32), labels_used=labels_used, features=features, tokens=tokens,
-                          search_keys=keys if space == "gradient" else features, hidden=captured.hidden)
+                          search_keys=search_vectors(features, keys, space), hidden=captured.hidden)
 
 
 def test_gradients(objective: InfluenceObjective, encoded: EncodedQueries, pad_id: int,

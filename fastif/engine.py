@@ -149,7 +149,7 @@ class InfluenceEngine:
                 encoded = allocate_set(self.prepared, self.tokens, folder, self.index_config.prefix_dtype,
                                        keep_prefix=not recompute)
                 encode_set(self.prepared, self.tokens, self.pad_id, batch_size, on_progress, into=encoded)
-                vectors = search_vectors(encoded.features, encoded.gradient_keys, self.index_config)
+                vectors = search_vectors(encoded.features, encoded.gradient_keys, self.index_config.space)
                 built = Artefacts(encoded.features, encoded.gradient_keys, encoded.prefix,
                                   knn.build_index(vectors, self.index_config))
             artefacts = self.store.finish(folder, built, self.index_config, self.num_train, self.names)

@@ -72,7 +72,9 @@ def test_recompute_keeps_no_activations_and_gives_the_cached_scores(model_dir, t
     assert recomputed.prefix_store is None
     assert not any(path.name.startswith("prefix") and path.name != "prefix_offsets.npy"
                    for path in recomputed.artefact_dir.iterdir())
-    assert recomputed.factored is not None  # the fast paths still start from the prefix's activations
+    # The fast paths still start from the prefix's activations, computed for just the batch asked for.
+    batch, hidden = recomputed.training_batch([0, 1])
+    assert recomputed.factored is not None and hidden is not None and hidden.shape[:2] == batch.input_ids.shape
     np.testing.assert_allclose(scores_of(recomputed), scores_of(float32), rtol=1e-5,
                                atol=1e-5 * float(np.abs(scores_of(float32)).max()))
 

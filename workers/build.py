@@ -21,7 +21,7 @@ def run_build(run: JobRun, model_id: str) -> Items:
     engine.prepare(on_progress=run.progress)
     # What the index is ("auto" resolved) and its recall of the exact neighbours, for the model record.
     run.progress("index", 0, 1)
-    index = knn.index_report(engine.index, search_vectors(engine.features, engine.gradient_keys, engine.index_config))
+    index = knn.index_report(engine.index, search_vectors(engine.features, engine.gradient_keys, engine.index_config.space))
     # Measured once here so that no query pays for them: the spectrum that relative
     # damping refers to, and the factors of the default solver (EK-FAC).
     clock = time.perf_counter()

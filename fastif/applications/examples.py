@@ -86,7 +86,7 @@ def encode_examples(
     texts, pairs = texts_of(examples)
     tokens = tokenize(engine.classifier.tokenizer, texts, pairs, [ex.label for ex in examples], engine.spec.max_length)
     encoded = encode_set(engine.prepared, tokens, engine.pad_id, batch_size, on_progress, stage)
-    vectors = search_vectors(encoded.features, encoded.gradient_keys, engine.index_config)
+    vectors = search_vectors(encoded.features, encoded.gradient_keys, engine.index_config.space)
     index = knn.build_index(vectors, engine.index_config) if with_index else None
     return ExampleSet(examples, tokens, encoded.features, encoded.prefix, index)
 
