@@ -55,6 +55,10 @@ class IndexSettings(RequestModel):
     prefix_dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="how cached activations are stored: float16 and bfloat16 take half the bytes of "
                                "float32, with scores that rank the same (Spearman ≥ 0.999 against float32 measured)")
+    shard_examples: Annotated[int, Field(strict=True, ge=16, le=1_000_000)] = Field(
+        1024, description="the build runs as tasks of this many training examples, which every worker takes from "
+                          "the queue; a shard whose worker died is done again, and registering again after a "
+                          "failed build resumes from the shards already written")
 
 
 class ModelCreate(RequestModel):
@@ -113,6 +117,9 @@ class Model(ResponseModel):
     error: ErrorInfo | None = None
     request: ModelCreate
     num_train: int | None = None
+    examples_encoded: int | None = Field(None, description="training examples the build has written so far (all of "
+                                                           "them once ready); a build resumed after a failure starts "
+                                                           "from those already on the state volume")
     labels: list[str] | None = None
     fingerprint: str | None = None
     build_job_id: str | None = None

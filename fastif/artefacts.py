@@ -2,20 +2,16 @@
 
 A folder ``<artefact dir>/<fingerprint>/`` holds the training set's first-token
 features, gradient keys, cached prefix activations, one faiss index per (space, kind),
-the curvature's spectra and EK-FAC's factors. ``meta.json`` is written last: its
-presence marks a complete set, and a set written by another ``ARTEFACT_VERSION`` is
-computed again.
+the curvature's spectra and EK-FAC's factors. A build writes them in shards into a
+staging folder (fastif/staged_build.py) and ``finish`` moves them here. ``meta.json``
+is written last: its presence marks a complete set, and a set written by another
+``ARTEFACT_VERSION`` is computed again.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +22,9 @@ from . import knn
 from .config import IndexConfig
 from .curvature import KroneckerFactors, Spectrum
 from .prefix import PrefixStore, write_meta
+from .staged_build import StagedBuild
 
 ARTEFACT_VERSION = 2
-STALE_BUILD_S = 24 * 3600  # a staging folder this old belongs to a build whose process died
 
 
 @dataclass(frozen=True)
@@ -63,49 +59,25 @@ class ArtefactStore:
         meta = json.loads((self.folder / "meta.json").read_text())
         return meta.get("version") == ARTEFACT_VERSION and meta.get("fingerprint") == self.fingerprint
 
-    @contextmanager
-    def building(self) -> Iterator[Path | None]:
-        """An empty folder to build into (None: keep nothing), removed with its contents if the build fails.
+    def finish(self, build: StagedBuild, index: faiss.Index, config: IndexConfig, num_train: int, params: list[str],
+               prefix_dtype: str | None) -> Artefacts:
+        """A staged build whose every shard is written, moved into place with its index, and ``meta.json`` last;
+        returned as opened for queries.
 
-        ``finish`` then moves what was built into place: readers of an earlier set keep their
-        memory maps, since the new files replace the old ones by rename, never by writing over them.
+        Readers of an earlier set keep their memory maps, since the new files replace the old ones by
+        rename, never by writing over them. The caller holds ``build.locked()``.
         """
-        if self.folder is None:
-            yield None
-            return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        for stale in self.folder.glob(".building-*"):  # left by a build whose process died a day ago or more
-            if time.time() - stale.stat().st_mtime > STALE_BUILD_S:
-                shutil.rmtree(stale, ignore_errors=True)
-        # One folder per build: two workers building the same fingerprint never share a file.
-        staging = Path(tempfile.mkdtemp(prefix=".building-", dir=self.folder))
-        try:
-            yield staging
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-
-    def finish(self, staging: Path | None, artefacts: Artefacts, config: IndexConfig, num_train: int,
-               params: list[str]) -> Artefacts:
-        """What was built in ``staging`` moved into place, its index saved, and ``meta.json`` last; returned as
-        opened for queries. Two builds of one fingerprint write the same numbers, so whichever renames last wins."""
-        if self.folder is None:
-            return artefacts
-        for array in (artefacts.features, artefacts.gradient_keys):
-            if isinstance(array, np.memmap):
-                array.flush()
-        if artefacts.prefix is not None:
-            artefacts.prefix.flush()
-        for built in staging.iterdir():
+        for marker in build.markers():
+            marker.unlink()
+        for built in build.path.iterdir():
             os.replace(built, self.folder / built.name)
-        staging.rmdir()
-        knn.save_index(artefacts.index, self._index_file(config))
+        build.path.rmdir()
+        knn.save_index(index, self._index_file(config))
         # meta.json last: its presence marks a complete set of artefacts.
         write_meta(self.folder, {"version": ARTEFACT_VERSION, "fingerprint": self.fingerprint, "num_train": num_train,
                                  "params": params})
         # Queries read the arrays through read-only maps; the index just built serves as it is.
-        reopened = self._arrays(artefacts.prefix.dtype if artefacts.prefix is not None else None)
-        return Artefacts(*reopened, artefacts.index)
+        return Artefacts(*self._arrays(prefix_dtype), index)
 
     def _arrays(self, prefix_dtype: str | None) -> tuple[np.ndarray, np.ndarray, PrefixStore | None] | None:
         prefix = None

@@ -170,6 +170,9 @@ class IndexConfig:
     # halve the bytes), or computed again for the few examples a query touches ("recompute": no storage).
     prefix: Literal["cached", "recompute"] = "cached"
     prefix_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # The build writes the training set in shards of this many examples (fastif/staged_build.py), which any
+    # process may take; each shard's batches are its own, so its numbers do not depend on who computed it.
+    shard_examples: int = 1024
 
     def __post_init__(self) -> None:
         if self.kind not in INDEX_KINDS:
@@ -180,6 +183,8 @@ class IndexConfig:
             raise ValueError(f"nlist must be at least 1 (or None for the default), got {self.nlist}")
         if self.nprobe < 1 or self.hnsw_m < 2:
             raise ValueError(f"nprobe must be at least 1 and hnsw_m at least 2, got {self.nprobe} and {self.hnsw_m}")
+        if self.shard_examples < 1:
+            raise ValueError(f"shard_examples must be at least 1, got {self.shard_examples}")
         if not 0 < self.recall_target <= 1:
             raise ValueError(f"recall_target must be in (0, 1], got {self.recall_target}")
 

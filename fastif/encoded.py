@@ -36,6 +36,14 @@ class EncodedSet:
     gradient_keys: np.ndarray  # [N, (C-1)·A]
     prefix: PrefixStore | None
 
+    def flush(self) -> None:
+        """What was written to memory maps, on disk."""
+        for array in (self.features, self.gradient_keys):
+            if isinstance(array, np.memmap):
+                array.flush()
+        if self.prefix is not None:
+            self.prefix.flush()
+
 
 @dataclass
 class EncodedQueries:
@@ -74,18 +82,29 @@ def allocate_set(model: PreparedModel, tokens: Tokenized, folder: Path | None = 
                       gradient_keys=array("gradient_keys.npy", key_width), prefix=prefix)
 
 
+def open_set(folder: Path, prefix_dtype: str | None) -> EncodedSet:
+    """The arrays ``allocate_set`` made in ``folder``, opened to be written: a staged build's (fastif/staged_build.py)."""
+    prefix = None if prefix_dtype is None else PrefixStore.load(folder, prefix_dtype, mode="r+")
+    return EncodedSet(features=np.load(folder / "features.npy", mmap_mode="r+"),
+                      gradient_keys=np.load(folder / "gradient_keys.npy", mmap_mode="r+"), prefix=prefix)
+
+
 def encode_set(model: PreparedModel, tokens: Tokenized, pad_id: int, batch_size: int = 64,
                on_progress: ProgressCallback | None = None, stage: str = "features",
-               into: EncodedSet | None = None) -> EncodedSet:
+               into: EncodedSet | None = None, rows: range | None = None) -> EncodedSet:
     """One forward pass per length bucket over labelled examples: features, gradient keys, prefix activations.
 
-    Written batch by batch into ``into`` (``allocate_set``; in memory when None).
+    Written batch by batch into ``into`` (``allocate_set``; in memory when None). ``rows``: only
+    these rows (a build's shard), batched among themselves, so that a shard's numbers are the
+    same whichever process computes it and whatever else it computes.
     """
     encoded = allocate_set(model, tokens) if into is None else into
-    count = len(tokens)
+    rows = range(len(tokens)) if rows is None else rows
+    count = len(rows)
     device = model.classifier.device
     done = 0
-    for indices in length_batches(tokens.lengths, batch_size):
+    for local in length_batches(tokens.lengths[rows.start : rows.stop], batch_size):
+        indices = [rows.start + i for i in local]
         captured = model.capture(collate(tokens, indices, pad_id, device))
         encoded.features[indices] = captured.features.float().cpu().numpy()
         probs = torch.softmax(captured.logits.double(), dim=-1).cpu().numpy()
@@ -97,6 +116,8 @@ def encode_set(model: PreparedModel, tokens: Tokenized, pad_id: int, batch_size:
         done += len(indices)
         if on_progress and on_progress(stage, done, count):
             raise CancelledError(f"cancelled while computing {stage}")
+    if isinstance(encoded.features, np.memmap):
+        encoded.flush()
     return encoded
 
 

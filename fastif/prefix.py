@@ -148,12 +148,13 @@ class PrefixStore:
             self.flat.flush()
 
     @classmethod
-    def load(cls, folder: Path, dtype: str = "float32") -> PrefixStore | None:
-        """The stored activations in ``dtype``, opened read-only; None when none are stored in that dtype."""
+    def load(cls, folder: Path, dtype: str = "float32", mode: str = "r") -> PrefixStore | None:
+        """The stored activations in ``dtype``, opened read-only (``mode`` "r+": to be written); None when none are
+        stored in that dtype."""
         path = folder / prefix_file(dtype)
         if not path.is_file():
             return None
-        return cls(flat=np.load(path, mmap_mode="r"), offsets=np.load(folder / "prefix_offsets.npy"), dtype=dtype)
+        return cls(flat=np.load(path, mmap_mode=mode), offsets=np.load(folder / "prefix_offsets.npy"), dtype=dtype)
 
 
 def write_meta(folder: Path, meta: dict) -> None:

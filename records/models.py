@@ -58,11 +58,15 @@ class ModelStore(HashRecordStore[Model]):
         """
         return self._update(model_id, {
             "status": "ready", "ready_at": repr(time.time()), "fingerprint": fingerprint,
-            "num_train": int(num_train), "labels": json.dumps(list(labels)),
+            "num_train": int(num_train), "examples_encoded": int(num_train), "labels": json.dumps(list(labels)),
             "curvature": json.dumps(curvature or {}), "index": json.dumps(index) if index else "",
             "bytes_on_disk": "" if bytes_on_disk is None else str(int(bytes_on_disk)),
             "error_code": "", "error_message": "",
         })
+
+    def set_examples_encoded(self, model_id: str, done: int) -> bool:
+        """How many training examples the build has written so far; False if the model is gone."""
+        return self._update(model_id, {"examples_encoded": int(done)})
 
     def set_quality(self, model_id: str, report: dict) -> bool:
         """The latest quality report of the model (POST /v1/models/{id}/quality); False if the model is gone."""
@@ -128,6 +132,7 @@ def _to_model(fields: dict[str, str]) -> Model:
         error=error,
         request=ModelCreate.model_validate_json(fields["request"]),
         num_train=optional_int(fields.get("num_train")),
+        examples_encoded=optional_int(fields.get("examples_encoded")),
         labels=json.loads(labels) if labels else None,
         fingerprint=fields.get("fingerprint") or None,
         build_job_id=fields.get("build_job_id") or None,

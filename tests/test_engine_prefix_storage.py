@@ -14,7 +14,6 @@ import torch
 from scipy.stats import spearmanr
 
 from fastif import CancelledError, DataSpec, IndexConfig, InfluenceEngine, InfluenceSpec, Query, SolverConfig
-from fastif.artefacts import ArtefactStore
 from fastif.prefix import prefix_file
 from tiny import make_tiny_family, sentences, write_jsonl
 
@@ -91,14 +90,6 @@ def test_rounded_activations_have_their_own_artefacts_and_caches(model_dir, trai
     assert not list(float32.artefact_dir.glob(".building-*"))
 
 
-def test_two_builds_of_one_fingerprint_never_share_a_file(tmp_path):
-    store = ArtefactStore(tmp_path / "fp", "fp")
-    with store.building() as first, store.building() as second:
-        assert first != second and first.is_dir() and second.is_dir()
-        (second / "features.npy").write_bytes(b"x")
-    assert first.is_dir() and (second / "features.npy").is_file()  # neither build removed the other's
-
-
 def test_what_a_build_allocates_does_not_grow_with_the_training_set(tmp_path):
     """Features, keys and activations go to memory maps: the build's own allocations are those of a few
     batches, plus bookkeeping of a few dozen bytes per example (token lengths, offsets)."""
@@ -117,17 +108,6 @@ def test_what_a_build_allocates_does_not_grow_with_the_training_set(tmp_path):
         whole[count] = engine.prefix_store.flat.nbytes + engine.features.nbytes + engine.gradient_keys.nbytes
     growth, whole_growth = peaks[1600] - peaks[200], whole[1600] - whole[200]
     assert growth < 0.1 * whole_growth, (peaks, whole)
-
-
-def test_a_build_that_fails_leaves_nothing_half_written(model_dir, train, tmp_path):
-    engine = InfluenceEngine.from_paths(model_dir, DataSpec(str(train)), InfluenceSpec(), artefact_dir=tmp_path,
-                                        device="cpu")
-    with pytest.raises(CancelledError):
-        engine.prepare(batch_size=8, on_progress=lambda stage, done, total: done >= 16)  # cancelled midway
-    assert engine.index is None
-    assert list(engine.artefact_dir.iterdir()) == []  # no staging folder, no meta.json, no stray arrays
-    engine.prepare()
-    assert (engine.artefact_dir / "meta.json").is_file() and engine.features.shape[0] == 40
 
 
 def test_token_ids_are_kept_flat_in_chunks_and_equal_the_tokenizers(model_dir, monkeypatch):

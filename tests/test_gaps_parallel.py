@@ -24,7 +24,7 @@ from api_schemas import InfluenceRequest, ModelCreate
 from fastif import DataSpec, InfluenceEngine, LissaConfig, Query
 from records.settings import settings_from
 from tiny import make_tiny_bert, sentences, write_jsonl
-from workers import parallel, registry
+from workers import parallel, registry, shards
 from workers.configs import queries_of, solver_config
 from workers.context import WorkerContext
 from workers.registry import engine_for
@@ -50,7 +50,7 @@ def data_root(tmp_path_factory) -> Path:
 def ctx(redis_client, redis_url, data_root, monkeypatch) -> WorkerContext:
     settings = settings_from(redis_url=redis_url, data_root=data_root, max_deliveries=2)
     context = WorkerContext(settings)
-    monkeypatch.setattr(parallel, "context", lambda: context)
+    monkeypatch.setattr(shards, "context", lambda: context)
     return context
 
 
@@ -290,13 +290,13 @@ def test_a_redelivered_coordinator_sends_no_second_set_of_shards(ctx, model):
 
 def test_a_shard_that_keeps_losing_its_worker_fails_the_job(ctx, model):
     job_id, transport = start(ctx, model, TEXTS[:1], 2)
-    assert parallel._shard_guard(ctx, job_id, 0, "stest") and parallel._shard_guard(ctx, job_id, 0, "stest")
-    assert parallel._shard_guard(ctx, job_id, 1, "stest") and parallel._shard_guard(ctx, job_id, 0, "score")
-    assert not parallel._shard_guard(ctx, job_id, 0, "stest")  # a third start of shard 0 (max_deliveries 2)
+    assert shards.shard_guard(ctx, job_id, 0, "stest") and shards.shard_guard(ctx, job_id, 0, "stest")
+    assert shards.shard_guard(ctx, job_id, 1, "stest") and shards.shard_guard(ctx, job_id, 0, "score")
+    assert not shards.shard_guard(ctx, job_id, 0, "stest")  # a third start of shard 0 (max_deliveries 2)
     job = ctx.jobs.get(job_id)
     assert job.status == "failed" and job.error.code == "redelivery-limit"
     assert parallel.stest_shard(job_id, 1, transport) == "skipped"
-    assert not parallel._shard_guard(ctx, "no-such-job", 0, "stest")
+    assert not shards.shard_guard(ctx, "no-such-job", 0, "stest")
 
 
 def test_a_shard_of_a_deleted_model_fails_the_job_with_its_code(ctx, model):

@@ -9,7 +9,7 @@ import pytest
 
 from records.jobs import JobStore
 from records.settings import settings_from
-from workers import parallel, runner
+from workers import parallel, runner, shards
 from workers.context import WorkerContext
 
 
@@ -17,7 +17,7 @@ from workers.context import WorkerContext
 def ctx(redis_client, redis_url, tmp_path, monkeypatch) -> WorkerContext:
     context = WorkerContext(settings_from(redis_url=redis_url, data_root=tmp_path))
     monkeypatch.setattr(runner, "context", lambda: context)
-    monkeypatch.setattr(parallel, "context", lambda: context)
+    monkeypatch.setattr(shards, "context", lambda: context)
     return context
 
 

@@ -37,8 +37,9 @@ def ctx(redis_client, redis_url, data_root, monkeypatch) -> WorkerContext:
 def build(ctx: WorkerContext, **index) -> dict:
     record = ctx.models.create(ModelCreate(name="tiny", model_path="model", train_data={"path": "train.jsonl"},
                                            index=index))
-    run = SimpleNamespace(ctx=ctx, progress=lambda *_args, **_kwargs: None)
-    run_build(run, record.id)
+    run = SimpleNamespace(ctx=ctx, job_id=f"build-{record.id}", progress=lambda *_args, **_kwargs: None)
+    # 40 examples make one shard of the default 1,024: written in this task, with no shard task sent.
+    run_build(run, record.id, send=lambda name, args: pytest.fail(f"sent {name} {args}"))
     model = ctx.models.get(record.id)
     assert model.status == "ready"
     return model.model_dump(mode="json")

@@ -18,12 +18,12 @@ from celery.signals import (task_prerun, task_retry, task_success, worker_init, 
                             worker_shutdown)
 
 from records import inflight, keys
-from records.celery_app import BUILD_MODEL, CORRECT, EXPLAIN, GRAPH, INFLUENCE, QUALITY, SELF_INFLUENCE, make_celery
+from records.celery_app import BUILD_MODEL, BUILD_SHARD, CORRECT, EXPLAIN, GRAPH, INFLUENCE, QUALITY, SELF_INFLUENCE, make_celery
 from records.heartbeat import beat
 from records.settings import get_settings
 
 from . import applications, parallel, quality
-from .build import run_build
+from .build import build_shard, run_build
 from .context import context
 from .influence import run_influence
 from .results import ITEM_MODELS
@@ -68,8 +68,13 @@ def build_model(model_id: str) -> str:
     model = ctx.models.get(model_id)
     if model is None or not model.build_job_id:
         return "skipped"
-    return run_job(model.build_job_id, partial(run_build, model_id=model_id), ITEM_MODELS["build_model"],
+    return run_job(model.build_job_id, partial(run_build, model_id=model_id, send=_send), ITEM_MODELS["build_model"],
                    on_failure=partial(ctx.models.set_failed, model_id))
+
+
+@celery_app.task(name=BUILD_SHARD, **_RETRY)
+def build_model_shard(job_id: str, model_id: str, shard: int) -> str:
+    return build_shard(job_id, model_id, shard, on_failure=partial(context().models.set_failed, model_id))
 
 
 @celery_app.task(name=parallel.STEST_SHARD, **_RETRY)

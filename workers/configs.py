@@ -85,4 +85,5 @@ def influence_spec(settings: InfluenceSettings) -> InfluenceSpec:
 
 
 def index_config(settings: IndexSettings) -> IndexConfig:
-    return IndexConfig(kind=settings.kind, space=settings.space, prefix=settings.prefix, prefix_dtype=settings.prefix_dtype)
+    return IndexConfig(kind=settings.kind, space=settings.space, prefix=settings.prefix, prefix_dtype=settings.prefix_dtype,
+                       shard_examples=settings.shard_examples)

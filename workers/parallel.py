@@ -1,7 +1,7 @@
 """FastIF's parallel variant over Celery, as a small state machine: W s_test shards, then W scoring shards.
 
 Where a job stands is one key of its shard state, ``phase`` (records/keys.py ``shard_state``).
-Each move to the next phase is a compare-and-set, so exactly one task makes it:
+Each move to the next phase is a compare-and-set (workers/shards.py), so exactly one task makes it:
 
     (none) --coordinator--> stest --last s_test shard--> average --the same shard--> score --last scoring shard--> merge
 
@@ -29,7 +29,6 @@ over is skipped. No Celery chord is involved.
 from __future__ import annotations
 
 import json
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,27 +40,17 @@ import safetensors.numpy
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from api_schemas import TERMINAL_STATUSES, InfluenceRequest, ResultItem
+from api_schemas import InfluenceRequest, ResultItem
 from fastif import Influence, InfluenceEngine
 from fastif.config import SolverConfig
 from records.keys import shard_state
 
 from .configs import queries_of, solver_config
-from .context import WorkerContext, context
 from .registry import engine_and_cache, ready_model
 from .result_cache import result_cache_key, store_results
 from .results import influence_items, stored_items
-from .runner import (
-    HANDED_ON,
-    HandedOn,
-    JobFailed,
-    JobRun,
-    ProgressReporter,
-    fail_job,
-    finish,
-    run_step,
-    waiting_out_redis,
-)
+from .runner import HANDED_ON, HandedOn, JobFailed, JobRun, finish
+from .shards import advance, phase_of, run_shard
 
 STEST_SHARD = "fastif.stest_shard"
 SCORE_SHARD = "fastif.score_shard"
@@ -77,23 +66,9 @@ class Phase(StrEnum):
     MERGE = "merge"
 
 
-# Compare-and-set of the phase key: KEYS[1] the key; ARGV the phase expected ("" for none), the next one, the TTL.
-_ADVANCE = """
-if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
-return 1
-"""
-
-
-def advance(ctx: WorkerContext, job_id: str, expected: Phase | None, next_phase: Phase) -> bool:
-    """Move the job from ``expected`` to ``next_phase``; True for the one caller that did."""
-    move = ctx.redis.register_script(_ADVANCE)
-    return bool(move(keys=[shard_state(job_id, "phase")], args=[expected or "", next_phase, ctx.settings.result_ttl_s]))
-
-
 def _in_phase(run: JobRun, phase: Phase) -> bool:
     """Whether the job is in ``phase``; a job with no phase at all has lost its shard state and fails."""
-    current = run.ctx.redis.get(shard_state(run.job_id, "phase"))
+    current = phase_of(run.ctx, run.job_id)
     if current is None:
         raise JobFailed("internal-error", f"the parallel job's shard state is gone (a {phase} shard found no phase)")
     return current == phase
@@ -131,40 +106,8 @@ ShardWork = Callable[[JobRun, InfluenceRequest, int], None]
 
 
 def _run_shard(job_id: str, shard: int, phase: str, work: ShardWork) -> str:
-    """One shard task: "skipped" when the job is over, "done" when the shard did its part, else how the job ended
-    (an error ends it through runner.run_step, as any job's)."""
-    ctx = context()
-    with waiting_out_redis(ctx.redis):
-        if not _shard_guard(ctx, job_id, shard, phase):
-            return "skipped"
-        run = JobRun(job_id, ctx.jobs.request(job_id), 0, ctx, ProgressReporter(ctx.jobs, job_id))
-
-        def step() -> str:
-            work(run, InfluenceRequest.model_validate(run.request), shard)
-            return "done"
-
-        return run_step(run, step, part=f"{phase} shard {shard}")
-
-
-def _shard_guard(ctx: WorkerContext, job_id: str, shard: int, phase: str) -> bool:
-    """False when the job is over; fails the job if this shard keeps losing its worker."""
-    job = ctx.jobs.get(job_id)
-    if job is None or job.status in TERMINAL_STATUSES:
-        return False
-    attempts = ctx.jobs.hincr(job_id, f"{phase}_{shard}_attempts")
-    ctx.jobs.hset(job_id, {f"{phase}_{shard}_worker": socket.gethostname() + ":" + _node_name()})
-    if attempts > ctx.settings.max_deliveries:
-        fail_job(ctx.jobs, job_id, "redelivery-limit",
-                 f"{phase} shard {shard} was started {attempts - 1} times and its worker died each time")
-        return False
-    return True
-
-
-def _node_name() -> str:
-    from celery import current_task
-
-    request = getattr(current_task, "request", None)
-    return getattr(request, "hostname", None) or "?"
+    """One shard task of the job (workers/shards.py), with the job's request."""
+    return run_shard(job_id, shard, phase, lambda run: work(run, InfluenceRequest.model_validate(run.request), shard))
 
 
 def _count_done(run: JobRun, phase: Phase, shard: int) -> int:

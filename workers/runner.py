@@ -121,6 +121,18 @@ class ProgressReporter:
                 log.warning("job %s: progress not recorded, redis unavailable: %s", self.job_id, err)
         return self.cancelled
 
+    def cancel_check(self, _stage: str, _done: int, _total: int) -> bool:
+        """A progress callback that only looks for a cancel (throttled the same way), for a shard whose own counts
+        would mislead: its job reports the counts over all shards."""
+        now = time.monotonic()
+        if now - self._last >= self.interval_s:
+            self._last = now
+            try:
+                self.cancelled = self.cancelled or self.jobs.cancel_requested(self.job_id)
+            except redis.RedisError as err:
+                log.warning("job %s: cancel not checked, redis unavailable: %s", self.job_id, err)
+        return self.cancelled
+
 
 @dataclass
 class JobRun:

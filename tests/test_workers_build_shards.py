@@ -1,0 +1,199 @@
+"""The sharded build job (workers/build.py) run task by task in this process, on the real Redis.
+
+The messages the tasks send are kept by the test and delivered in the order it picks: shards in
+any order, a shard twice, a build task delivered again, a finisher whose worker died. Over real
+worker processes: tests/test_integration_build_shards.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from api_schemas import ModelCreate
+from fastif import DataSpec, IndexConfig, InfluenceEngine, InfluenceSpec
+from records.celery_app import BUILD_SHARD
+from records.settings import settings_from
+from tiny import make_tiny_bert, sentences, write_jsonl
+from workers import build, registry, runner, shards
+from workers.context import WorkerContext
+from workers.runner import run_job
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SHARD = 16  # 60 examples: shards 0-16, 16-32, 32-48, 48-60
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("build-shards-root")
+    make_tiny_bert(root / "model", seed=1, initializer_range=0.3)
+    write_jsonl(root / "train.jsonl", sentences(60, seed=2, noise=0.1))
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(data_root, tmp_path_factory) -> InfluenceEngine:
+    """One process, one prepare()."""
+    engine = InfluenceEngine.from_paths(data_root / "model", DataSpec(str(data_root / "train.jsonl")), InfluenceSpec(),
+                                        IndexConfig(shard_examples=SHARD), artefact_dir=tmp_path_factory.mktemp("ref"))
+    engine.prepare()
+    return engine
+
+
+@pytest.fixture
+def ctx(redis_client, redis_url, data_root, tmp_path, monkeypatch) -> WorkerContext:
+    settings = settings_from(redis_url=redis_url, data_root=data_root, state_dir=tmp_path / "state")
+    context = WorkerContext(settings)
+    for module in (shards, runner):
+        monkeypatch.setattr(module, "context", lambda: context)
+    monkeypatch.setattr(registry, "_engines", {})  # each test's workers load their own engines
+    return context
+
+
+class Transport:
+    """What Celery would carry: the shard messages, delivered when the test says."""
+
+    def __init__(self):
+        self.sent: list[list] = []
+
+    def __call__(self, name: str, args: list) -> None:
+        assert name == BUILD_SHARD
+        self.sent.append(list(args))
+
+    def take(self) -> list[int]:
+        taken, self.sent = [args[2] for args in self.sent], []
+        return taken
+
+
+def register(ctx: WorkerContext) -> tuple[str, str]:
+    create = ModelCreate(name="tiny", model_path="model", train_data={"path": "train.jsonl"},
+                         index={"shard_examples": SHARD})
+    model = ctx.models.create(create)
+    job = ctx.jobs.create("build_model", model.id, create.model_dump(mode="json"))
+    ctx.models.set_build_job(model.id, job.id)
+    return model.id, job.id
+
+
+def build_task(ctx, model_id, job_id, transport) -> str:
+    return run_job(job_id, lambda run: build.run_build(run, model_id, transport), build_result_model())
+
+
+def build_result_model():
+    from workers.results import ITEM_MODELS
+
+    return ITEM_MODELS["build_model"]
+
+
+def shard_task(ctx, model_id, job_id, shard) -> str:
+    return build.build_shard(job_id, model_id, shard, on_failure=lambda code, message: ctx.models.set_failed(model_id, code, message))
+
+
+def stored(ctx, model_id) -> InfluenceEngine:
+    """The model as a worker that never built it loads it."""
+    model = ctx.models.get(model_id)
+    engine = InfluenceEngine.from_paths(ctx.settings.data_root / "model", DataSpec(str(ctx.settings.data_root / "train.jsonl")),
+                                        InfluenceSpec(), IndexConfig(shard_examples=SHARD),
+                                        artefact_dir=ctx.settings.state_root / "artefacts")
+    assert engine.fingerprint == model.fingerprint and engine.built()
+    engine.prepare()
+    return engine
+
+
+def assert_same_build(actual: InfluenceEngine, expected: InfluenceEngine) -> None:
+    np.testing.assert_array_equal(np.asarray(actual.features), np.asarray(expected.features))
+    np.testing.assert_array_equal(np.asarray(actual.gradient_keys), np.asarray(expected.gradient_keys))
+    np.testing.assert_array_equal(np.asarray(actual.prefix_store.flat), np.asarray(expected.prefix_store.flat))
+    assert faiss.serialize_index(actual.index).tobytes() == faiss.serialize_index(expected.index).tobytes()
+
+
+def test_shards_in_any_order_finish_the_build_once(ctx, reference):
+    model_id, job_id = register(ctx)
+    transport = Transport()
+    assert build_task(ctx, model_id, job_id, transport) == "handed-on"
+    sent = transport.take()
+    assert sent == [0, 1, 2, 3]
+    assert ctx.jobs.get(job_id).progress.done == 0 and ctx.models.get(model_id).examples_encoded == 0
+    outcomes = [shard_task(ctx, model_id, job_id, shard) for shard in (2, 0, 3, 0)]  # shard 0 delivered twice
+    assert outcomes == ["done"] * 4 and ctx.models.get(model_id).status == "building"
+    progress = ctx.jobs.get(job_id).progress
+    assert (progress.stage, progress.done, progress.total) == ("features", 44, 60)  # 16 + 16 + 12, shard 0 once
+    assert shard_task(ctx, model_id, job_id, 1) == "done"  # the last rows: this shard finishes the job
+    job, model = ctx.jobs.get(job_id), ctx.models.get(model_id)
+    assert job.status == "succeeded" and model.status == "ready" and model.examples_encoded == 60
+    assert ctx.jobs.results(job_id)[1][0]["num_train"] == 60
+    assert shard_task(ctx, model_id, job_id, 1) == "skipped"  # a late copy finds the job over
+    assert_same_build(stored(ctx, model_id), reference)
+
+
+def test_a_build_task_delivered_again_sends_only_the_missing_shards(ctx, reference):
+    model_id, job_id = register(ctx)
+    transport = Transport()
+    build_task(ctx, model_id, job_id, transport)
+    transport.take()
+    shard_task(ctx, model_id, job_id, 1)
+    shard_task(ctx, model_id, job_id, 3)
+    assert build_task(ctx, model_id, job_id, transport) == "handed-on"  # its worker died; the message came back
+    assert transport.take() == [0, 2]
+    for shard in (0, 2):
+        shard_task(ctx, model_id, job_id, shard)
+    assert ctx.models.get(model_id).status == "ready"
+    assert_same_build(stored(ctx, model_id), reference)
+
+
+def test_a_finisher_whose_worker_died_is_finished_by_its_redelivery(ctx, reference, monkeypatch):
+    model_id, job_id = register(ctx)
+    transport = Transport()
+    build_task(ctx, model_id, job_id, transport)
+    for shard in transport.take()[:-1]:
+        shard_task(ctx, model_id, job_id, shard)
+
+    def worker_dies(*_args, **_kwargs):
+        raise SystemExit("the worker died after winning the finish")
+
+    monkeypatch.setattr(build, "_finish", worker_dies)
+    with pytest.raises(SystemExit):
+        shard_task(ctx, model_id, job_id, 3)
+    monkeypatch.undo()
+    for module in (shards, runner):  # undo() dropped the fixture's patches too
+        monkeypatch.setattr(module, "context", lambda: ctx)
+    assert shards.phase_of(ctx, job_id) == "finish-3"
+    assert shard_task(ctx, model_id, job_id, 2) == "done" and ctx.models.get(model_id).status == "building"
+    assert shard_task(ctx, model_id, job_id, 3) == "done"  # the same shard again: it finishes
+    assert ctx.models.get(model_id).status == "ready" and ctx.jobs.get(job_id).status == "succeeded"
+    assert_same_build(stored(ctx, model_id), reference)
+
+
+def test_a_registration_after_a_failed_build_resumes_from_its_shards(ctx, reference):
+    first_model, first_job = register(ctx)
+    transport = Transport()
+    build_task(ctx, first_model, first_job, transport)
+    shard_task(ctx, first_model, first_job, 0)
+    shard_task(ctx, first_model, first_job, 2)
+    ctx.jobs.request_cancel(first_job)
+    shard_task(ctx, first_model, first_job, 1)
+    assert ctx.jobs.get(first_job).status == "cancelled"
+    transport.take()
+
+    model_id, job_id = register(ctx)  # the same model and data again
+    assert build_task(ctx, model_id, job_id, transport) == "handed-on"
+    assert transport.take() == [1, 3]  # 0 and 2 are on disk
+    assert ctx.models.get(model_id).examples_encoded == 32
+    shard_task(ctx, model_id, job_id, 3)
+    shard_task(ctx, model_id, job_id, 1)
+    assert ctx.models.get(model_id).status == "ready"
+    assert_same_build(stored(ctx, model_id), reference)
+
+
+def test_a_shard_whose_worker_keeps_dying_fails_the_job_and_the_model(ctx):
+    model_id, job_id = register(ctx)
+    build_task(ctx, model_id, job_id, Transport())
+    for _ in range(ctx.settings.max_deliveries):
+        ctx.jobs.hincr(job_id, "build_2_attempts")  # started that many times, its worker dying each time
+    assert shard_task(ctx, model_id, job_id, 2) == "skipped"
+    job, model = ctx.jobs.get(job_id), ctx.models.get(model_id)
+    assert job.status == "failed" and job.error.code == "redelivery-limit"
+    assert model.status == "failed" and model.error.code == "redelivery-limit"
