@@ -11,7 +11,7 @@ import typer
 from .common import Clock, log
 from .setup import SetupError, make_setup
 
-SUITES = ("speed", "recall", "stest", "batch", "service", "lds", "correct")
+SUITES = ("speed", "recall", "stest", "batch", "service", "lds", "correct", "scale")
 
 
 def run_suite(suite: str, data: Path | None = None, model: Path | None = None, quick: bool = False,

@@ -119,7 +119,7 @@ def demo(
 
 @app.command()
 def bench(
-    suite: Annotated[str, typer.Argument(help="speed, recall, stest, batch, service or lds")],
+    suite: Annotated[str, typer.Argument(help="speed, recall, stest, batch, service, lds, correct or scale")],
     data: Annotated[Optional[Path], typer.Option(help="training data (default: SST-2 train from ../shared/data)")] = None,
     model: Annotated[Optional[Path], typer.Option(help="fine-tuned classifier directory (made once if absent)")] = None,
     quick: Annotated[bool, typer.Option(help="tiny model and data, seconds")] = False,
