@@ -313,3 +313,18 @@ def test_the_api_and_the_engine_default_alike():
     for solver in ("ekfac", "kfac", "lissa", "cg", "identity"):
         request = InfluenceRequest.model_validate({"model_id": "m", "inputs": [{"text": "a"}], "solver": solver})
         assert solver_config(request) == SolverConfig(solver=solver, lissa=solver_config(request).lissa)
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_the_fits_batch_sums_equal_a_naive_loop_over_examples(tokens):
+    """K-FAC's weighted Gram matrices and EK-FAC's rotated second moments, against per-example loops
+    (one token per example takes the closed form for outer products)."""
+    from fastif.curvature.kfac_fit import _rotated_second_moment, _weighted_gram
+
+    generator = torch.Generator().manual_seed(tokens)
+    left, right = torch.randn(6, tokens, 4, generator=generator), torch.randn(6, tokens, 3, generator=generator)
+    weight = torch.rand(6, generator=generator)
+    gram = sum(weight[n] * sum(torch.outer(right[n, t], right[n, t]) for t in range(tokens)) for n in range(6))
+    torch.testing.assert_close(_weighted_gram(right, weight), gram)
+    moment = sum(weight[n] * (sum(torch.outer(left[n, t], right[n, t]) for t in range(tokens)) ** 2) for n in range(6))
+    torch.testing.assert_close(_rotated_second_moment(left, right, weight), moment)

@@ -97,6 +97,29 @@ class _Pass:
             yield uses, dict(zip((id(o) for o in outputs), grads)), probs[:, c]
 
 
+def _weighted_gram(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Σ_n weight_n Σ_t x_nt x_ntᵀ for x [n, t, d]: one matrix product over every (example, token) row.
+
+    (einsum's three-operand "nti,ntj,n->ij" contracted the first two operands first, into an
+    [n, d, d] tensor: 600 MB per batch for a 1,536-wide layer.)
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    return (x * weight[:, None, None]).reshape(-1, x.shape[-1]).T @ rows
+
+
+def _rotated_second_moment(left: torch.Tensor, right: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Σ_n weight_n (Σ_t left_nt right_ntᵀ)² (squared elementwise): EK-FAC's eigenvalues of one batch, in the
+    Kronecker eigenbasis (left [n, t, a], right [n, t, b], already rotated).
+
+    With one token per example (the first-token last block's query, output and feed-forward layers, the
+    pooler, the head) each example's gradient is an outer product, and its square is the outer product of
+    the squares: one [a, n] @ [n, b] product instead of an [n, a, b] tensor.
+    """
+    if left.shape[1] == 1:
+        return (weight[:, None] * left[:, 0] ** 2).T @ right[:, 0] ** 2
+    return torch.einsum("n,nab->ab", weight, torch.einsum("nta,ntb->nab", left, right) ** 2)
+
+
 def fit_factors(
     forward: Forward,
     modules: Sequence[nn.Module],
@@ -135,8 +158,8 @@ def fit_factors(
                 with torch.no_grad():
                     if kind == "kron":
                         left, right, tokens = _pairs(group, grads, rows, with_bias=pos in bias_of)
-                        a = torch.einsum("nti,ntj,n->ij", right, right, weight)
-                        g = torch.einsum("nti,ntj,n->ij", left, left, weight) / tokens
+                        a = _weighted_gram(right, weight)
+                        g = _weighted_gram(left, weight) / tokens
                         a_cov[pos] = a_cov.get(pos, 0) + a.double()
                         g_cov[pos] = g_cov.get(pos, 0) + g.double()
                     else:
@@ -167,8 +190,7 @@ def fit_factors(
                         if pos not in uses:
                             continue
                         left, right, _ = _pairs(uses[pos], grads, rows, with_bias=block.bias is not None)
-                        rotated = torch.einsum("nta,ntb->nab", left @ block.q_g, right @ block.q_a)
-                        corrected[pos] += torch.einsum("n,nab->ab", weight, rotated**2).double().cpu()
+                        corrected[pos] += _rotated_second_moment(left @ block.q_g, right @ block.q_a, weight).double().cpu()
             report("curvature eigenvalues", number + 1)
     for pos, block in kronecker.items():
         block.corrected = (corrected[pos] / count).to(block.q_a.dtype)
