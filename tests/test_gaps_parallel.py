@@ -235,15 +235,46 @@ def test_redelivered_shards_count_once_and_score_once(ctx, model, reference_engi
     assert transport.sent == []
 
 
-def test_a_score_shard_delivered_again_before_the_merge_finished_does_not_merge_twice(ctx, model, monkeypatch):
+def test_a_merge_whose_worker_died_is_finished_by_the_same_shard_and_no_other(ctx, model, reference_engine, monkeypatch):
     merges = []
-    monkeypatch.setattr(parallel, "_merge", lambda run, request, engine, plan, averaged: merges.append(run.job_id))
     job_id, transport = start(ctx, model, TEXTS[:1], 2)
-    run_to_the_end(ctx, job_id, transport)
-    assert merges == [job_id] and ctx.jobs.get(job_id).status == "running"  # the (patched) merge stored nothing
-    assert parallel.score_shard(job_id, 1) == "done"  # its worker died after the merge began: delivered again
-    assert parallel.score_shard(job_id, 0) == "done"
-    assert merges == [job_id]
+    with monkeypatch.context() as patched:  # the merge's worker dies: the (patched) merge stores nothing
+        patched.setattr(parallel, "_merge", lambda run, request, engine, plan, averaged: merges.append(run.job_id))
+        run_to_the_end(ctx, job_id, transport)  # scoring shards 0 then 1: shard 1 wins the merge
+        assert merges == [job_id] and ctx.jobs.get(job_id).status == "running"
+        assert shards.phase_of(ctx, job_id) == "merge-1"
+        assert parallel.score_shard(job_id, 0) == "done" and merges == [job_id]  # a late copy of the other shard
+    assert parallel.score_shard(job_id, 1) == "done"  # its worker died in the merge: delivered again, it merges
+    assert ctx.jobs.get(job_id).status == "succeeded"
+    _, _, reference = averaged_reference(reference_engine, TEXTS[:1], 2, 12, 5)
+    assert_matches(ctx.jobs.results(job_id, 0, 10)[1], reference)
+
+
+def test_an_average_whose_worker_died_is_finished_by_the_same_shard(ctx, model, reference_engine, monkeypatch):
+    job_id, transport = start(ctx, model, TEXTS[:1], 3)
+    assert transport.take(parallel.STEST_SHARD) == [0, 1, 2]
+
+    def worker_dies(*_args, **_kwargs):
+        raise SystemExit("the worker died while averaging")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(parallel, "_average", worker_dies)
+        assert parallel.stest_shard(job_id, 2, transport) == "done"
+        assert parallel.stest_shard(job_id, 0, transport) == "done"
+        with pytest.raises(SystemExit):
+            parallel.stest_shard(job_id, 1, transport)
+    assert shards.phase_of(ctx, job_id) == "average-1" and transport.sent == []
+    assert parallel.stest_shard(job_id, 0, transport) == "done" and transport.sent == []  # not its phase
+    assert parallel.stest_shard(job_id, 1, transport) == "done"  # delivered again: it averages, sends the scoring
+    assert sorted(transport.take(parallel.SCORE_SHARD)) == [0, 1, 2]
+    assert parallel.stest_shard(job_id, 1, transport) == "done"  # again, after the scoring shards were sent:
+    assert sorted(transport.take(parallel.SCORE_SHARD)) == [0, 1, 2]  # sent again, each counts once
+    for shard in (0, 1, 2, 1):
+        assert parallel.score_shard(job_id, shard) in ("done", "skipped")
+    assert ctx.jobs.get(job_id).status == "succeeded"
+    assert ctx.redis.hget(f"fastif:job:{job_id}", "score_shards_done") == "3"
+    _, _, reference = averaged_reference(reference_engine, TEXTS[:1], 3, 12, 5)
+    assert_matches(ctx.jobs.results(job_id, 0, 10)[1], reference)
 
 
 @pytest.mark.parametrize(("lissa", "settled"), [({"damp": 0.3, "depth": 60}, True), ({"depth": 3}, False)],

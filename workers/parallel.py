@@ -1,22 +1,25 @@
 """FastIF's parallel variant over Celery, as a small state machine: W s_test shards, then W scoring shards.
 
 Where a job stands is one key of its shard state, ``phase`` (records/keys.py ``shard_state``).
-Each move to the next phase is a compare-and-set (workers/shards.py), so exactly one task makes it:
+Each move to the next phase is a compare-and-set (workers/shards.py), so exactly one task makes it,
+and a phase one shard carries forward names that shard (``average-w``), so that if its worker dies
+on the way, its redelivery, and no other task, takes it up again:
 
-    (none) --coordinator--> stest --last s_test shard--> average --the same shard--> score --last scoring shard--> merge
+    (none) --coordinator--> stest --last s_test shard w--> average-w --w--> score-w --last scoring shard s--> merge-s
 
 - coordinate (the influence task, ``start_parallel``): none -> stest, then send W STEST_SHARD
   messages. A redelivered coordinator finds the phase set and sends nothing.
 - stest (``stest_shard`` w): LiSSA seeded ``seed + w`` (its estimate cached under its own seed,
   like any single-worker s_test) into slot w, and w joins the phase's done set: a redelivered
   shard overwrites its own slot and counts once. The shard that sees the set full and wins
-  stest -> average goes on:
-- average: the mean of the W estimates, cached under the request's solver key plus the shard
+  stest -> average-w goes on:
+- average-w: the mean of the W estimates, cached under the request's solver key plus the shard
   count; each row's kNN candidates and the inputs' predictions, found once for every later
-  task; then average -> score, and W SCORE_SHARD messages.
-- score (``score_shard`` w): slice w of each row's candidates, scored against the average.
-  The shard that sees the set full and wins score -> merge goes on:
-- merge: the slices concatenated in order become the job's results, stored by
+  task; then average-w -> score-w, and W SCORE_SHARD messages (sent again by w's redelivery
+  while the phase is score-w: a scoring shard that runs twice counts once).
+- score (``score_shard`` s): slice s of each row's candidates, scored against the average.
+  The shard that sees the set full and wins score-w -> merge-s goes on:
+- merge-s: the slices concatenated in order become the job's results, stored by
   ``runner.finish`` as every job's are (checked against the contract, written to
   `output_path`, kept through a Redis outage).
 
@@ -66,12 +69,17 @@ class Phase(StrEnum):
     MERGE = "merge"
 
 
-def _in_phase(run: JobRun, phase: Phase) -> bool:
-    """Whether the job is in ``phase``; a job with no phase at all has lost its shard state and fails."""
+def _current(run: JobRun) -> str:
+    """The job's phase; a job with no phase at all has lost its shard state and fails."""
     current = phase_of(run.ctx, run.job_id)
     if current is None:
-        raise JobFailed("internal-error", f"the parallel job's shard state is gone (a {phase} shard found no phase)")
-    return current == phase
+        raise JobFailed("internal-error", "the parallel job's shard state is gone (a shard found no phase)")
+    return current
+
+
+def _owned(phase: Phase, shard: int) -> str:
+    """The phase ``phase`` as shard ``shard`` holds it: only that shard's redelivery takes it up again."""
+    return f"{phase}-{shard}"
 
 
 def shard_seed_config(request: InfluenceRequest, shard: int) -> SolverConfig:
@@ -123,24 +131,33 @@ def _count_done(run: JobRun, phase: Phase, shard: int) -> int:
 
 # -- stest, then average -------------------------------------------------------------------------
 def _stest_work(run: JobRun, request: InfluenceRequest, shard: int, send: SendTask) -> None:
-    if not _in_phase(run, Phase.STEST):
+    phase = _current(run)
+    averager, sender = _owned(Phase.AVERAGE, shard), _owned(Phase.SCORE, shard)
+    if phase == Phase.STEST:
+        engine, cache = engine_and_cache(run, ready_model(run, request.model_id))
+        plan = engine.plan(queries_of(request), request.group, cache)
+        # Each shard's own estimate is cached under its own seed, like any single-worker s_test.
+        s_tests, diagnostics, _ = engine.cached_s_test(plan, shard_seed_config(request, shard), cache, run.progress)
+        client = run.ctx.redis_bytes
+        ttl = run.ctx.settings.result_ttl_s
+        client.set(shard_state(run.job_id, "stest", shard), save_tensors({"s_test": s_tests.cpu().contiguous()}), ex=ttl)
+        client.hset(shard_state(run.job_id, "stest_meta"), str(shard), json.dumps({"converged": bool(diagnostics["converged"])}))
+        client.expire(shard_state(run.job_id, "stest_meta"), ttl)
+        if not (_count_done(run, Phase.STEST, shard) >= request.parallel
+                and advance(run.ctx, run.job_id, Phase.STEST, averager)):
+            return
+        phase = averager
+    elif phase not in (averager, sender):
         return  # the estimates were averaged already: a late copy of this shard has nothing to add
-    model = ready_model(run, request.model_id)
-    engine, cache = engine_and_cache(run, model)
-    plan = engine.plan(queries_of(request), request.group, cache)
-    # Each shard's own estimate is cached under its own seed, like any single-worker s_test.
-    s_tests, diagnostics, _ = engine.cached_s_test(plan, shard_seed_config(request, shard), cache, run.progress)
-    client = run.ctx.redis_bytes
-    ttl = run.ctx.settings.result_ttl_s
-    client.set(shard_state(run.job_id, "stest", shard), save_tensors({"s_test": s_tests.cpu().contiguous()}), ex=ttl)
-    client.hset(shard_state(run.job_id, "stest_meta"), str(shard), json.dumps({"converged": bool(diagnostics["converged"])}))
-    client.expire(shard_state(run.job_id, "stest_meta"), ttl)
-    if _count_done(run, Phase.STEST, shard) >= request.parallel and advance(run.ctx, run.job_id, Phase.STEST, Phase.AVERAGE):
-        _average(run, request, engine, plan, cache)
-        if not advance(run.ctx, run.job_id, Phase.AVERAGE, Phase.SCORE):
+    # This shard won the average: it averages and sends the scoring shards, or, delivered again because
+    # its worker died on the way, does what is left (a scoring shard sent twice counts once).
+    if phase == averager:
+        engine, cache = engine_and_cache(run, ready_model(run, request.model_id))
+        _average(run, request, engine, engine.plan(queries_of(request), request.group, cache), cache)
+        if not advance(run.ctx, run.job_id, averager, sender):
             raise JobFailed("internal-error", "the parallel job left the average phase while it was being averaged")
-        for w in range(request.parallel):
-            send(SCORE_SHARD, [run.job_id, w])
+    for w in range(request.parallel):
+        send(SCORE_SHARD, [run.job_id, w])
 
 
 def _average(run: JobRun, request: InfluenceRequest, engine: InfluenceEngine, plan, cache) -> None:
@@ -200,20 +217,24 @@ def _slice(count: int, shards: int, shard: int) -> slice:
 
 
 def _score_work(run: JobRun, request: InfluenceRequest, shard: int) -> None:
-    if not _in_phase(run, Phase.SCORE):
+    phase = _current(run)
+    merger = _owned(Phase.MERGE, shard)
+    if not (phase.startswith(f"{Phase.SCORE}-") or phase == merger):
         return  # the merge has begun: a late copy of this shard has nothing to add
-    model = ready_model(run, request.model_id)
-    engine, _ = engine_and_cache(run, model)
+    engine, _ = engine_and_cache(run, ready_model(run, request.model_id))
     client = run.ctx.redis_bytes
     averaged = load_tensors(client.get(shard_state(run.job_id, "stest_avg")))["s_test"]
     scoring = ScoringPlan.from_bytes(client.get(shard_state(run.job_id, "candidates")))
-    clock = time.perf_counter()
-    parts = [indices[_slice(len(indices), request.parallel, shard)] for indices in scoring.indices]
-    scores = [s.tolist() for s in engine.score_rows(averaged, parts, on_progress=run.progress)]
-    payload = {"scores": scores, "seconds": time.perf_counter() - clock}
-    client.set(shard_state(run.job_id, "scores", shard), json.dumps(payload), ex=run.ctx.settings.result_ttl_s)
-    if _count_done(run, Phase.SCORE, shard) >= request.parallel and advance(run.ctx, run.job_id, Phase.SCORE, Phase.MERGE):
-        _merge(run, request, engine, scoring, averaged)
+    if phase != merger:
+        clock = time.perf_counter()
+        parts = [indices[_slice(len(indices), request.parallel, shard)] for indices in scoring.indices]
+        scores = [s.tolist() for s in engine.score_rows(averaged, parts, on_progress=run.progress)]
+        payload = {"scores": scores, "seconds": time.perf_counter() - clock}
+        client.set(shard_state(run.job_id, "scores", shard), json.dumps(payload), ex=run.ctx.settings.result_ttl_s)
+        if not (_count_done(run, Phase.SCORE, shard) >= request.parallel and advance(run.ctx, run.job_id, phase, merger)):
+            return
+    # This shard won the merge (again, if its worker died while merging: its redelivery merges).
+    _merge(run, request, engine, scoring, averaged)
 
 
 def _merge(run: JobRun, request: InfluenceRequest, engine: InfluenceEngine, scoring: ScoringPlan, averaged) -> None:
