@@ -24,6 +24,7 @@ import random
 import shutil
 import statistics
 import tempfile
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -126,15 +127,43 @@ def registration(config: ScaleConfig, size: int, layout: str) -> dict:
 
 
 # -- the stack ------------------------------------------------------------------------------------------
-def pool_peaks_mib(worker_pids: list[int]) -> list[float]:
-    """Peak resident memory (VmHWM) of each worker's pool processes, MiB."""
-    peaks = []
+def pool_status_mib(worker_pids: list[int], field: str) -> list[float]:
+    """``field`` of /proc/PID/status (VmHWM: peak resident memory; RssAnon: anonymous memory now) of each
+    worker's pool processes, MiB."""
+    values = []
     for pid in worker_pids:
         for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
-            for line in Path(f"/proc/{child}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    peaks.append(int(line.split()[1]) / 1024)
-    return peaks
+            try:
+                lines = Path(f"/proc/{child}/status").read_text().splitlines()
+            except FileNotFoundError:  # a pool process replaced meanwhile
+                continue
+            values += [int(line.split()[1]) / 1024 for line in lines if line.startswith(f"{field}:")]
+    return values
+
+
+class AnonPeak:
+    """The most anonymous memory (RssAnon) any pool process held, sampled twice a second while in the block.
+
+    VmHWM counts the memory maps' file pages too, which the kernel can drop at will; this does not.
+    """
+
+    def __init__(self, worker_pids: list[int]):
+        self.worker_pids = worker_pids
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.5):
+            self.peak = max([self.peak, *pool_status_mib(self.worker_pids, "RssAnon")])
+
+    def __enter__(self) -> AnonPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def build(root: Path, state: Path, config: ScaleConfig, size: int, workers: int, logs: Path, queries: list[str] | None,
@@ -146,11 +175,13 @@ def build(root: Path, state: Path, config: ScaleConfig, size: int, workers: int,
                                 threads_per_worker=1)
     try:
         with httpx.Client(base_url=url, timeout=60) as client:
-            model, _ = register(client, registration(config, size, config.prefix_dtype), config.build_timeout_s)
             worker_pids = [proc.pid for name, proc in stack.children if name.startswith("worker")]
+            with AnonPeak(worker_pids) as anon:
+                model, _ = register(client, registration(config, size, config.prefix_dtype), config.build_timeout_s)
             seconds = _seconds(model)
             result = {"size": size, "workers": workers, "seconds": seconds, "examples_per_s": size / seconds,
-                      "peak_rss_mib": pool_peaks_mib(worker_pids), "bytes_on_disk": model["bytes_on_disk"],
+                      "peak_rss_mib": pool_status_mib(worker_pids, "VmHWM"), "peak_anon_mib": anon.peak,
+                      "bytes_on_disk": model["bytes_on_disk"],
                       "index": model["index"], "curvature_seconds": model["curvature"]["seconds"], "model": model["id"],
                       "fingerprint": model["fingerprint"]}
             if queries is not None:
@@ -264,6 +295,7 @@ def run_standalone(data: Path | None, quick: bool, out: Path, config: ScaleConfi
         "build_speedup_2_vs_1_workers": round(two[config.speedup_size]["examples_per_s"] / one["examples_per_s"], 3),
         **{f"peak_build_rss_mib_{size}": round(max(two[size]["peak_rss_mib"]), 1) for size in config.sizes},
         "peak_build_rss_ratio_largest_vs_smallest": round(max(two[largest]["peak_rss_mib"]) / max(two[smallest]["peak_rss_mib"]), 3),
+        **{f"peak_build_anon_mib_{size}": round(two[size]["peak_anon_mib"], 1) for size in config.sizes},
         **{f"bytes_per_example_{layout}": round(value, 1) for layout, value in layout_bytes.items()},
         **{f"prefix_bytes_per_example_{layout}": round(value, 1) for layout, value in prefix_bytes.items()},
         "spearman_float16_vs_float32_min": round(min(agreement), 5),
@@ -282,7 +314,8 @@ def run_standalone(data: Path | None, quick: bool, out: Path, config: ScaleConfi
 def _markdown(config: ScaleConfig, headline: dict, runs: list[dict], layout_bytes: dict, prefix_bytes: dict,
               agreement: list[float], quick: bool) -> str:
     rows = [[f"{run['size']:,}", run["workers"], fmt(run["seconds"], 1), fmt(run["examples_per_s"], 1),
-             " / ".join(fmt(p, 0) for p in run["peak_rss_mib"]), fmt(run["bytes_on_disk"] / run["size"], 0),
+             " / ".join(fmt(p, 0) for p in run["peak_rss_mib"]), fmt(run["peak_anon_mib"], 0),
+             fmt(run["bytes_on_disk"] / run["size"], 0),
              f"{run['index']['kind']} (nprobe {run['index']['nprobe']})" if run["index"]["nprobe"] else run["index"]["kind"],
              fmt(run["index"]["recall_at_1000"], 3),
              ", ".join(f"{k} {fmt(v, 1)} s" for k, v in run["curvature_seconds"].items()),
@@ -293,7 +326,8 @@ def _markdown(config: ScaleConfig, headline: dict, runs: list[dict], layout_byte
         "# scale" + (" (quick: tiny model, toy data)" if quick else ""), "",
         headline_block(headline), "",
         "## Builds", "",
-        table(["N", "workers", "build s", "examples/s", "peak RSS per pool process (MiB)", f"bytes/example ({config.prefix_dtype})",
+        table(["N", "workers", "build s", "examples/s", "peak RSS per pool process (MiB)", "peak anonymous (MiB)",
+               f"bytes/example ({config.prefix_dtype})",
                "index", "recall@1000", "curvature (after the shards)", f"query s ({ks})"], rows), "",
         "## Prefix layouts (bytes on the state volume per example, at the smallest N)", "",
         table(["layout", "bytes/example, all artefacts", "vs float32", "activations alone", "vs float32"],
@@ -307,7 +341,9 @@ def _markdown(config: ScaleConfig, headline: dict, runs: list[dict], layout_byte
         "torch thread each, the API), `POST /v1/models`, build seconds from the record's `created_at` to `ready_at` "
         "(tokenizing, the shards, the index, the spectrum and EK-FAC's fit)",
         f"- the build runs in shards of {config.shard_examples} examples (`index.shard_examples`) that both workers take "
-        "from the queue; peak RSS is `VmHWM` of each worker's pool process when the model is ready, before any query",
+        "from the queue; peak RSS is `VmHWM` of each worker's pool process when the model is ready, before any query "
+        "(it counts the pages of the memory maps the build wrote and read, which the kernel may drop at will); peak "
+        "anonymous is the most `RssAnon` of any pool process, sampled twice a second during the build",
         f"- queries: one fresh input each, k as shown, the default solver (EK-FAC), median of {config.queries}, after one "
         "query per worker loaded the model; POST to succeeded",
         "- data: SST-2 training sentences; above 67,349, distinct pairs of them joined into one text; up to "
