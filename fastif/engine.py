@@ -3,6 +3,7 @@
 The work is done by one object per stage, each complete when constructed:
 ``PreparedModel`` (fastif/prepared_model.py: parameters, fast forward paths, the
 objective), ``ArtefactStore`` (fastif/artefacts.py: what a build keeps on disk),
+``TrainingSetBuild`` (fastif/training_set.py: the build, in shards),
 ``TrainingCurvature`` (fastif/curvature/training.py: C·v, spectrum, EK-FAC factors),
 ``solver_for`` (fastif/curvature/solvers.py), ``knn`` and ``Scorer``
 (fastif/scoring.py). Each step of a query is its own method so that a worker can
@@ -23,14 +24,14 @@ import torch
 
 from . import knn
 from .allocator import keep_freed_memory
-from .artefacts import Artefacts, ArtefactStore, search_vectors
+from .artefacts import Artefacts, ArtefactStore
 from .batches import TrainingBatches
 from .config import DataSpec, IndexConfig, InfluenceSpec, SolverConfig
 from .curvature import KroneckerFactors, Solution, Spectrum, solver_for
 from .curvature.solvers import CurvatureSource
 from .curvature.training import TrainingCurvature
 from .data import Example, load_examples, texts_of
-from .encoded import EncodedQueries, allocate_set, encode_queries, encode_set, open_set, test_gradients
+from .encoded import EncodedQueries, encode_queries, test_gradients
 from .encoding import Batch, Tokenized, collate, tokenize
 from .fingerprint import combine, file_digest, model_digest
 from .knn import SearchQuery
@@ -42,7 +43,8 @@ from .progress import ProgressCallback, stage_callback
 from .query import (Candidates, Influence, Query, QueryPlan, Solver, TensorCache, feature_distances, group_key,
                     influences_of, query_key, solver_config, through_cache)
 from .scoring import Scorer
-from .staged_build import StagedBuild, shard_ranges
+from .staged_build import StagedBuild
+from .training_set import TrainingSetBuild
 
 PROBE_EXAMPLES = 8  # the fast paths are checked on the two longest of the first this many training examples
 
@@ -93,6 +95,7 @@ class InfluenceEngine:
         )
         self.artefact_dir = Path(artefact_dir) / self.fingerprint if artefact_dir else None
         self.store = ArtefactStore(self.artefact_dir, self.fingerprint)
+        self.build = TrainingSetBuild(self.prepared, self.tokens, self.pad_id, self.store, index_config, self.names)
         # The artefacts (fastif/artefacts.py): None until prepare() computes or loads them.
         self.features: np.ndarray | None = None
         self.gradient_keys: np.ndarray | None = None
@@ -133,93 +136,35 @@ class InfluenceEngine:
     def curvature(self) -> CurvatureSource:
         return self._stages.curvature.source
 
-    # -- the build ------------------------------------------------------------------------
+    # -- the build (fastif/training_set.py) ------------------------------------------------
     def prepare(self, on_progress: ProgressCallback | None = None, batch_size: int = 64) -> None:
         """Features, gradient keys, prefix activations and the faiss index; loaded from disk when stored.
 
-        A build writes them shard by shard into memory maps (fastif/staged_build.py), so its memory
-        does not grow with the training set, and it resumes from the shards a stopped build wrote;
-        queries read them read-only. Other processes may write shards of the same build meanwhile
-        (``encode_shard``): the result is the same.
+        A build writes them shard by shard into memory maps, so its memory does not grow with the
+        training set, and resumes from the shards a stopped build wrote; other processes may write
+        shards of the same build meanwhile (``encode_shard``), with the same result. Queries read
+        them read-only.
         """
-        if self.index is not None:
-            return
-        artefacts = self._stored()
-        if artefacts is None and self.store.folder is None:
-            artefacts = self._build_in_memory(on_progress, batch_size)
-        elif artefacts is None:
-            build = self.staged_build()
-            done = build.examples_done()
-            for shard in build.pending():
-                def overall(stage: str, rows: int, _total: int, base: int = done) -> bool:
-                    return bool(on_progress and on_progress(stage, base + rows, self.num_train))
-
-                self.encode_shard(shard, overall, batch_size)
-                done += len(build.shards[shard])
-            artefacts = self._finish_staged(build)
-        self._use(artefacts)
-
-    @property
-    def _prefix_dtype(self) -> str | None:
-        """How the build stores the prefix's activations; None: it stores none (no prefix, or recomputed)."""
-        if self.prefix is None or self.index_config.prefix == "recompute":
-            return None
-        return self.index_config.prefix_dtype
-
-    def _stored(self) -> Artefacts | None:
-        return self.store.load(self.index_config, self._prefix_dtype) if self.store.complete() else None
+        if self.index is None:
+            self._use(self.build.artefacts(on_progress, batch_size))
 
     def staged_build(self) -> StagedBuild:
         """This layout's build, staged in the artefact folder in shards any process may write (``encode_shard``)."""
-        if self.store.folder is None:
-            raise RuntimeError("a staged build needs an artefact folder")
-        return StagedBuild(self.store.folder, self._prefix_dtype or "no-prefix", self.num_train,
-                           self.index_config.shard_examples)
+        return self.build.staged()
 
     def built(self) -> bool:
         """Whether this layout's artefacts are stored complete (``prepare`` then only loads them)."""
-        return self.store.complete() and self._stored() is not None
+        return self.build.stored() is not None
 
     def encode_shard(self, shard: int, on_progress: ProgressCallback | None = None, batch_size: int = 64) -> None:
         """Write shard ``shard`` of the staged build (rows ``staged_build().shards[shard]``) and mark it done."""
-        build = self.staged_build()
-        dtype = self._prefix_dtype
-        folder = build.ensure_allocated(lambda fresh: allocate_set(self.prepared, self.tokens, fresh,
-                                                                   dtype or "float32", keep_prefix=dtype is not None))
-        encode_set(self.prepared, self.tokens, self.pad_id, batch_size, on_progress, into=open_set(folder, dtype),
-                   rows=build.shards[shard])
-        build.mark_done(shard)
+        self.build.encode_shard(shard, on_progress, batch_size)
 
     def finish_build(self) -> None:
         """Once every shard is written (by any process): the index over the staged vectors, all moved into place and
         loaded, as ``prepare`` would."""
         if self.index is None:
-            self._use(self._stored() or self._finish_staged(self.staged_build()))
-
-    def _finish_staged(self, build: StagedBuild) -> Artefacts:
-        with build.locked():
-            stored = self._stored()
-            if stored is not None:  # another build of this fingerprint finished first
-                return stored
-            missing = build.pending()
-            if missing:
-                raise RuntimeError(f"{len(missing)} of the build's {len(build.shards)} shards are not written yet")
-            staged = open_set(build.path, self._prefix_dtype)
-            index = knn.build_index(search_vectors(staged.features, staged.gradient_keys, self.index_config.space),
-                                    self.index_config)
-            return self.store.finish(build, index, self.index_config, self.num_train, self.names, self._prefix_dtype)
-
-    def _build_in_memory(self, on_progress: ProgressCallback | None, batch_size: int) -> Artefacts:
-        """No artefact folder: the same shards, into arrays in memory."""
-        dtype = self._prefix_dtype
-        encoded = allocate_set(self.prepared, self.tokens, None, dtype or "float32", keep_prefix=dtype is not None)
-        for rows in shard_ranges(self.num_train, self.index_config.shard_examples):
-            def overall(stage: str, done: int, _total: int, base: int = rows.start) -> bool:
-                return bool(on_progress and on_progress(stage, base + done, self.num_train))
-
-            encode_set(self.prepared, self.tokens, self.pad_id, batch_size, overall, into=encoded, rows=rows)
-        vectors = search_vectors(encoded.features, encoded.gradient_keys, self.index_config.space)
-        return Artefacts(encoded.features, encoded.gradient_keys, encoded.prefix, knn.build_index(vectors, self.index_config))
+            self._use(self.build.finish())
 
     def _use(self, artefacts: Artefacts) -> None:
         self.features, self.gradient_keys, self.prefix_store = artefacts.features, artefacts.gradient_keys, artefacts.prefix
