@@ -106,7 +106,7 @@ def test_artefacts_are_saved_and_loaded_back(files, tmp_path, monkeypatch):
     def no_recompute(*_args, **_kwargs):
         raise AssertionError("prepare() recomputed features instead of loading them")
 
-    monkeypatch.setattr("fastif.engine.encode_set", no_recompute)
+    monkeypatch.setattr("fastif.training_set.encode_set", no_recompute)
     second.prepare()
     monkeypatch.undo()
     assert np.array_equal(second.features, first.features)

@@ -259,10 +259,12 @@ def test_every_field_of_the_request_and_the_index_changes_the_result_key(redis_c
     assert result_cache_key(model_record(store, "fp-1", space="feature"), request()) != base
     assert result_cache_key(model_record(store, "fp-1", kind="hnsw"), request()) != base
     assert result_cache_key(model_record(store, "fp-1", prefix_dtype="float16"), request()) != base  # rounded activations
+    # Shards batch their own rows: another shard size rounds the build's numbers otherwise.
+    assert result_cache_key(model_record(store, "fp-1", shard_examples=512), request()) != base
     assert result_cache_key(model_record(store, "fp-2"), request()) != base
     assert result_cache_key(model, request(), kind="explain") != base
     payload = {**request().model_dump(mode="json", exclude={"model_id", "output_path"}),
                "index": model.request.index.model_dump(mode="json")}
     assert base == keys.cache_key("fp-1", "result", payload)
     assert json.loads(keys.canonical_json(payload))["index"] == {"kind": "auto", "space": "gradient", "prefix": "cached",
-                                                                  "prefix_dtype": "float32"}
+                                                                  "prefix_dtype": "float32", "shard_examples": 1024}
