@@ -103,7 +103,7 @@ def encode_set(model: PreparedModel, tokens: Tokenized, pad_id: int, batch_size:
     count = len(rows)
     device = model.classifier.device
     done = 0
-    for local in length_batches(tokens.lengths[rows.start : rows.stop], batch_size):
+    for local in length_batches(tokens.input_ids.lengths[rows.start : rows.stop], batch_size):
         indices = [rows.start + i for i in local]
         captured = model.capture(collate(tokens, indices, pad_id, device))
         encoded.features[indices] = captured.features.float().cpu().numpy()

@@ -9,13 +9,12 @@ from __future__ import annotations
 import os
 import time
 
-import faiss
 import numpy as np
 import pytest
 
 from fastif import CancelledError, DataSpec, IndexConfig, InfluenceEngine, InfluenceSpec
 from fastif.staged_build import STALE_BUILD_S, shard_ranges
-from tiny import make_tiny_family, sentences, write_jsonl
+from tiny import assert_same_build, make_tiny_family, sentences, write_jsonl
 
 SHARD = 8  # 40 examples: shards of rows 0-8, 8-16, ..., 32-40
 
@@ -44,14 +43,6 @@ def whole(model_dir, train, tmp_path_factory):
     engine = engine_of(model_dir, train, tmp_path_factory.mktemp("whole"))
     engine.prepare()
     return engine
-
-
-def assert_same_build(actual: InfluenceEngine, expected: InfluenceEngine) -> None:
-    np.testing.assert_array_equal(np.asarray(actual.features), np.asarray(expected.features))
-    np.testing.assert_array_equal(np.asarray(actual.gradient_keys), np.asarray(expected.gradient_keys))
-    np.testing.assert_array_equal(np.asarray(actual.prefix_store.flat), np.asarray(expected.prefix_store.flat))
-    np.testing.assert_array_equal(actual.prefix_store.offsets, expected.prefix_store.offsets)
-    assert faiss.serialize_index(actual.index).tobytes() == faiss.serialize_index(expected.index).tobytes()
 
 
 def test_shard_ranges_cover_every_row_once():

@@ -11,13 +11,11 @@ import random
 import signal
 from pathlib import Path
 
-import faiss
-import numpy as np
 import pytest
 
 from fastif import DataSpec, IndexConfig, InfluenceEngine, InfluenceSpec
 from live_stack import live_stack, wait_for  # noqa: F401  (fixture)
-from tiny import make_tiny_bert, sentences, write_jsonl
+from tiny import assert_same_build, make_tiny_bert, sentences, write_jsonl
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -52,14 +50,6 @@ def engine_of(data_root: Path, model: dict, artefacts: Path) -> InfluenceEngine:
                                       IndexConfig(prefix=index["prefix"], prefix_dtype=index["prefix_dtype"],
                                                   shard_examples=index["shard_examples"]),
                                       artefact_dir=artefacts, device="cpu")
-
-
-def assert_same_build(actual: InfluenceEngine, expected: InfluenceEngine) -> None:
-    np.testing.assert_array_equal(np.asarray(actual.features), np.asarray(expected.features))
-    np.testing.assert_array_equal(np.asarray(actual.gradient_keys), np.asarray(expected.gradient_keys))
-    if expected.prefix_store is not None:
-        np.testing.assert_array_equal(np.asarray(actual.prefix_store.flat), np.asarray(expected.prefix_store.flat))
-    assert faiss.serialize_index(actual.index).tobytes() == faiss.serialize_index(expected.index).tobytes()
 
 
 def one_process_build(data_root: Path, model: dict, tmp_path: Path) -> InfluenceEngine:

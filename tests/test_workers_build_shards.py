@@ -9,17 +9,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import faiss
-import numpy as np
 import pytest
 
 from api_schemas import ModelCreate
 from fastif import DataSpec, IndexConfig, InfluenceEngine, InfluenceSpec
 from records.celery_app import BUILD_SHARD
 from records.settings import settings_from
-from tiny import make_tiny_bert, sentences, write_jsonl
+from tiny import assert_same_build, make_tiny_bert, sentences, write_jsonl
 from workers import build, registry, runner, shards
 from workers.context import WorkerContext
+from workers.results import ITEM_MODELS
 from workers.runner import run_job
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -79,13 +78,7 @@ def register(ctx: WorkerContext) -> tuple[str, str]:
 
 
 def build_task(ctx, model_id, job_id, transport) -> str:
-    return run_job(job_id, lambda run: build.run_build(run, model_id, transport), build_result_model())
-
-
-def build_result_model():
-    from workers.results import ITEM_MODELS
-
-    return ITEM_MODELS["build_model"]
+    return run_job(job_id, lambda run: build.run_build(run, model_id, transport), ITEM_MODELS["build_model"])
 
 
 def shard_task(ctx, model_id, job_id, shard) -> str:
@@ -101,13 +94,6 @@ def stored(ctx, model_id) -> InfluenceEngine:
     assert engine.fingerprint == model.fingerprint and engine.built()
     engine.prepare()
     return engine
-
-
-def assert_same_build(actual: InfluenceEngine, expected: InfluenceEngine) -> None:
-    np.testing.assert_array_equal(np.asarray(actual.features), np.asarray(expected.features))
-    np.testing.assert_array_equal(np.asarray(actual.gradient_keys), np.asarray(expected.gradient_keys))
-    np.testing.assert_array_equal(np.asarray(actual.prefix_store.flat), np.asarray(expected.prefix_store.flat))
-    assert faiss.serialize_index(actual.index).tobytes() == faiss.serialize_index(expected.index).tobytes()
 
 
 def test_shards_in_any_order_finish_the_build_once(ctx, reference):

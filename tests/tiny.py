@@ -259,3 +259,17 @@ def assert_close(actual, expected, rtol: float) -> None:
     expected = np.asarray(expected.detach().double() if isinstance(expected, torch.Tensor) else expected, dtype=np.float64)
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=0.1 * rtol * float(np.abs(expected).max()))
+
+
+def assert_same_build(actual, expected) -> None:
+    """Two engines' built artefacts are equal to the bit: features, gradient keys, prefix activations, the index."""
+    import faiss
+    import numpy as np
+
+    np.testing.assert_array_equal(np.asarray(actual.features), np.asarray(expected.features))
+    np.testing.assert_array_equal(np.asarray(actual.gradient_keys), np.asarray(expected.gradient_keys))
+    assert (actual.prefix_store is None) == (expected.prefix_store is None)
+    if expected.prefix_store is not None:
+        np.testing.assert_array_equal(np.asarray(actual.prefix_store.flat), np.asarray(expected.prefix_store.flat))
+        np.testing.assert_array_equal(actual.prefix_store.offsets, expected.prefix_store.offsets)
+    assert faiss.serialize_index(actual.index).tobytes() == faiss.serialize_index(expected.index).tobytes()
