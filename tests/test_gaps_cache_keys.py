@@ -52,6 +52,8 @@ def test_every_key_is_spelled_out():
         ("fastif:models", "fastif:jobs", "fastif:jobs:queued", "fastif:worker:*")
     assert keys.model("m1") == "fastif:model:m1" and keys.job("j1") == "fastif:job:j1"
     assert keys.results("j1") == "fastif:results:j1" and keys.idem("k") == "fastif:idem:k"
+    # two callers who pick the same Idempotency-Key get their own jobs
+    assert keys.idem("k", "alice") == "fastif:idem:alice:k" != keys.idem("k", "bob")
     assert keys.worker("w@h") == "fastif:worker:w@h"
     assert fnmatch.fnmatchcase(keys.worker("w@h"), keys.WORKER_PATTERN)
     payload = {"a": 1}
