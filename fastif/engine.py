@@ -282,7 +282,7 @@ class InfluenceEngine:
 
         def solve(missing: list[int]) -> torch.Tensor:
             solution = self.solve(plan.vectors[missing], config, on_progress)
-            diagnostics.update(solution.diagnostics(), curvature=config.curvature)
+            diagnostics.update(solution.diagnostics())
             return solution.vectors
 
         found, missing = through_cache(cache, "s_test", [{**key, **solver_key} for key in plan.keys], solve)

@@ -123,6 +123,55 @@ def test_a_zero_key_is_no_query():
     assert 0 < len(sample.keys) < 64 and (np.linalg.norm(sample.keys, axis=1) > 0).all()
 
 
+def test_recall_queries_are_distinct_rows_and_small_keys_still_count():
+    data = clustered(40, seed=7, either_sign=True) * 1e-3  # fewer rows than queries, every key's norm below 1
+    data[5] = 0.0
+    sample = knn.RecallSample.of(data, inner_product=False)
+    assert np.array_equal(sample.keys, data)  # every row once, in row order
+    signed = knn.RecallSample.of(data, inner_product=True)
+    assert np.array_equal(signed.keys, np.delete(data, 5, axis=0))  # only the zero key dropped, however small the rest
+    assert signed.k == 40
+
+
+def test_recall_of_no_query_or_of_a_single_neighbour_is_one():
+    zeros = np.zeros((10, DIM), dtype=np.float32)
+    nothing = knn.RecallSample.of(zeros, inner_product=True)
+    assert len(nothing.keys) == 0 and nothing.recall(knn.build_index(zeros, IndexConfig(kind="flat"))) == 1.0
+    single = clustered(1, seed=8, either_sign=False)
+    alone = knn.RecallSample.of(single, inner_product=False)
+    assert alone.k == 1 and alone.recall(knn.build_index(single, IndexConfig(kind="flat", space="feature"))) == 1.0
+
+
+def centroids(index: faiss.IndexIVF) -> np.ndarray:
+    return index.quantizer.reconstruct_n(0, index.nlist)
+
+
+def test_auto_trains_on_the_sample_and_an_explicit_ivf_on_every_vector(small_threshold):
+    data = clustered(6_000, seed=9, either_sign=False)
+    nlist = 8  # 64 training points a cell: a sample of 512 of the 6,000
+    auto = knn.build_index(data, IndexConfig(kind="auto", space="feature", nlist=nlist, recall_target=0.5))
+    explicit = knn.build_index(data, IndexConfig(kind="ivf", space="feature", nlist=nlist))
+
+    def trained_on(vectors):
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(DIM), DIM, nlist, faiss.METRIC_L2)
+        index.train(vectors)
+        return centroids(index)
+
+    assert np.array_equal(centroids(auto), trained_on(knn._training_sample(data, nlist)))
+    assert np.array_equal(centroids(explicit), trained_on(data))
+    assert not np.array_equal(centroids(auto), centroids(explicit))
+
+
+def test_auto_keeps_one_probe_when_one_meets_the_target(small_threshold):
+    data = clustered(6_000, seed=10, either_sign=False)
+    index = knn.build_index(data, IndexConfig(space="feature", nlist=8, recall_target=0.05))
+    measured = knn.measure_recall(index, data)[0]
+    assert index.nprobe == 1 and measured >= 0.05
+    # a target the recall at one probe meets exactly is met
+    exactly = knn.build_index(data, IndexConfig(space="feature", nlist=8, recall_target=measured))
+    assert exactly.nprobe == 1
+
+
 def test_auto_trains_ivf_on_a_sample():
     data = clustered(30_000, seed=6, either_sign=False)
     nlist = 100

@@ -25,6 +25,7 @@ from fastif.applications.graph import influence_graph
 from fastif.config import CGConfig
 from fastif.query import Influence, feature_distances, solver_config
 from fastif.factored import FactoredScores
+from fastif.batches import TrainingBatches
 from fastif.scoring import Scorer
 from workers.results import explain_items
 from fastif.tape import Tape, bias_contraction, recording
@@ -81,6 +82,25 @@ def test_the_factored_path_really_scores_when_it_is_on(setup, monkeypatch):
     scores = engine.score_rows(s.unsqueeze(0), [[3, 1, 4]])
     assert_close(scores[0], -(reference.gradients([rows[i] for i in (3, 1, 4)]) @ s.double()), rtol=1e-4)
     assert engine.score_rows(torch.zeros(0, engine.num_params), []) == []
+
+
+def test_a_scorer_uses_the_factors_only_with_the_prefix_they_start_from(setup, monkeypatch):
+    """Built over batches with the cached prefix, a Scorer scores by its factors; over batches without, by JVPs."""
+    engine, reference, rows = setup
+    s = direction(engine, 12)
+    naive = -(reference.gradients([rows[i] for i in (2, 8, 5)]) @ s.double())
+    cached = TrainingBatches(engine.tokens, engine.pad_id, engine.classifier.device, engine._stages.batches.prefix)
+    plain = TrainingBatches(engine.tokens, engine.pad_id, engine.classifier.device, None)
+    assert cached.with_prefix and not plain.with_prefix
+    fast, slow = Scorer(engine.objective, cached, engine.factored), Scorer(engine.objective, plain, engine.factored)
+    assert fast.factored is engine.factored and slow.factored is None
+    by_jvp = []
+    jvp = Scorer.scores_by_jvp
+    monkeypatch.setattr(Scorer, "scores_by_jvp", lambda self, *a, **k: by_jvp.append(self) or jvp(self, *a, **k))
+    assert_close(fast.score_rows(s.unsqueeze(0), [[2, 8, 5]])[0], naive, rtol=1e-4)
+    assert by_jvp == []
+    assert_close(slow.score_rows(s.unsqueeze(0), [[2, 8, 5]])[0], naive, rtol=1e-4)
+    assert by_jvp == [slow]
 
 
 def test_a_pool_outside_the_training_set_is_scored_on_its_own_examples(setup):
@@ -225,7 +245,9 @@ def test_solver_config_of_a_bare_config_is_that_solver_on_the_hessian():
 
 def test_candidates_and_influences_of_a_plan(setup):
     engine, reference, rows = setup
+    planning = time.perf_counter()
     plan = engine.plan([Query(t) for t in TEXTS])
+    assert 0 <= plan.seconds["gradients"] <= time.perf_counter() - planning
     everything = engine.candidates(plan.search[0], None)
     assert everything.indices.tolist() == list(range(NUM_TRAIN)) and everything.distances is None
     assert engine.candidates(plan.search[0], 0).distances is None

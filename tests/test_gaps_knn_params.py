@@ -54,6 +54,19 @@ def test_gradient_keys_inner_products_are_those_of_the_explicit_gradients(classe
     assert np.array_equal(probs, np.exp(logits) / np.exp(logits).sum(1, keepdims=True))  # the input is not changed
 
 
+@pytest.mark.parametrize("classes", [2, 3])
+def test_gradient_keys_of_float32_inputs_are_computed_in_float64_and_rounded_once(classes):
+    # the engine hands over float32 probabilities and activations; keys of the build and of a query must agree to the
+    # bit, which holds only if neither rounds along the way
+    rng = np.random.default_rng(10 + classes)
+    probs = rng.dirichlet(np.ones(classes), size=50).astype(np.float32)
+    labels = [int(y) for y in rng.integers(0, classes, size=50)]
+    inputs = rng.normal(size=(50, 6)).astype(np.float32)
+    residual = probs.astype(np.float64) - np.eye(classes)[labels]
+    wide = (residual @ knn.zero_sum_basis(classes))[:, :, None] * inputs.astype(np.float64)[:, None, :]
+    assert np.array_equal(knn.gradient_keys(probs, labels, inputs), wide.reshape(50, -1).astype(np.float32))
+
+
 # -- the index ------------------------------------------------------------------------------------------
 def vectors(n: int, dim: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)

@@ -132,10 +132,13 @@ def solver_for(config: SolverConfig, source: CurvatureSource) -> InverseSolver:
     """The solver that ``config`` names, with λ (and LiSSA's knobs) resolved against the curvature's spectrum."""
     if config.solver in ("ekfac", "kfac") and config.curvature != "gauss-newton":
         raise ValueError(f"{config.solver} approximates the Gauss-Newton matrix; use curvature 'gauss-newton'")
-    per_block = config.damping is None and config.damping_scope == "block"
-    relative = config.damping is None and not config.lissa_absolute and not per_block
+    if config.damping is None and config.damping_scope == "block":  # (SolverConfig allows it for ekfac and kfac only)
+        factors = source.factors()
+        dampings = tuple(config.damping_ratio * mean for mean in factors.block_means(config.solver))
+        return KroneckerSolver(factors, dampings, source.decay, config.solver)
+    relative = config.damping is None and not config.lissa_absolute
     spectrum = source.spectrum(config.curvature) if relative or (config.solver == "lissa" and not config.lissa_absolute) else None
-    damping = 0.0 if per_block else damping_of(config, spectrum)
+    damping = damping_of(config, spectrum)
     if config.solver == "lissa":
         return LissaSolver(source.batch_product(config.curvature), source.num_train, lissa_knobs(config, damping, spectrum),
                            retries=0 if config.lissa_absolute else 3, fused_step=source.fused_step(config.curvature))
@@ -143,9 +146,5 @@ def solver_for(config: SolverConfig, source: CurvatureSource) -> InverseSolver:
         cg = CGConfig(damping=damping, tol=config.cg_tol, max_iter=config.cg_max_iter)
         return ConjugateGradientSolver(source.full_product(config.curvature), cg)
     if config.solver in ("ekfac", "kfac"):
-        factors = source.factors()
-        if per_block:
-            dampings = tuple(config.damping_ratio * mean for mean in factors.block_means(config.solver))
-            return KroneckerSolver(factors, dampings, source.decay, config.solver)
-        return KroneckerSolver(factors, damping, source.decay, config.solver)
+        return KroneckerSolver(source.factors(), damping, source.decay, config.solver)
     return IdentitySolver(damping)
