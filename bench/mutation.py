@@ -8,8 +8,9 @@ diff and what became of it (``VERDICTS``: the test that now kills it, or why it 
 equivalent). ``make mutate`` does both from a fresh copy (``mutants/``, ignored by git).
 
 The targets are whole modules, except the engine (fastif/engine.py), of which only the
-scoring path counts (candidates, s_test cache, scores, ranking); building, artefacts and
-encoding are covered by the engine's ordinary tests. Lines that only raise or spell out a
+query's steps count (plan, candidates, s_test cache, influences); building, artefacts and
+encoding are covered by the engine's ordinary tests. Each mutant's tests run fastest first in
+a process forked from a server whose heap is frozen (bench/mutmut_plugin.py). Lines that only raise or spell out a
 message for people are not mutated (``do_not_mutate_patterns``).
 """
 
@@ -112,6 +113,8 @@ CASE_BLIND = "equivalent: numpy reads the sort kind case-blind"
 NO_REPLACE = "equivalent: numpy's Generator.choice reads replace=None as False"
 INT64 = "equivalent: numpy makes int64 of Python ints (and float64 of Python floats) without being told"
 ZEROS = "equivalent: numpy's zeros are float64 by default"
+PROMOTED = ("equivalent: the coordinates are float64, so numpy promotes float32 activations to float64 for the product "
+            "anyway (a product of two float32 numbers is exact in float64)")
 BATCH_DEFAULT = "equivalent: the default batch size only regroups examples whose scores are computed one by one"
 STEST_PLAN = ("equivalent in its numbers: without the cache the s_test shard computes the inputs' gradients itself "
               "instead of reading those stored by the job's first plan")
@@ -199,6 +202,12 @@ CHANGED: dict[str, str] = {
     "fastif.curvature.solvers.x_solver_for__mutmut_35":
         "λ was computed for every solver and then unused by the per-block one; solver_for now returns the per-block "
         "solver first, so there is no dead value left to mutate",
+    **{f"fastif.curvature.solvers.x_solver_for__mutmut_{old}":
+       f"the same change is now x_solver_for__mutmut_{new}, killed by "
+       "tests/test_gaps_solvers.py::test_lissa_from_solver_for_takes_the_fused_step_of_its_own_curvature"
+       for old, new in ((47, 54), (52, 59), (64, 71))},
+    "fastif.engine.xǁInfluenceEngineǁcached_s_test__mutmut_47":
+        "the same change is now cached_s_test__mutmut_44, listed below (equivalent on a CPU machine)",
     "fastif.engine.xǁInfluenceEngineǁcached_s_test__mutmut_29":
         "the curvature was written into the diagnostics twice; the redundant second write is gone",
 }
@@ -384,7 +393,8 @@ VERDICTS: dict[str, str] = {
     "fastif.query.x_feature_distances__mutmut_6":
         "equivalent: float32 features minus the float64 feature are promoted to float64 before squaring anyway",
     "fastif.query.xǁInfluenceǁranked__mutmut_7": CASE_BLIND,
-    "fastif.engine.xǁInfluenceEngineǁcached_s_test__mutmut_47": ON_CPU,
+    "fastif.engine.xǁInfluenceEngineǁcached_s_test__mutmut_44": ON_CPU,
+    "fastif.engine.xǁInfluenceEngineǁcached_s_test__mutmut_47": ON_CPU,  # the first pass's number of the same change
     "fastif.engine.xǁInfluenceEngineǁplan__mutmut_32": ON_CPU,
     "fastif.knn.x__strongest_of_both__mutmut_16": CASE_BLIND,
     "fastif.knn.x__training_sample__mutmut_12": NO_REPLACE,
@@ -392,6 +402,8 @@ VERDICTS: dict[str, str] = {
         "equivalent: an IVF index is only built from 256 vectors up, where N // 39 is at least 6",
     "fastif.knn.x_gradient_keys__mutmut_11": INT64,
     "fastif.knn.x_gradient_keys__mutmut_13": INT64,
+    "fastif.knn.x_gradient_keys__mutmut_21": PROMOTED,
+    "fastif.knn.x_gradient_keys__mutmut_23": PROMOTED,
     "fastif.knn.x_gradient_keys__mutmut_33": "equivalent: numpy reads any negative size as the one to infer",
     "fastif.knn.x_zero_sum_basis__mutmut_3": ZEROS,
     "fastif.knn.x_zero_sum_basis__mutmut_5": ZEROS,
@@ -448,7 +460,9 @@ def function_hashes() -> dict[str, str]:
     """mutmut's hash of each mutated function's source, by the function's mangled name."""
     hashes: dict[str, str] = {}
     for meta in (ROOT / "mutants").rglob("*.py.meta"):
-        hashes.update(json.loads(meta.read_text())["hash_by_function_name"])
+        module = ".".join(meta.relative_to(ROOT / "mutants").with_suffix("").with_suffix("").parts)
+        hashes.update({f"{module}.{function}": digest
+                       for function, digest in json.loads(meta.read_text())["hash_by_function_name"].items()})
     return hashes
 
 
@@ -556,8 +570,8 @@ def report() -> str:
              "nothing a caller can observe changes; each one below says why. Score: (killed + timeout) / "
              "(mutants run − equivalent survivors); a timeout is a mutant that made a test run past its limit (an "
              "endless loop): caught. Lines that only raise or spell out a message for people are not mutated. "
-             "Of fastif/engine.py only the scoring path is a target (candidates, the s_test cache, scores, "
-             "ranking), of fastif/curvature/kfac.py the fitted factors' algebra and storage (not the fit, which "
+             "Of fastif/engine.py only the query's steps are a target (plan, candidates, the s_test cache, "
+             "influences; the scoring itself is fastif/scoring.py), of fastif/curvature/kfac.py the fitted factors' algebra and storage (not the fit, which "
              "the slower tests/test_engine_curvature.py checks on real models), of workers/parallel.py everything "
              "but the task wrapper's error plumbing.", ""]
     if timing.get("note"):
