@@ -7,6 +7,11 @@ killed, survived, timeouts and untested per module, and every survivor with its 
 diff and what became of it (``VERDICTS``: the test that now kills it, or why it is
 equivalent). ``make mutate`` does both from a fresh copy (``mutants/``, ignored by git).
 
+After writing tests for a first pass's survivors, ``python bench/mutation.py rerun`` runs those
+survivors again; once a target function itself has changed, its mutants are numbered afresh, so
+``python bench/mutation.py again`` runs every mutant afresh instead, keeping the first pass for
+the report's history.
+
 The targets are whole modules, except the engine (fastif/engine.py), of which only the
 query's steps count (plan, candidates, s_test cache, influences); building, artefacts and
 encoding are covered by the engine's ordinary tests. Each mutant's tests run fastest first in
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -85,10 +91,6 @@ START = ("equivalent: the random start vector drawn in float32 rather than float
          "(it is cast to the working dtype either way)")
 TRIDIAGONAL = ("equivalent: eigvalsh reads only the lower triangle, and negating the off-diagonal of a symmetric "
                "tridiagonal matrix is a similarity (by diag(±1)) that keeps its eigenvalues")
-SHARD_PLAN = ("equivalent in its numbers: without the cache the scoring shard computes the inputs' gradients "
-              "again instead of reading them, and gets the same plan")
-NONE_PART = ("equivalent: the job's own bookkeeping key is spelled with \"None\" for its last part, still one key "
-             "per job that nothing else uses")
 JSON_FLOATS = "equivalent: the scores come back from JSON as Python floats, which numpy makes float64 anyway"
 FAISS_CAST = "equivalent: faiss's Python wrapper casts what it is given to contiguous float32 itself"
 SETTLED_GUARD = ("equivalent: the tenth is at most a tenth of the run, so from four norms on the run is always "
@@ -107,7 +109,6 @@ ONE_DTYPE = ("equivalent: every influence parameter of one model has the same dt
              "made like the second block's is made like the first's")
 BETAS = ("equivalent: Lanczos keeps one β fewer than α however it stops (at the last step, or at a breakdown, "
          "which full reorthogonalisation reaches by the last dimension), so slicing to len + 1 takes the same βs")
-SPELLING = "equivalent: the job's own bookkeeping key spelled differently, still one key per job that nothing else uses"
 TEMP_NAME = "equivalent: the name of the temporary file that is renamed onto the target at once"
 CASE_BLIND = "equivalent: numpy reads the sort kind case-blind"
 NO_REPLACE = "equivalent: numpy's Generator.choice reads replace=None as False"
@@ -183,6 +184,8 @@ KILLED_BY: dict[str, str] = {
         "tests/test_gaps_solvers.py::test_lissa_from_solver_for_takes_the_fused_step_of_its_own_curvature",
     "fastif.curvature.solvers.xǁLissaSolverǁsolve":
         "tests/test_gaps_solvers.py::test_lissa_from_solver_for_takes_the_fused_step_of_its_own_curvature",
+    "fastif.scoring.xǁScorerǁscore_rows":
+        "tests/test_gaps_engine.py::test_a_scorer_uses_the_factors_only_with_the_prefix_they_start_from (no rows: no batch)",
     "fastif.scoring.xǁScorerǁ__init__":
         "tests/test_gaps_engine.py::test_a_scorer_uses_the_factors_only_with_the_prefix_they_start_from",
     "fastif.engine.xǁInfluenceEngineǁplan": "tests/test_gaps_engine.py::test_candidates_and_influences_of_a_plan (seconds)",
@@ -284,14 +287,9 @@ VERDICTS: dict[str, str] = {
     "fastif.curvature.spectrum.x_lanczos_extremes__mutmut_79": TRIDIAGONAL,
     "fastif.engine.xǁInfluenceEngineǁscore__mutmut_1":
         "equivalent: the default batch size only regroups examples whose scores are computed one by one",
-    "workers.parallel.x__merge__mutmut_49": "equivalent: the result item reports bool(cached), and bool(None) is False",
-    "workers.parallel.x__merge__mutmut_57": "equivalent: Influence.cached defaults to False",
+    "workers.parallel.x__merge__mutmut_57": JSON_FLOATS,
     "workers.parallel.x__slice__mutmut_2":
         "equivalent: the float bounds are truncated by int() exactly as astype(int) truncates them",
-    "workers.parallel.x_start_parallel__mutmut_13": NONE_PART,
-    "workers.parallel.x_start_parallel__mutmut_16": NONE_PART.replace("with \"None\" for", "differently in"),
-    "workers.parallel.x_start_parallel__mutmut_17": NONE_PART.replace("with \"None\" for", "differently in"),
-    "workers.parallel.x_start_parallel__mutmut_18": "equivalent: the value of the SETNX flag is never read",
     "fastif.knn.x_build_index__mutmut_3": FAISS_CAST,
     "fastif.knn.x_build_index__mutmut_5": FAISS_CAST,
     "fastif.knn.x__search__mutmut_8": FAISS_CAST + " (search() already made the key float32)",
@@ -310,10 +308,7 @@ VERDICTS: dict[str, str] = {
     "fastif.curvature.iterative.x__settled__mutmut_12": SETTLED_GUARD,
     "fastif.curvature.iterative.x__settled__mutmut_29": "equivalent: < or <= at the 5% threshold",
     "fastif.curvature.iterative.x_lissa__mutmut_14": BUFFER,
-    "fastif.curvature.iterative.x_lissa__mutmut_58": BUFFER,
-    "fastif.curvature.iterative.x_lissa__mutmut_61": BUFFER,
     "fastif.curvature.iterative.x_lissa__mutmut_8": ALARM,
-    "fastif.curvature.iterative.x_lissa__mutmut_84": ALARM,
     "fastif.curvature.iterative.x_lissa__mutmut_9":
         ALARM + " (the norm over all rows instead of the largest row's only raises the bar)",
     "fastif.curvature.iterative.x_lissa_generator__mutmut_2": STREAMS,
@@ -325,35 +320,19 @@ VERDICTS: dict[str, str] = {
     "fastif.factored.xǁFactoredScoresǁcontract__mutmut_7": ON_CPU,
     "fastif.factored.xǁFactoredScoresǁcontract__mutmut_8": ONE_DTYPE,
     "fastif.factored.xǁFactoredScoresǁcontract__mutmut_9": ONE_DTYPE,
-    "fastif.engine.xǁInfluenceEngineǁcached_s_test__mutmut_41":
-        "equivalent: the diagnostics already hold the curvature, and the solver's own do not name it",
     "fastif.curvature.spectrum.x_lanczos_extremes__mutmut_85": BETAS,
     "fastif.curvature.spectrum.x_lanczos_extremes__mutmut_92": BETAS,
-    "workers.parallel.x__score_work__mutmut_26": SHARD_PLAN,
-    "workers.parallel.x__score_work__mutmut_29": SHARD_PLAN,
-    "workers.parallel.x__stest_work__mutmut_14": SHARD_PLAN,
-    "workers.parallel.x__stest_work__mutmut_17": SHARD_PLAN,
-    "workers.parallel.x__stest_work__mutmut_126": NONE_PART,
-    "workers.parallel.x__stest_work__mutmut_129": SPELLING,
-    "workers.parallel.x__stest_work__mutmut_130": SPELLING,
-    "workers.parallel.x__stest_work__mutmut_131": "equivalent: the value of the SETNX flag is never read",
-    "workers.parallel.x__stest_work__mutmut_135": "equivalent: _average_and_cache never uses its engine argument",
+    "workers.parallel.x__stest_work__mutmut_135": STEST_PLAN,
     "records.keys.x_canonical_json__mutmut_4": "equivalent: json reads ensure_ascii=None as False",
     "records.keys.x_canonical_json__mutmut_5": "equivalent: json reads allow_nan=None as False",
     "records.keys.x_sha256_hex__mutmut_5": "equivalent: \"UTF-8\" and \"utf-8\" name the same codec",
     "fastif.params.x__around_encoder__mutmut_22": "equivalent: None and False are both false",
     "fastif.params.x_find_layer_stack__mutmut_3":
         "equivalent: an empty ModuleList has no block type, so it never passes the one-type test anyway",
-    "fastif.knn.x_build_index__mutmut_38":
-        "equivalent: an IVF index is only built from 256 vectors up, where N // 39 is at least 6",
-    "workers.parallel.x__merge__mutmut_37": JSON_FLOATS,
-    "workers.parallel.x__merge__mutmut_39": JSON_FLOATS,
     "fastif.curvature.spectrum.x_lanczos_extremes__mutmut_7": ON_CPU,
     "fastif.curvature.spectrum.x_lanczos_extremes__mutmut_9": ON_CPU,
     "fastif.curvature.spectrum.x_hutchinson_trace__mutmut_1":
         "equivalent: the only caller, estimate_spectrum, always passes the seed",
-    "fastif.engine.xǁInfluenceEngineǁscores_by_jvp__mutmut_10": "equivalent: numpy's zeros are float64 by default",
-    "fastif.engine.xǁInfluenceEngineǁscores_by_jvp__mutmut_12": "equivalent: numpy's zeros are float64 by default",
     "fastif.engine.xǁInfluenceEngineǁscores_by_jvp__mutmut_1":
         "equivalent: the default batch size only regroups examples whose scores are computed one by one",
     "fastif.curvature.solvers.xǁKroneckerSolverǁsolve__mutmut_40":
@@ -361,8 +340,6 @@ VERDICTS: dict[str, str] = {
     "fastif.curvature.iterative.x_lissa__mutmut_50": BUFFER,
     "fastif.curvature.iterative.x_lissa__mutmut_53": BUFFER,
     "fastif.curvature.iterative.x_lissa__mutmut_76": ALARM,
-    "fastif.curvature.solvers.xǁLissaSolverǁsolve__mutmut_4":
-        "equivalent: the attempt numbered `retries` raises on a divergence, so no later attempt is ever reached",
     "fastif.scoring.x_place__mutmut_3": FLOAT_CHUNKS,
     "fastif.scoring.x_place__mutmut_5": FLOAT_CHUNKS,
     "fastif.scoring.x_place__mutmut_21": WITHIN_CHUNK,
@@ -380,8 +357,6 @@ VERDICTS: dict[str, str] = {
         "equivalent: with no rows the union is empty whatever its dtype, and nothing indexes it",
     "fastif.scoring.xǁScorerǁscore_rows__mutmut_36":
         "equivalent: with no rows the union is empty whatever its dtype, and nothing indexes it",
-    "fastif.scoring.xǁScorerǁscore_rows__mutmut_37":
-        "equivalent in its result: with no rows a union of one example is batched for nothing and no score is placed",
     "fastif.scoring.xǁScorerǁscore_rows__mutmut_70": ON_CPU,
     "fastif.scoring.xǁScorerǁscores_by_jvp__mutmut_1": BATCH_DEFAULT,
     "fastif.scoring.xǁScorerǁscores_by_jvp__mutmut_10": ZEROS,
@@ -394,6 +369,11 @@ VERDICTS: dict[str, str] = {
         "equivalent: float32 features minus the float64 feature are promoted to float64 before squaring anyway",
     "fastif.query.xǁInfluenceǁranked__mutmut_7": CASE_BLIND,
     "fastif.engine.xǁInfluenceEngineǁcached_s_test__mutmut_44": ON_CPU,
+    "fastif.curvature.solvers.x_solver_for__mutmut_35":
+        "equivalent: SolverConfig allows damping_scope block only for ekfac and kfac, whose per-block solver never "
+        "read the λ this line set",
+    "fastif.engine.xǁInfluenceEngineǁcached_s_test__mutmut_29":
+        "equivalent: the diagnostics held the curvature already and the solution's own diagnostics have none",
     "fastif.engine.xǁInfluenceEngineǁcached_s_test__mutmut_47": ON_CPU,  # the first pass's number of the same change
     "fastif.engine.xǁInfluenceEngineǁplan__mutmut_32": ON_CPU,
     "fastif.knn.x__strongest_of_both__mutmut_16": CASE_BLIND,
@@ -446,6 +426,17 @@ def run(max_children: int, only: list[str] | None = None) -> None:
     TIMINGS.write_text(json.dumps({"seconds": seconds, "max_children": max_children,
                                    "finished": time.strftime("%Y-%m-%d %H:%M")}))
     keep_first_pass()
+
+
+def again(max_children: int, only: list[str] | None = None) -> None:
+    """A second pass of every target mutant from a fresh copy, keeping the first pass that the report compares with."""
+    kept = {path: path.read_text() for path in (FIRST_PASS, FIRST_PASS_SURVIVORS, TIMINGS) if path.is_file()}
+    shutil.rmtree(ROOT / "mutants", ignore_errors=True)  # mutmut keeps a result until its function changes
+    seconds = _mutmut(mutant_names(only), max_children)
+    for path, text in kept.items():
+        path.write_text(text)
+    timing = json.loads(kept[TIMINGS]) if TIMINGS in kept else {"seconds": seconds, "max_children": max_children}
+    TIMINGS.write_text(json.dumps({**timing, "again_seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M")}))
 
 
 def keep_first_pass() -> None:
@@ -579,6 +570,9 @@ def report() -> str:
     elif timing:
         line = (f"Last run: {timing.get('finished')}, {timing['seconds'] / 60:.0f} min for every mutant, "
                 f"{timing['max_children']} at a time, on this 2-core machine")
+        if "again_seconds" in timing:
+            line += (f"; after the tests written for its survivors every mutant ran again "
+                     f"({timing['again_seconds'] / 60:.0f} min)")
         if "rerun_seconds" in timing:
             line += (f"; the {timing['rerun_mutants']} survivors of that pass were run again against the tests "
                      f"written for them ({timing['rerun_seconds'] / 60:.0f} min)")
@@ -617,7 +611,7 @@ def report() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["run", "rerun", "report", "all"])
+    parser.add_argument("what", choices=["run", "rerun", "again", "report", "all"])
     parser.add_argument("--max-children", type=int, default=2)
     parser.add_argument("--only", default="", help="comma-separated parts of module paths, e.g. parallel,keys")
     args = parser.parse_args()
@@ -626,6 +620,8 @@ def main() -> None:
         run(args.max_children, only)
     if args.what == "rerun":
         rerun(args.max_children)
+    if args.what == "again":
+        again(args.max_children, only)
     if args.what in ("report", "all"):
         RESULTS.write_text(report())
         print(f"wrote {RESULTS.relative_to(ROOT)}")

@@ -101,6 +101,13 @@ def test_a_scorer_uses_the_factors_only_with_the_prefix_they_start_from(setup, m
     assert by_jvp == []
     assert_close(slow.score_rows(s.unsqueeze(0), [[2, 8, 5]])[0], naive, rtol=1e-4)
     assert by_jvp == [slow]
+    # no rows: no batch is run
+    batched = []
+    call = TrainingBatches.__call__
+    monkeypatch.setattr(TrainingBatches, "__call__", lambda self, indices: batched.append(indices) or call(self, indices))
+    assert fast.score_rows(torch.zeros(0, engine.num_params), []) == [] and batched == []
+    fast.score_rows(s.unsqueeze(0), [[4]])
+    assert [list(indices) for indices in batched] == [[4]]
 
 
 def test_a_pool_outside_the_training_set_is_scored_on_its_own_examples(setup):

@@ -56,8 +56,8 @@ def test_gradient_keys_inner_products_are_those_of_the_explicit_gradients(classe
 
 @pytest.mark.parametrize("classes", [2, 3])
 def test_gradient_keys_of_float32_inputs_are_computed_in_float64_and_rounded_once(classes):
-    # the engine hands over float32 probabilities and activations; keys of the build and of a query must agree to the
-    # bit, which holds only if neither rounds along the way
+    # the engine hands over float64 probabilities and float32 activations, a caller may hand over float32 for both:
+    # the keys must be the float64 computation rounded once, whatever the inputs' precision
     rng = np.random.default_rng(10 + classes)
     probs = rng.dirichlet(np.ones(classes), size=50).astype(np.float32)
     labels = [int(y) for y in rng.integers(0, classes, size=50)]

@@ -7,6 +7,7 @@ of its recursion on the very indices it sampled. Fast enough to run under mutati
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -540,6 +541,8 @@ def test_solver_for_resolves_lissa_against_the_spectrum():
     v = vectors(1)
     expected = torch.linalg.solve(src.ggn + 0.5 * mean * torch.eye(P, dtype=torch.float64), v.T).T
     torch.testing.assert_close(solver.solve(v).vectors, expected, rtol=1e-5, atol=1e-8)
+    plain = dataclasses.replace(solver, fused_step=None)  # the same knobs through the in-place product
+    torch.testing.assert_close(plain.solve(v).vectors, expected, rtol=1e-5, atol=1e-8)
     paper = Source(spectrum_available=False)
     exact = solver_for(SolverConfig.fastif_paper(depth=3), paper.source())
     assert isinstance(exact, LissaSolver) and exact.retries == 0 and exact.config == SolverConfig.fastif_paper(depth=3).lissa
