@@ -10,7 +10,9 @@ equivalent). ``make mutate`` does both from a fresh copy (``mutants/``, ignored 
 After writing tests for a first pass's survivors, ``python bench/mutation.py rerun`` runs those
 survivors again; once a target function itself has changed, its mutants are numbered afresh, so
 ``python bench/mutation.py again`` runs every mutant afresh instead, keeping the first pass for
-the report's history.
+the report's history. ``python bench/mutation.py confirm`` records the diff each survivor's
+verdict was read against (bench/mutation_verdicts.json); a later report flags a verdict whose
+mutant now reads differently as stale.
 
 The targets are whole modules, except the engine (fastif/engine.py), of which only the
 query's steps count (plan, candidates, s_test cache, influences); building, artefacts and
@@ -33,6 +35,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "mutation.md"
+# The diff each verdict was written for: mutmut numbers a function's mutants afresh when the function changes, so
+# a verdict found under a name whose diff is no longer this one belongs to another change and is flagged as stale.
+VERDICT_DIFFS = ROOT / "bench" / "mutation_verdicts.json"
 TIMINGS = ROOT / "mutants" / "run-seconds.json"
 FIRST_PASS = ROOT / "mutants" / "first-pass.json"
 # the first pass's survivors as they read then, and each function's hash: a function changed since has its mutants
@@ -439,6 +444,15 @@ def again(max_children: int, only: list[str] | None = None) -> None:
     TIMINGS.write_text(json.dumps({**timing, "again_seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M")}))
 
 
+def confirm_verdicts() -> None:
+    """Record the diff each current survivor's verdict was read against (run after checking the verdicts by hand)."""
+    codes = results()
+    recorded = json.loads(VERDICT_DIFFS.read_text()) if VERDICT_DIFFS.is_file() else {}
+    recorded.update({name: one_line_diff(name) for name, code in codes.items() if name in VERDICTS and survived(code)})
+    VERDICT_DIFFS.write_text(json.dumps({name: recorded[name] for name in sorted(recorded) if name in VERDICTS},
+                                        indent=0, ensure_ascii=False) + "\n")
+
+
 def keep_first_pass() -> None:
     """The results as they stand, and each survivor's diff, as the first pass that reruns and the report compare with."""
     codes = results()
@@ -586,6 +600,7 @@ def report() -> str:
               "it, or why it is equivalent.", ""]
     then = json.loads(FIRST_PASS_SURVIVORS.read_text()) if FIRST_PASS_SURVIVORS.is_file() else {"diffs": {}, "hashes": {}}
     now = function_hashes()
+    verdict_diffs = json.loads(VERDICT_DIFFS.read_text()) if VERDICT_DIFFS.is_file() else {}
     for module in TARGETS:
         names = sorted({n for n, c in first.items() if module_of(n) == module and survived(c)} | set(survivors[module]))
         if not names:
@@ -604,6 +619,9 @@ def report() -> str:
                 verdict = f"now {status} by {killed_by(name)}"
             else:
                 verdict = VERDICTS.get(name, "**open**: no test kills it yet")
+                written_for = verdict_diffs.get(name)
+                if name in VERDICTS and written_for != one_line_diff(name):
+                    verdict = f"**stale verdict**, written for {written_for}: read this mutant again"
             lines.append(f"- `{name}` ({status}): {one_line_diff(name)} — {verdict}")
         lines.append("")
     return "\n".join(lines) + "\n"
@@ -611,7 +629,7 @@ def report() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["run", "rerun", "again", "report", "all"])
+    parser.add_argument("what", choices=["run", "rerun", "again", "report", "all", "confirm"])
     parser.add_argument("--max-children", type=int, default=2)
     parser.add_argument("--only", default="", help="comma-separated parts of module paths, e.g. parallel,keys")
     args = parser.parse_args()
@@ -622,6 +640,8 @@ def main() -> None:
         rerun(args.max_children)
     if args.what == "again":
         again(args.max_children, only)
+    if args.what == "confirm":
+        confirm_verdicts()
     if args.what in ("report", "all"):
         RESULTS.write_text(report())
         print(f"wrote {RESULTS.relative_to(ROOT)}")
