@@ -643,8 +643,10 @@ def main() -> None:
     if args.what == "confirm":
         confirm_verdicts()
     if args.what in ("report", "all"):
-        RESULTS.write_text(report())
-        print(f"wrote {RESULTS.relative_to(ROOT)}")
+        # a run of some targets reports into mutants/, so that it does not replace the whole run's committed report
+        out = ROOT / "mutants" / f"mutation-{'-'.join(only)}.md" if only else RESULTS
+        out.write_text(report())
+        print(f"wrote {out.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":
