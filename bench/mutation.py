@@ -17,8 +17,8 @@ mutant now reads differently as stale.
 The targets are whole modules, except the engine (fastif/engine.py), of which only the
 query's steps count (plan, candidates, s_test cache, influences); building, artefacts and
 encoding are covered by the engine's ordinary tests. Each mutant's tests run fastest first in
-a process forked from a server whose heap is frozen (bench/mutmut_plugin.py). Lines that only raise or spell out a
-message for people are not mutated (``do_not_mutate_patterns``).
+a process forked from a server whose heap is frozen (bench/mutmut_plugin.py). Lines that only
+raise or spell out a message for people are not mutated (``do_not_mutate_patterns``).
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ RESULTS = ROOT / "bench" / "results" / "mutation.md"
 VERDICT_DIFFS = ROOT / "bench" / "mutation_verdicts.json"
 TIMINGS = ROOT / "mutants" / "run-seconds.json"
 FIRST_PASS = ROOT / "mutants" / "first-pass.json"
-# the first pass's survivors as they read then, and each function's hash: a function changed since has its mutants
-# numbered afresh, so its old names no longer say which change they were
+# the first pass's survivors as they read then: a function changed since has its mutants numbered afresh, so an old
+# name whose diff reads differently now no longer says which change it was
 FIRST_PASS_SURVIVORS = ROOT / "mutants" / "first-pass-survivors.json"
 
 # module -> mutmut name globs (mutmut names a mutant ``module.x_function__mutmut_N``, methods ``xǁClassǁmethod``)
@@ -458,21 +458,7 @@ def keep_first_pass() -> None:
     codes = results()
     FIRST_PASS.write_text(json.dumps(codes, indent=0, sort_keys=True))
     diffs = {name: one_line_diff(name) for name, code in codes.items() if module_of(name) and survived(code)}
-    FIRST_PASS_SURVIVORS.write_text(json.dumps({"diffs": diffs, "hashes": function_hashes()}, indent=0, sort_keys=True))
-
-
-def function_hashes() -> dict[str, str]:
-    """mutmut's hash of each mutated function's source, by the function's mangled name."""
-    hashes: dict[str, str] = {}
-    for meta in (ROOT / "mutants").rglob("*.py.meta"):
-        module = ".".join(meta.relative_to(ROOT / "mutants").with_suffix("").with_suffix("").parts)
-        hashes.update({f"{module}.{function}": digest
-                       for function, digest in json.loads(meta.read_text())["hash_by_function_name"].items()})
-    return hashes
-
-
-def function_of(name: str) -> str:
-    return name.rsplit("__mutmut_", 1)[0]
+    FIRST_PASS_SURVIVORS.write_text(json.dumps(diffs, indent=0, sort_keys=True, ensure_ascii=False))
 
 
 def survived(code: int | None) -> bool:
@@ -576,7 +562,8 @@ def report() -> str:
              "(mutants run − equivalent survivors); a timeout is a mutant that made a test run past its limit (an "
              "endless loop): caught. Lines that only raise or spell out a message for people are not mutated. "
              "Of fastif/engine.py only the query's steps are a target (plan, candidates, the s_test cache, "
-             "influences; the scoring itself is fastif/scoring.py), of fastif/curvature/kfac.py the fitted factors' algebra and storage (not the fit, which "
+             "influences; the scoring itself is fastif/scoring.py), of fastif/curvature/kfac.py the fitted "
+             "factors' algebra and storage (not the fit, which "
              "the slower tests/test_engine_curvature.py checks on real models), of workers/parallel.py everything "
              "but the task wrapper's error plumbing.", ""]
     if timing.get("note"):
@@ -598,8 +585,7 @@ def report() -> str:
     lines += ["## Survivors", "",
               "Every mutant that survived a pass, with its change and what became of it: the test that now kills "
               "it, or why it is equivalent.", ""]
-    then = json.loads(FIRST_PASS_SURVIVORS.read_text()) if FIRST_PASS_SURVIVORS.is_file() else {"diffs": {}, "hashes": {}}
-    now = function_hashes()
+    then = json.loads(FIRST_PASS_SURVIVORS.read_text()) if FIRST_PASS_SURVIVORS.is_file() else {}
     verdict_diffs = json.loads(VERDICT_DIFFS.read_text()) if VERDICT_DIFFS.is_file() else {}
     for module in TARGETS:
         names = sorted({n for n, c in first.items() if module_of(n) == module and survived(c)} | set(survivors[module]))
@@ -608,10 +594,10 @@ def report() -> str:
         lines += [f"### {module}", ""]
         for name in names:
             status = status_of(codes.get(name))
-            changed = name in then["diffs"] and then["hashes"].get(function_of(name)) != now.get(function_of(name))
+            changed = name in then and (codes.get(name) is None or then[name] != one_line_diff(name))
             if changed and name not in survivors[module]:
                 verdict = f"its function changed since: {CHANGED.get(name, 'its mutants were run again, renumbered')}"
-                lines.append(f"- `{name}` (first pass): {then['diffs'][name]} — {verdict}")
+                lines.append(f"- `{name}` (first pass): {then[name]} — {verdict}")
                 continue
             if codes.get(name) is None:
                 verdict = "not run by the last pass"

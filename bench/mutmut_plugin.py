@@ -35,10 +35,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     def cost(item: pytest.Item) -> float:
         return seconds.get(item.nodeid, 0.0)
 
+    def module(item: pytest.Item) -> str:
+        return item.nodeid.split("::")[0]
+
     module_cost: dict[str, float] = {}
     for item in items:
-        module_cost[item.nodeid.split("::")[0]] = module_cost.get(item.nodeid.split("::")[0], 0.0) + cost(item)
-    items.sort(key=lambda item: (module_cost[item.nodeid.split("::")[0]], item.nodeid.split("::")[0], cost(item)))
+        module_cost[module(item)] = module_cost.get(module(item), 0.0) + cost(item)
+    items.sort(key=lambda item: (module_cost[module(item)], module(item), cost(item)))
 
 
 @pytest.hookimpl(trylast=True)
