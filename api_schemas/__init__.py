@@ -17,9 +17,11 @@ from .applications import (
     GraphResult,
     GraphSettings,
     LabelledInput,
+    SelfInfluenceInputItem,
     SelfInfluenceItem,
     SelfInfluenceRequest,
 )
+from .data_files import DataFileFields, InputsFile
 from .common import ErrorInfo, FiniteFloat
 from .influence import CGSettings, InfluenceInput, InfluenceRequest, LissaConfig, SolverSettings
 from .jobs import TERMINAL_STATUSES, Job, JobList, JobStatus, Progress
@@ -54,7 +56,10 @@ __all__ = [
     "GraphResult",
     "GraphSettings",
     "LabelledInput",
+    "SelfInfluenceInputItem",
     "SelfInfluenceItem",
+    "DataFileFields",
+    "InputsFile",
     "SelfInfluenceRequest",
     "BuildResult",
     "CandidateScore",

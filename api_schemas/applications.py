@@ -12,7 +12,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, StrictInt, StrictStr, model_validator
 
 from .common import FiniteFloat, PathStr, RequestModel, ResponseModel
-from .influence import InfluenceInput, LissaConfig, SolverSettings
+from .data_files import DataFileFields, InputsFile
+from .influence import INPUTS_FROM, InfluenceInput, InputList, LissaConfig, SolverSettings, one_input_source
 from .results import Prediction, ResultItem
 
 ModelId = Annotated[str, Field(min_length=1, max_length=128)]
@@ -27,11 +28,17 @@ class ExplainRequest(SolverSettings):
     """POST /v1/explain: per input, the prediction and its most helpful and harmful training examples."""
 
     model_id: ModelId
-    inputs: Annotated[list[InfluenceInput], Field(min_length=1)]
+    inputs: InputList | None = None
+    inputs_from: InputsFile | None = Field(None, description=INPUTS_FROM)
     k: Count | None = 1000
     top: Annotated[int, Field(strict=True, ge=1, le=1000)] = 10
     # Also write every result item as JSON Lines to this file in the data root when the job succeeds.
     output_path: PathStr | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ExplainRequest:
+        one_input_source(self.inputs, self.inputs_from)
+        return self
 
 
 class Agreement(ResponseModel):
@@ -128,26 +135,13 @@ class LabelledInput(InfluenceInput):
     label: Label
 
 
-class _DataFile(RequestModel):
-    """A data file inside the data root and how to read it."""
-
-    path: PathStr | None = None
-    text_field: str | None = None
-    text_pair_field: str | None = None
-    label_field: str | None = None
-    format: Literal["auto", "jsonl", "csv", "tsv", "hf"] | None = None
-    quoting: Literal["minimal", "none"] | None = None
-    # Read at most this many rows (the first ones).
-    limit: Count | None = None
-
-
-class DataRef(_DataFile):
+class DataRef(DataFileFields):
     """A data file inside the data root; fields left out are those of the model's training data."""
 
     path: PathStr
 
 
-class EvaluationSet(_DataFile):
+class EvaluationSet(DataFileFields):
     """Exactly one of `path` (a DataRef's fields) or inline `examples`."""
 
     examples: Annotated[list[LabelledInput], Field(min_length=1)] | None = None
@@ -334,6 +328,9 @@ class SelfInfluenceRequest(SolverSettings):
     model_id: ModelId
     # A random sample of this many training examples (all when null and no `indices`).
     sample: Count | None = None
+    inputs_from: InputsFile | None = Field(None, description=(
+        "the self-influence of a file's examples instead of training examples (a dataset job: in input order, "
+        "one SelfInfluenceInputItem per input, in shards over the workers); not with sample, indices or top"))
     indices: Annotated[list[Annotated[int, Field(strict=True, ge=0)]], Field(min_length=1, max_length=100_000)] | None = None
     seed: StrictInt = 0
     # `identity`: (λI)⁻¹, i.e. -‖∇L(z)‖²/λ, no curvature. LiSSA runs shorter by default here (many rows per run).
@@ -349,7 +346,22 @@ class SelfInfluenceRequest(SolverSettings):
     def _one_selection(self) -> SelfInfluenceRequest:
         if self.sample is not None and self.indices is not None:
             raise ValueError("give at most one of 'sample' or 'indices'")
+        if self.inputs_from is not None and (self.sample is not None or self.indices is not None or self.top is not None):
+            raise ValueError("inputs_from scores a file's examples in input order: not with 'sample', 'indices' or "
+                             "'top', which choose and rank training examples")
         return self
+
+
+class SelfInfluenceInputItem(ResponseModel):
+    """One input of a self-influence dataset job (inputs_from), in input order: I(z, z) with its label used."""
+
+    input_index: int
+    self_influence: FiniteFloat
+    loss: FiniteFloat
+    text: str
+    label: str  # the label the gradient used: the file's, else the predicted one
+    predicted: str
+    text_pair: str | None = None  # only for pair tasks
 
 
 class SelfInfluenceItem(ResponseModel):

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field, StrictInt, StrictStr, model_validator
 
 from .common import FiniteFloat, PathStr, RequestModel
+from .data_files import InputsFile
 
 
 class InfluenceInput(RequestModel):
@@ -113,11 +114,23 @@ class SolverSettings(RequestModel):
         return self
 
 
+def one_input_source(inputs: list | None, inputs_from: InputsFile | None) -> None:
+    """A job's inputs come inline or from a file (a dataset job), never both."""
+    if (inputs is None) == (inputs_from is None):
+        raise ValueError("give exactly one of 'inputs' (inline) or 'inputs_from' (a file in the data root)")
+
+
+InputList = Annotated[list[InfluenceInput], Field(min_length=1)]
+INPUTS_FROM = ("a file of test inputs in the data root, read by the job in shards over the workers (a dataset job), "
+               "in place of inline `inputs`")
+
+
 class InfluenceRequest(SolverSettings):
     """Score the k nearest training examples of each input (or of the group) by influence."""
 
     model_id: Annotated[str, Field(min_length=1, max_length=128)]
-    inputs: Annotated[list[InfluenceInput], Field(min_length=1)]
+    inputs: InputList | None = None
+    inputs_from: InputsFile | None = Field(None, description=INPUTS_FROM)
     # None scores every training example.
     k: Annotated[int, Field(strict=True, ge=1)] | None = 1000
     top: Annotated[int, Field(strict=True, ge=1, le=1000)] = 10
@@ -129,6 +142,10 @@ class InfluenceRequest(SolverSettings):
 
     @model_validator(mode="after")
     def _parallel_is_lissa(self) -> InfluenceRequest:
+        one_input_source(self.inputs, self.inputs_from)
+        if self.inputs_from is not None and (self.group or self.parallel > 1):
+            raise ValueError("a dataset job (inputs_from) scores each input on its own in shards over the workers: "
+                             "'group' and 'parallel' go with inline inputs only")
         if self.parallel > 1 and self.solver != "lissa":
             raise ValueError(f"parallel averages LiSSA estimates from several seeds; solver {self.solver} is "
                              "deterministic: use parallel 1, or solver 'lissa'")

@@ -86,3 +86,19 @@ if raw and cjson.decode(raw)['job_id'] == ARGV[1] then
 end
 return 0
 """
+
+# KEYS: job, the shard's items list, the done set. ARGV: shard, ttl, items count, item, ...
+# Stores one dataset shard's items once (a shard done twice keeps its first items, which are the
+# same) and counts them on the record; returns how many shards are stored, -1 if the job is gone.
+STORE_SHARD_ITEMS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('SADD', KEYS[3], ARGV[1]) == 1 then
+  redis.call('DEL', KEYS[2])
+  if tonumber(ARGV[3]) > 0 then redis.call('RPUSH', KEYS[2], unpack(ARGV, 4)) end
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+  redis.call('HINCRBY', KEYS[1], 'result_count', ARGV[3])
+  redis.call('HINCRBY', KEYS[1], 'done', ARGV[3])
+end
+redis.call('EXPIRE', KEYS[3], ARGV[2])
+return redis.call('SCARD', KEYS[3])
+"""

@@ -3,7 +3,8 @@
 A job is a hash `fastif:job:{id}`; `fastif:jobs` orders ids by creation time,
 `fastif:jobs:owner:{name}` does the same for the jobs one API key created, and
 `fastif:jobs:queued` holds the queued ones. Results are a list of JSON strings,
-one per input. Finished jobs and their results expire after `result_ttl_s`.
+one per input; a dataset job's are one such list per shard, readable as each shard
+finishes. Finished jobs and their results expire after `result_ttl_s`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .errors import IdempotencyConflict, JobNotCancellable, JobNotFound, QueueFu
 RESERVED_FIELDS = frozenset(
     {"id", "kind", "status", "model_id", "request", "request_hash", "created_at", "started_at",
      "finished_at", "deliveries", "cancel_requested", "result_count", "error_code", "error_message",
-     "idempotency_key", "owner"}
+     "idempotency_key", "owner", "inputs_total", "result_shards", "shard_inputs"}
 )
 _LIST_CHUNK = 200
 
@@ -49,23 +50,25 @@ class JobStore(HashRecordStore[Job]):
         self._hset = client.register_script(_scripts.HSET_EXISTING)
         self._hincr = client.register_script(_scripts.HINCR_EXISTING)
         self._release_idem = client.register_script(_scripts.RELEASE_IDEM)
+        self._store_shard = client.register_script(_scripts.STORE_SHARD_ITEMS)
 
     # -- creating ---------------------------------------------------------------------------
 
     def create(self, kind: str, model_id: str | None, request: dict[str, Any], idempotency_key: str | None = None, *,
-               owner: str | None = None, max_queued: int = 0) -> Job:
+               owner: str | None = None, max_queued: int = 0, inputs_total: int | None = None) -> Job:
         """Create a queued job; with an idempotency key, return the job it already made.
 
         `owner` names the API key that asked for it (None when the service runs without keys); the
         idempotency key is that owner's own. Raises IdempotencyConflict when the key was used for a
         different request, and QueueFull when `max_queued` > 0 jobs are already queued. Atomic (one
-        Lua script).
+        Lua script). `inputs_total`: a dataset job's count of inputs, known before it runs.
         """
-        return self.create_or_replay(kind, model_id, request, idempotency_key, owner=owner, max_queued=max_queued)[0]
+        return self.create_or_replay(kind, model_id, request, idempotency_key, owner=owner, max_queued=max_queued,
+                                     inputs_total=inputs_total)[0]
 
     def create_or_replay(self, kind: str, model_id: str | None, request: dict[str, Any],
                          idempotency_key: str | None = None, *, owner: str | None = None,
-                         max_queued: int = 0) -> tuple[Job, bool]:
+                         max_queued: int = 0, inputs_total: int | None = None) -> tuple[Job, bool]:
         """create(), also saying whether the job is new (True) or an idempotent replay (False)."""
         request_hash = keys.sha256_hex(request)
         # The key identifies the request kind too: the same body sent to two endpoints differs.
@@ -80,6 +83,8 @@ class JobStore(HashRecordStore[Job]):
                 "created_at": now, "deliveries": "0", "cancel_requested": "0",
                 "stage": "queued", "done": "0", "idempotency_key": idempotency_key or "", "owner": owner or "",
             }
+            if inputs_total is not None:
+                fields.update(inputs_total=str(inputs_total), total=str(inputs_total))
             idem_value = json.dumps({"job_id": job_id, "hash": idem_hash}) if idempotency_key else ""
             flat = [item for pair in fields.items() for item in pair]
             outcome, existing = self._create(
@@ -123,9 +128,16 @@ class JobStore(HashRecordStore[Job]):
         return text(self.redis.hget(keys.job(job_id), "cancel_requested")) == "1"
 
     def results(self, job_id: str, offset: int = 0, limit: int = 50) -> tuple[int, list[dict[str, Any]]]:
-        """(total, items[offset:offset+limit]) of a job's stored results."""
+        """(total, items[offset:offset+limit]) of a job's stored results.
+
+        A dataset job's are the items of the shards stored so far, in input order (all of them
+        once it has succeeded); `total` counts those.
+        """
         if offset < 0 or limit < 0:
             raise ValueError("offset and limit must be >= 0")
+        shards = self._stored_shards(job_id)
+        if shards is not None:
+            return self._shard_results(job_id, shards, offset, limit)
         if limit == 0:  # LRANGE 0 -1 would mean "everything"
             return int(self.redis.llen(keys.results(job_id))), []
         pipe = self.redis.pipeline(transaction=True)
@@ -138,11 +150,79 @@ class JobStore(HashRecordStore[Job]):
         """Every stored result item as its JSON text, in input order, read `chunk` at a time (for streaming).
 
         The count is read first: a finished job's results never change, and an expired list ends the stream early.
+        A dataset job's are the items of the shards stored when the stream starts.
         """
-        total = int(self.redis.llen(keys.results(job_id)))
-        for start in range(0, total, chunk):
-            for raw in self.redis.lrange(keys.results(job_id), start, min(total, start + chunk) - 1):
-                yield text(raw) or "null"
+        shards = self._stored_shards(job_id)
+        lists = [keys.results(job_id)] if shards is None else [keys.result_shard(job_id, s) for s, _ in shards]
+        for key in lists:
+            total = int(self.redis.llen(key))
+            for start in range(0, total, chunk):
+                for raw in self.redis.lrange(key, start, min(total, start + chunk) - 1):
+                    yield text(raw) or "null"
+
+    # -- dataset jobs: results in shards --------------------------------------------------------
+
+    def split_into_shards(self, job_id: str, shards: int, shard_inputs: int) -> bool:
+        """Record that a dataset job's inputs run as `shards` shards of `shard_inputs` (the last may be shorter)."""
+        return bool(self._hset(keys=[keys.job(job_id)], args=["result_shards", shards, "shard_inputs", shard_inputs,
+                                                             "result_count", 0, "stage", "inputs"]))
+
+    def shard_count(self, job_id: str) -> int | None:
+        """How many shards a dataset job was split into; None before it was split."""
+        return optional_int(text(self.redis.hget(keys.job(job_id), "result_shards")))
+
+    def stored_shards(self, job_id: str) -> set[int]:
+        """The shards of a dataset job whose items are stored."""
+        return {int(text(s) or 0) for s in self.redis.smembers(keys.result_shards_done(job_id))}
+
+    def store_shard_items(self, job_id: str, shard: int, items: list[dict[str, Any]]) -> int:
+        """Store one shard's items (once: a shard done again keeps the first) and count them as done; returns how many
+        shards are stored, or -1 when the job is gone. The items are readable at once, whatever the job's status."""
+        encoded = [json.dumps(item, separators=(",", ":"), allow_nan=False) for item in items]
+        return int(self._store_shard(keys=[keys.job(job_id), keys.result_shard(job_id, shard), keys.result_shards_done(job_id)],
+                                     args=[shard, self.result_ttl_s, len(encoded), *encoded]))
+
+    def succeed_in_shards(self, job_id: str) -> bool:
+        """Mark a dataset job whose shards are all stored succeeded; False if the job was gone or finished."""
+        job_key = keys.job(job_id)
+
+        def write(pipe: redis.client.Pipeline) -> bool:
+            status, count = (text(v) for v in pipe.hmget(job_key, ["status", "result_shards"]))
+            if status is None or status in TERMINAL_STATUSES:
+                return False
+            pipe.multi()
+            pipe.hset(job_key, mapping={"status": "succeeded", "finished_at": repr(time.time()), "stage": "done"})
+            pipe.srem(keys.JOBS_QUEUED, job_id)
+            for key in [job_key, keys.result_shards_done(job_id),
+                        *(keys.result_shard(job_id, s) for s in range(int(count or 0)))]:
+                pipe.expire(key, self.result_ttl_s)
+            return True
+
+        return bool(self.redis.transaction(write, job_key, value_from_callable=True))
+
+    def _stored_shards(self, job_id: str) -> list[tuple[int, int]] | None:
+        """A dataset job's stored shards in input order as (shard, items); None for any other job."""
+        total, count, size = (optional_int(text(v)) for v in self.redis.hmget(
+            keys.job(job_id), ["inputs_total", "result_shards", "shard_inputs"]))
+        if total is None:
+            return None
+        if count is None or size is None:  # not split yet: nothing stored
+            return []
+        done = sorted(int(text(s) or 0) for s in self.redis.smembers(keys.result_shards_done(job_id)))
+        return [(s, min(size, total - s * size)) for s in done if 0 <= s < count]
+
+    def _shard_results(self, job_id: str, shards: list[tuple[int, int]], offset: int,
+                       limit: int) -> tuple[int, list[dict[str, Any]]]:
+        """items[offset:offset+limit] over the stored shards' lists, one LRANGE per shard the page touches."""
+        total = sum(size for _, size in shards)
+        pipe = self.redis.pipeline(transaction=False)
+        start = 0
+        for shard, size in shards:
+            lo, hi = max(offset, start), min(offset + limit, start + size)
+            if lo < hi:
+                pipe.lrange(keys.result_shard(job_id, shard), lo - start, hi - start - 1)
+            start += size
+        return total, [json.loads(text(item) or "null") for part in pipe.execute() for item in part]
 
     def list(self, status: str | None = None, limit: int = 50, *, owner: str | None = None) -> list[Job]:
         """The newest jobs first, optionally only those in `status` or only `owner`'s; forgets expired ids."""
@@ -307,4 +387,5 @@ def _to_job(fields: dict[str, str]) -> Job:
         deliveries=optional_int(fields.get("deliveries")) or 0,
         cancel_requested=fields.get("cancel_requested") == "1",
         owner=fields.get("owner") or None,
+        inputs_total=optional_int(fields.get("inputs_total")),
     )

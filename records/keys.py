@@ -46,6 +46,16 @@ def results(job_id: str) -> str:
     return f"{PREFIX}:results:{job_id}"
 
 
+def result_shard(job_id: str, shard: int) -> str:
+    """List of one shard's result items of a dataset job, as JSON strings, in input order."""
+    return f"{PREFIX}:results:{job_id}:{shard}"
+
+
+def result_shards_done(job_id: str) -> str:
+    """Set of the shards of a dataset job whose items are stored."""
+    return f"{PREFIX}:results:{job_id}:done"
+
+
 def idem(key: str, owner: str | None = None) -> str:
     """String: the job an Idempotency-Key created and the hash of its request.
 

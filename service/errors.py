@@ -46,6 +46,7 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "unknown-label": (422, "Unknown label"),
     "too-few-training-examples": (422, "Too few training examples"),
     "empty-data": (422, "Data file holds no examples"),
+    "invalid-data-file": (422, "Data file cannot be read"),
     "queue-full": (429, "Too many queued jobs"),
     "internal-error": (500, "Internal server error"),
     "redis-unavailable": (503, "Redis unavailable"),

@@ -41,7 +41,9 @@ from .data_files import load
 from .registry import engine_and_cache, ready_model
 from .result_cache import cached_results, result_cache_key, store_results
 from .results import explain_items, stored_items
-from .runner import Items, JobFailed, JobRun
+from .dataset import SendTask as DatasetSend
+from .dataset import start_dataset
+from .runner import HandedOn, Items, JobFailed, JobRun
 from .tensor_cache import RedisTensorCache
 
 ROUND_CACHE_TTL_S = 3600  # a correct job's per-round s_test entries (fastif/applications/correction)
@@ -51,8 +53,10 @@ SendTask = Callable[[str, list, str], None]
 
 
 # -- explain -------------------------------------------------------------------------------------
-def run_explain(run: JobRun) -> Items:
+def run_explain(run: JobRun, send: DatasetSend) -> Items | HandedOn:
     request = ExplainRequest.model_validate(run.request)
+    if request.inputs_from is not None:  # a dataset job: its shards finish it
+        return start_dataset(run, request.model_id, request.inputs_from, send)
     model = ready_model(run, request.model_id)
     key = result_cache_key(model, request, "explain")
     cached = cached_results(run, key)
@@ -166,8 +170,10 @@ def _save(run: JobRun, engine: InfluenceEngine, model: Model, request: CorrectRe
 
 
 # -- self-influence ------------------------------------------------------------------------------
-def run_self_influence(run: JobRun) -> Items:
+def run_self_influence(run: JobRun, send: DatasetSend) -> Items | HandedOn:
     request = SelfInfluenceRequest.model_validate(run.request)
+    if request.inputs_from is not None:  # a dataset job: its shards finish it
+        return start_dataset(run, request.model_id, request.inputs_from, send)
     model = ready_model(run, request.model_id)
     run.progress("loading", 0, 1)
     engine, _ = engine_and_cache(run, model)

@@ -22,7 +22,7 @@ from records.celery_app import BUILD_MODEL, BUILD_SHARD, CORRECT, EXPLAIN, GRAPH
 from records.heartbeat import beat
 from records.settings import get_settings
 
-from . import applications, parallel, quality
+from . import applications, dataset, parallel, quality
 from .build import build_shard, run_build
 from .context import context
 from .influence import run_influence
@@ -55,10 +55,10 @@ def _job_task(name: str, kind: str, work: Work):
 
 
 influence = _job_task(INFLUENCE, "influence", partial(run_influence, send=_send))
-explain = _job_task(EXPLAIN, "explain", applications.run_explain)
+explain = _job_task(EXPLAIN, "explain", partial(applications.run_explain, send=_send))
 graph = _job_task(GRAPH, "graph", applications.run_graph)
 correct = _job_task(CORRECT, "correct", partial(applications.run_correct, send=_send))
-self_influence = _job_task(SELF_INFLUENCE, "self_influence", applications.run_self_influence)
+self_influence = _job_task(SELF_INFLUENCE, "self_influence", partial(applications.run_self_influence, send=_send))
 model_quality = _job_task(QUALITY, "quality", quality.run_quality)
 
 
@@ -80,6 +80,11 @@ def build_model_shard(job_id: str, model_id: str, shard: int) -> str:
 @celery_app.task(name=parallel.STEST_SHARD, **_RETRY)
 def stest_shard(job_id: str, shard: int) -> str:
     return parallel.stest_shard(job_id, shard, _send)
+
+
+@celery_app.task(name=dataset.DATASET_SHARD, **_RETRY)
+def dataset_shard(job_id: str, shard: int) -> str:
+    return dataset.dataset_shard(job_id, shard)
 
 
 @celery_app.task(name=parallel.SCORE_SHARD, **_RETRY)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from api_schemas import (
     CorrectRequest,
-    DataRef,
+    DataFileFields,
     IndexSettings,
     InfluenceInput,
     InfluenceRequest,
@@ -70,13 +70,9 @@ def train_data_spec(path: Path, data: TrainData) -> DataSpec:
                     label_field=data.label_field, format=data.format, quoting=data.quoting)
 
 
-def data_file_spec(path: Path, ref: DataRef, train: TrainData) -> DataSpec:
-    """A data file a job names, at ``path``: read with the model's training-data fields unless ``ref`` says otherwise
-    (a pair field only goes with a text field of the request's own)."""
-    return DataSpec(path=str(path), text_field=ref.text_field or train.text_field,
-                    text_pair_field=ref.text_pair_field if ref.text_field else train.text_pair_field,
-                    label_field=ref.label_field or train.label_field, format=ref.format or "auto",
-                    quoting=ref.quoting or train.quoting)
+def data_file_spec(path: Path, ref: DataFileFields, train: TrainData) -> DataSpec:
+    """A data file a job names, at ``path``: read with the model's training-data fields unless ``ref`` says otherwise."""
+    return DataSpec(path=str(path), **ref.fields_over(train)._asdict())
 
 
 def influence_spec(settings: InfluenceSettings) -> InfluenceSpec:

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -71,8 +71,9 @@ class JobFailed(Exception):
         self.code = code
 
 
-def write_output(run: JobRun, items: list[dict[str, Any]]) -> None:
-    """The items as JSON Lines in the request's `output_path` (in the data root), when it names one.
+def write_output(run: JobRun, lines: Iterable[str]) -> None:
+    """The items (each one JSON text in ``lines``) as JSON Lines in the request's `output_path` (in the data root),
+    when it names one.
 
     Written beside the target and renamed over it, so that the file is complete or absent; a full
     volume raises OSError (the job then fails with insufficient-storage, see unexpected_failure).
@@ -87,8 +88,8 @@ def write_output(run: JobRun, items: list[dict[str, Any]]) -> None:
     partial = path.with_name(f"{path.name}.{run.job_id}.part")
     try:
         with open(partial, "w", encoding="utf-8") as out:
-            for item in items:
-                out.write(json.dumps(item, ensure_ascii=False, allow_nan=False) + "\n")
+            for line in lines:
+                out.write(line + "\n")
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
@@ -230,7 +231,7 @@ def finish(run: JobRun, items: Items, item_model: type[BaseModel] | None) -> str
     one, and to the job record.
     """
     stored = list(items) if item_model is None else stored_items(item_model, items)
-    write_output(run, stored)
+    write_output(run, (json.dumps(item, ensure_ascii=False, allow_nan=False) for item in stored))
     # Hours of computation must not be thrown away by a Redis restart at the last moment.
     through_outage(lambda: run.ctx.jobs.succeed(run.job_id, stored), run.ctx.jobs.redis)
     return "succeeded"

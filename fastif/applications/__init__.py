@@ -9,10 +9,10 @@ imports Celery, Redis or HTTP.
 from .correction import STRATEGIES, Correction, CorrectionConfig, correct, render_rounds, save_corrected
 from .examples import ExampleSet, encode_examples, evaluate, training_set
 from .graph import influence_graph, layout, render
-from .self_influence import rank_self_influence, self_influence_scores
+from .self_influence import inputs_self_influence, rank_self_influence, self_influence_scores
 
 __all__ = [
     "STRATEGIES", "Correction", "CorrectionConfig", "ExampleSet", "correct", "encode_examples", "evaluate",
-    "influence_graph", "layout", "rank_self_influence", "render", "render_rounds", "save_corrected", "self_influence_scores",
+    "influence_graph", "inputs_self_influence", "layout", "rank_self_influence", "render", "render_rounds", "save_corrected", "self_influence_scores",
     "training_set",
 ]

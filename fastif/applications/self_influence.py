@@ -1,4 +1,4 @@
-"""Self-influence I(z, z) = -∇L(z)ᵀ (H + λI)⁻¹ ∇L(z) over the training set, for finding mislabels.
+"""Self-influence I(z, z) = -∇L(z)ᵀ (H + λI)⁻¹ ∇L(z) over the training set (or a file's examples), for finding mislabels.
 
 An example the model finds hard to fit (a wrong label, an outlier) has a large
 gradient of its own loss along directions the rest of the data does not
@@ -23,7 +23,7 @@ from ..curvature.solvers import LissaSolver, solver_for
 from ..engine import InfluenceEngine
 from ..errors import CancelledError
 from ..progress import ProgressCallback
-from ..query import solver_config
+from ..query import Query, solver_config
 from .examples import ExampleSet, evaluate, per_example_gradients, training_set
 
 
@@ -127,5 +127,33 @@ def rank_self_influence(engine: InfluenceEngine, indices: Sequence[int] | None =
         }
         if example.text_pair is not None:
             item["text_pair"] = example.text_pair
+        items.append(item)
+    return items
+
+
+def inputs_self_influence(engine: InfluenceEngine, queries: Sequence[Query], *,
+                          solver: SolverConfig | LissaConfig | CGConfig = SolverConfig(),
+                          on_progress: ProgressCallback | None = None) -> list[dict]:
+    """I(z, z) of examples outside the training set (each with its label, else the predicted one), in input order.
+
+    The same quantity as ``self_influence_scores`` of a training example, from the query path:
+    the inputs' test gradients, solved together in one run of the solver. Each item carries the
+    cross-entropy of the predicted probabilities at the label used, and the predicted label.
+    """
+    engine.prepare(on_progress)
+    encoded = engine.encode(queries)
+    grads = engine.test_gradients(encoded)
+    solved = engine.solve(grads, solver, on_progress).vectors.to(grads.device)
+    values = (-(grads * solved).sum(dim=1)).double().cpu().numpy()
+    labels = engine.classifier.labels
+    items = []
+    for row, query in enumerate(queries):
+        used = encoded.labels_used[row]
+        probs = encoded.probs[row].astype(np.float64)
+        item = {"input_index": row, "self_influence": float(values[row]),
+                "loss": float(-np.log(max(probs[used], np.finfo(np.float64).tiny))), "text": query.text,
+                "label": labels[used], "predicted": labels[int(probs.argmax())]}
+        if query.text_pair is not None:
+            item["text_pair"] = query.text_pair
         items.append(item)
     return items

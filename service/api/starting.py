@@ -12,10 +12,12 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, TypeVar
 
+import datafiles
+
 from fastapi import Depends, Header, Response
 from pydantic import BaseModel
 
-from api_schemas import ExplainRequest, GraphRequest, InfluenceRequest, Job, Model
+from api_schemas import ExplainRequest, GraphRequest, InfluenceRequest, InputsFile, Job, Model
 from records.settings import Settings
 
 from ..enqueue import send_job_task
@@ -113,10 +115,12 @@ class JobStarter:
         self.celery = celery
         self.idempotency_key = idempotency_key
 
-    def __call__(self, kind: str, task: str, body: BaseModel, model: Model) -> Job:
-        """The job of `kind` on `model` for `body` (new, or the replay of the same key and body)."""
+    def __call__(self, kind: str, task: str, body: BaseModel, model: Model, inputs_total: int | None = None) -> Job:
+        """The job of `kind` on `model` for `body` (new, or the replay of the same key and body); `inputs_total`
+        makes it a dataset job of that many inputs."""
         job, created = self.jobs.create_or_replay(kind, model.id, body.model_dump(mode="json"), self.idempotency_key,
-                                                  owner=self.owner, max_queued=self.settings.max_queued_jobs)
+                                                  owner=self.owner, max_queued=self.settings.max_queued_jobs,
+                                                  inputs_total=inputs_total)
         if created:
             send_job_task(self.celery, self.jobs, task, [job.id], job.id)
             job = self.jobs.get(job.id) or job  # a worker may already have picked it up
@@ -150,8 +154,55 @@ def with_output_path(body: BodyT, settings: Settings) -> BodyT:
 
 def start_inputs_job(kind: str, task: str, body: InfluenceRequest | ExplainRequest | GraphRequest,
                      settings: Settings, ready_model: ReadyModelLookup, start_job: JobStarter) -> Job:
-    """The job of a body that names a model and lists `inputs`: their sizes, the model, their labels, start."""
-    check_inputs(body.inputs, "inputs", settings)
+    """The job of a body that names a model and lists `inputs` (or reads them from `inputs_from`): their sizes,
+    the model, their labels, start."""
+    inputs_from = getattr(body, "inputs_from", None)
+    if inputs_from is None:
+        check_inputs(body.inputs, "inputs", settings)
     model = ready_model(body.model_id)
-    check_labels(body.inputs, "inputs", model)
-    return start_job(kind, task, with_output_path(body, settings), model)
+    if inputs_from is None:
+        check_labels(body.inputs, "inputs", model)
+        return start_job(kind, task, with_output_path(body, settings), model)
+    checked, count = checked_inputs_file(inputs_from, settings, model)
+    return start_job(kind, task, with_output_path(body.model_copy(update={"inputs_from": checked}), settings), model,
+                     inputs_total=count)
+
+
+_DATA_FILE_PROBLEMS: dict[type[datafiles.DataFileError], str] = {
+    datafiles.TooManyRows: "too-many-inputs", datafiles.TextTooLong: "text-too-long",
+    datafiles.UnknownLabel: "unknown-label", datafiles.EmptyFile: "empty-data",
+}
+
+
+def checked_inputs_file(source: InputsFile, settings: Settings, model: Model) -> tuple[InputsFile, int]:
+    """A dataset job's input file, read whole as the job will read it: with its path made relative and its sha256,
+    and how many inputs it holds.
+
+    422 path-outside-data-root / path-not-found for the path; 413 too-many-inputs past
+    FASTIF_MAX_DATASET_INPUTS rows and text-too-long past FASTIF_MAX_TEXT_CHARS; 422 unknown-label,
+    empty-data, and invalid-data-file for a row that cannot be read, each naming the file, the line
+    and the field (the file as the request names it, never the server's folders).
+    """
+    relative = resolve_in_root(settings.data_root, source.path, "inputs_from.path")
+    file = settings.data_root.resolve() / relative
+    fields = source.fields_over(model.request.train_data)
+    try:
+        sha256 = datafiles.content_sha256(file)
+        inputs = datafiles.read_inputs(
+            file, text_field=fields.text_field, text_pair_field=fields.text_pair_field, label_field=fields.label_field,
+            labels={name: i for i, name in enumerate(model.labels or [])}, fmt=fields.format, quoting=fields.quoting,
+            limit=source.limit, max_rows=settings.max_dataset_inputs, max_text_chars=settings.max_text_chars)
+    except datafiles.DataFileError as err:
+        message = str(err).replace(str(file), source.path)
+        slug = next((s for cls, s in _DATA_FILE_PROBLEMS.items() if isinstance(err, cls)), "invalid-data-file")
+        raise ProblemError(slug, message, errors=[{"loc": ["body", "inputs_from", "path"], "msg": message,
+                                                    "type": slug.replace("-", "_")}]) from None
+    except OSError as err:  # a folder that cannot be listed, a file that cannot be opened
+        raise ProblemError("invalid-data-file", f"inputs_from.path {source.path!r} cannot be read ({err.strerror})",
+                           errors=[{"loc": ["body", "inputs_from", "path"], "msg": "unreadable",
+                                    "type": "invalid_data_file"}]) from None
+    if source.sha256 is not None and source.sha256 != sha256:
+        raise ProblemError("invalid-request", f"inputs_from.sha256 does not match {source.path!r} (its sha256 is {sha256})",
+                           errors=[{"loc": ["body", "inputs_from", "sha256"], "msg": "does not match the file",
+                                    "type": "value_error"}])
+    return source.model_copy(update={"path": relative, "sha256": sha256}), len(inputs)

@@ -21,7 +21,8 @@ from records.settings import Settings
 from ...errors import ProblemError
 from ...paths import resolve_in_root
 from ..deps import CallerDep, JobsDep, SettingsDep, VisibleJob
-from ..starting import ReadyModel, StartJob, check_inputs, check_labels, start_inputs_job, with_output_path
+from ..starting import (ReadyModel, StartJob, check_inputs, check_labels, checked_inputs_file, start_inputs_job,
+                        with_output_path)
 
 router = APIRouter(prefix="/v1", tags=["applications"])
 
@@ -91,9 +92,13 @@ def _labelled_set(source: EvaluationSet, where: str, settings: Settings, model: 
 @router.post("/self-influence", status_code=202, response_model=Job)
 def start_self_influence(body: SelfInfluenceRequest, settings: SettingsDep, ready_model: ReadyModel,
                          start_job: StartJob) -> Job:
-    """Self-influence of training examples, ranked most negative first (likely mislabels)."""
+    """Self-influence of training examples, ranked most negative first (likely mislabels), or of a file's examples."""
     body = with_output_path(body, settings)
     model = ready_model(body.model_id)
+    if body.inputs_from is not None:
+        checked, count = checked_inputs_file(body.inputs_from, settings, model)
+        return start_job("self_influence", SELF_INFLUENCE, body.model_copy(update={"inputs_from": checked}), model,
+                         inputs_total=count)
     if body.indices is not None and model.num_train is not None:
         bad = [i for i in body.indices if i >= model.num_train]
         if bad:

@@ -56,9 +56,11 @@ def get_results(
     offset: Offset = 0,
     limit: Limit = 50,
 ) -> ResultsPage:
-    """Result items [offset, offset+limit) in input order; 409 until the job has succeeded."""
-    if job.status != "succeeded":
-        raise ProblemError("job-not-finished", f"job {job.id} is {job.status}; results exist once it succeeds")
+    """Result items [offset, offset+limit) in input order; 409 until the job has succeeded.
+
+    A dataset job's (inputs_from) are readable in any status: the items of the shards finished so far.
+    """
+    _require_results(job)
     total, items = jobs.results(job.id, offset, limit)
     return ResultsPage(job_id=job.id, offset=offset, limit=limit, total=total, items=items)
 
@@ -66,13 +68,21 @@ def get_results(
 JSON_LINES = "application/jsonl"
 
 
+def _require_results(job: Job) -> None:
+    """409 job-not-finished unless the job has results to read: it succeeded, or it is a dataset job."""
+    if job.status != "succeeded" and job.inputs_total is None:
+        raise ProblemError("job-not-finished", f"job {job.id} is {job.status}; results exist once it succeeds")
+
+
 @router.get("/{job_id}/results.jsonl", response_class=StreamingResponse, responses={200: {
     "description": "Every result item, one JSON object per line, in input order (the items of the results pages)",
     "content": {JSON_LINES: {"schema": {"type": "string"}}}}})
 def stream_results(job: VisibleJob, jobs: JobsDep) -> StreamingResponse:
-    """All result items as JSON Lines, streamed from Redis a chunk at a time; 409 until the job has succeeded."""
-    if job.status != "succeeded":
-        raise ProblemError("job-not-finished", f"job {job.id} is {job.status}; results exist once it succeeds")
+    """All result items as JSON Lines, streamed from Redis a chunk at a time; 409 until the job has succeeded.
+
+    A dataset job's stream in any status: the items of the shards finished when it starts.
+    """
+    _require_results(job)
     lines = (item + "\n" for item in jobs.iter_raw_results(job.id))
     return StreamingResponse(lines, media_type=JSON_LINES, headers={
         "Content-Disposition": f'attachment; filename="{job.id}.results.jsonl"'})

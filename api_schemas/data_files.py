@@ -1,0 +1,62 @@
+"""Data files a request names inside the data root: how to read one, and a dataset job's input file."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, NamedTuple
+
+from pydantic import Field
+
+from .common import PathStr, RequestModel
+from .models import TrainData
+
+Count = Annotated[int, Field(strict=True, ge=1)]
+
+
+class DataFileFields(RequestModel):
+    """A data file inside the data root and how to read it; a field left out is the model's training data's."""
+
+    path: PathStr | None = None
+    text_field: str | None = None
+    text_pair_field: str | None = None
+    label_field: str | None = None
+    format: Literal["auto", "jsonl", "csv", "tsv", "hf"] | None = None
+    quoting: Literal["minimal", "none"] | None = None
+    # Read at most this many rows (the first ones).
+    limit: Count | None = None
+
+    def fields_over(self, train: TrainData) -> ReadFields:
+        """How to read the file: this request's fields, else the training data's (a pair field goes only with a
+        text field of the request's own, so that naming a text field alone reads single texts)."""
+        return ReadFields(text_field=self.text_field or train.text_field,
+                          text_pair_field=self.text_pair_field if self.text_field else train.text_pair_field,
+                          label_field=self.label_field or train.label_field, format=self.format or "auto",
+                          quoting=self.quoting or train.quoting)
+
+
+class ReadFields(NamedTuple):
+    """Which fields of a data file hold the text, the pair text and the label, and its format."""
+
+    text_field: str
+    text_pair_field: str | None
+    label_field: str
+    format: Literal["auto", "jsonl", "csv", "tsv", "hf"]
+    quoting: Literal["minimal", "none"]
+
+
+class InputsFile(DataFileFields):
+    """`inputs_from`: a dataset job's test inputs, one per row of a file in the data root (in place of `inputs`).
+
+    Read with the model's training-data fields unless the request names its own. A row whose label
+    field is missing or empty is taken with the model's predicted label, as an inline input with
+    `label` null. The API reads the whole file before it queues the job and refuses a bad row by
+    file, line and field; the job then reads the same bytes (`sha256`, filled in by the API).
+    """
+
+    path: PathStr
+    shard_inputs: Annotated[int, Field(strict=True, ge=1, le=4096)] = Field(
+        128, description="the job runs as tasks of this many inputs, which every worker takes from the queue; each "
+                         "task's results are readable as soon as it finishes, and one whose worker died is done again")
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = Field(
+        None, description="the file's sha256 (a folder's: its files' names and bytes); filled in by the API when "
+                          "left out, refused when given and the file differs. The job fails if the file changes "
+                          "before it is read")

@@ -1,0 +1,160 @@
+"""Dataset jobs (`inputs_from`): a file's inputs in shards that any worker takes, each shard's items readable as it ends.
+
+Influence, explain and self-influence jobs that name a file instead of inline inputs run here.
+Where a job stands is its shard state's phase (workers/shards.py), moved by compare-and-set:
+
+    (none) --coordinator--> shards --the shard that stores the last items, s--> finish-s
+
+- coordinate (the job's own task, ``start_dataset``): read the file, refusing it if its bytes
+  are not those the API checked (its sha256), store each shard's inputs in the shard state,
+  record the split on the job, move none -> shards, and send a DATASET_SHARD task for every
+  shard whose items are not stored yet. A coordinator delivered again (its worker died) finds
+  the phase set and sends those shards again; a shard done twice is stored once.
+- shard s: its inputs through the kind's computation, one batched solve for all of them, and
+  its items stored at once under the job (records/jobs.py ``store_shard_items``), where the
+  results pages and the JSON Lines stream read them in input order while the job runs; the
+  job's progress counts inputs done over all shards. The shard that finds every shard stored
+  and wins shards -> finish-s writes `output_path` and marks the job succeeded; its own
+  redelivery finishes if its worker dies there.
+
+Cancelling stops the running shards at their next check and skips the rest; the shards
+already stored stay readable. A shard started more than max_deliveries times fails the job.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import datafiles
+from api_schemas import (
+    ExplainItem,
+    ExplainRequest,
+    InfluenceRequest,
+    InputsFile,
+    Model,
+    ResultItem,
+    SelfInfluenceInputItem,
+    SelfInfluenceRequest,
+)
+from fastif import CancelledError, Query
+from fastif.applications import inputs_self_influence
+from records.keys import shard_state
+
+from .configs import solver_config
+from .data_files import resolve
+from .registry import engine_and_cache, ready_model
+from .results import explain_items, influence_items, stored_items
+from .runner import HANDED_ON, HandedOn, JobFailed, JobRun, write_output
+from .shards import advance, phase_of, run_shard
+
+DATASET_SHARD = "fastif.dataset_shard"
+SHARDS = "shards"
+
+SendTask = Callable[[str, list], None]
+"""``send(task_name, args)``: publish a task (the Celery app's send_task)."""
+
+
+# -- coordinate ----------------------------------------------------------------------------------
+def start_dataset(run: JobRun, model_id: str, source: InputsFile, send: SendTask) -> HandedOn:
+    """The coordinator: split the file's inputs into shards once, then send every shard not stored yet."""
+    jobs = run.ctx.jobs
+    phase = phase_of(run.ctx, run.job_id)
+    if phase is None:
+        inputs = read_inputs(run, ready_model(run, model_id), source)
+        shards = math.ceil(len(inputs) / source.shard_inputs)
+        pipe = run.ctx.redis.pipeline(transaction=False)
+        for shard in range(shards):
+            part = inputs[shard * source.shard_inputs:(shard + 1) * source.shard_inputs]
+            pipe.set(shard_state(run.job_id, "inputs", shard), json.dumps([[i.text, i.text_pair, i.label] for i in part]),
+                     ex=run.ctx.settings.result_ttl_s)
+        pipe.execute()
+        jobs.split_into_shards(run.job_id, shards, source.shard_inputs)
+        advance(run.ctx, run.job_id, None, SHARDS)  # a coordinator delivered again found the phase unset too
+    elif phase != SHARDS:
+        return HANDED_ON  # a shard is finishing the job
+    stored = jobs.stored_shards(run.job_id)
+    for shard in range(jobs.shard_count(run.job_id) or 0):
+        if shard not in stored:
+            send(DATASET_SHARD, [run.job_id, shard])
+    return HANDED_ON
+
+
+def read_inputs(run: JobRun, model: Model, source: InputsFile) -> list[datafiles.InputRow]:
+    """The file's inputs, read as the API read them; the job fails if the file changed since, or cannot be read."""
+    path = resolve(run, source.path)
+    fields = source.fields_over(model.request.train_data)
+    try:
+        if source.sha256 is not None and datafiles.content_sha256(path) != source.sha256:
+            raise JobFailed("inputs-changed", f"inputs_from {source.path!r} changed after the job was submitted; "
+                                              "submit it again to read the file as it is now")
+        return datafiles.read_inputs(
+            path, text_field=fields.text_field, text_pair_field=fields.text_pair_field, label_field=fields.label_field,
+            labels={name: i for i, name in enumerate(model.labels or [])}, fmt=fields.format, quoting=fields.quoting,
+            limit=source.limit)
+    except (datafiles.DataFileError, OSError) as err:
+        raise JobFailed("invalid-data", str(err).replace(str(path), source.path)) from None
+
+
+# -- a shard -------------------------------------------------------------------------------------
+def dataset_shard(job_id: str, shard: int) -> str:
+    return run_shard(job_id, shard, "inputs", partial(_shard_work, shard=shard))
+
+
+def _shard_work(run: JobRun, shard: int) -> None:
+    jobs = run.ctx.jobs
+    if jobs.cancel_requested(run.job_id):
+        raise CancelledError("cancelled before this shard started")
+    phase, finisher = phase_of(run.ctx, run.job_id), f"finish-{shard}"
+    if phase == SHARDS:
+        stored = jobs.stored_shards(run.job_id)
+        done = len(stored) if shard in stored else jobs.store_shard_items(run.job_id, shard, _items_of(run, shard))
+        if not (done >= (jobs.shard_count(run.job_id) or 0) and advance(run.ctx, run.job_id, SHARDS, finisher)):
+            return
+    elif phase != finisher:
+        return  # another shard finishes the job, or it is over
+    _finish(run)
+
+
+def _items_of(run: JobRun, shard: int) -> list[dict[str, Any]]:
+    """Shard ``shard``'s items, numbered by their place in the file."""
+    raw = run.ctx.redis.get(shard_state(run.job_id, "inputs", shard))
+    if raw is None:
+        raise JobFailed("internal-error", f"the inputs of shard {shard} are gone from the job's shard state")
+    queries = [Query(text=text, text_pair=pair, label=label) for text, pair, label in json.loads(raw)]
+    offset = shard * InputsFile.model_validate(run.request["inputs_from"]).shard_inputs
+    items = shard_items(run, queries)
+    for item in items:
+        item["input_index"] += offset
+    return items
+
+
+def shard_items(run: JobRun, queries: list[Query]) -> list[dict[str, Any]]:
+    """The result items of one shard's inputs, as the job's kind makes them (input_index counts from 0)."""
+    kind = run.ctx.jobs.require(run.job_id).kind
+    request = _REQUESTS[kind].model_validate(run.request)
+    engine, cache = engine_and_cache(run, ready_model(run, request.model_id))
+    # The job's progress counts inputs over all shards: a shard only looks for a cancel.
+    watch = run.progress.cancel_check
+    if kind == "self_influence":
+        return stored_items(SelfInfluenceInputItem,
+                            inputs_self_influence(engine, queries, solver=solver_config(request), on_progress=watch))
+    encoded, influences = engine.analyze(queries, k=request.k, solver=solver_config(request), group=False, cache=cache,
+                                         on_progress=watch)
+    if kind == "explain":
+        return stored_items(ExplainItem, explain_items(engine, encoded, influences, request.top))
+    return stored_items(ResultItem, influence_items(engine, encoded, influences, request.top))
+
+
+_REQUESTS = {"influence": InfluenceRequest, "explain": ExplainRequest, "self_influence": SelfInfluenceRequest}
+
+
+def _finish(run: JobRun) -> None:
+    """Phase finish: the items to `output_path` (streamed from the shards), the job succeeded, the inputs let go."""
+    jobs = run.ctx.jobs
+    write_output(run, jobs.iter_raw_results(run.job_id))
+    jobs.succeed_in_shards(run.job_id)
+    run.ctx.redis.delete(*(shard_state(run.job_id, "inputs", s) for s in range(jobs.shard_count(run.job_id) or 0)))
