@@ -172,6 +172,9 @@ def submit(
         help="the label of each --text input (repeat as often as --text); default: the prediction")] = None,
     file: Annotated[Optional[Path], typer.Option(
         help="a local JSON Lines file of inputs: one {\"text\", \"text_pair\"?, \"label\"?} per line")] = None,
+    inputs_from: Annotated[Optional[str], typer.Option(
+        help="a dataset job: a file in the service's data root (JSONL, CSV, TSV or a saved Hugging Face dataset, read "
+             "with the model's training-data fields), up to 100,000 inputs run in shards over the workers")] = None,
     kind: Annotated[SubmitKind, typer.Option(case_sensitive=False, help="the job to start")] = SubmitKind.influence,
     k: Annotated[Optional[int], typer.Option(help="kNN candidates per input; 0 scores every training example")] = None,
     top: Annotated[Optional[int], typer.Option(help="helpful and harmful examples per input (self-influence: "
@@ -186,7 +189,7 @@ def submit(
 ) -> None:
     """Start an influence, explain or self-influence job; prints the job's id."""
     with _reported_errors():
-        request = _submit_request(kind, model, text or [], label or [], file, k, top, solver, sample)
+        request = _submit_request(kind, model, text or [], label or [], file, k, top, solver, sample, inputs_from)
         with _client(url, api_key) as client:
             job = client.submit(kind.value, request, idempotency_key=idempotency_key)
             typer.echo(job.id)
@@ -200,31 +203,44 @@ def submit(
 
 
 def _submit_request(kind: SubmitKind, model_id: str, texts: list[str], labels: list[str], file: Path | None,
-                    k: int | None, top: int | None, solver: str | None, sample: int | None) -> dict[str, Any]:
+                    k: int | None, top: int | None, solver: str | None, sample: int | None,
+                    inputs_from: str | None = None) -> dict[str, Any]:
     """The request body of `fastif submit`; ValueError for a command line that does not make one."""
     body: dict[str, Any] = {"model_id": model_id}
+    if inputs_from is not None:
+        if texts or file is not None or sample is not None:
+            raise ValueError("--inputs-from names the job's inputs: not with --text, --file or --sample")
+        body["inputs_from"] = {"path": inputs_from}
     if solver is not None:
         body["solver"] = solver
     if top is not None:
         body["top"] = top
     if kind is SubmitKind.self_influence:
+        if k is not None:
+            raise ValueError("--k is for influence and explain jobs")
+        if inputs_from is not None:
+            if top is not None:
+                raise ValueError("--top ranks training examples: not with --inputs-from, whose items stay in input order")
+            return body
         if texts or file is not None:
             raise ValueError("self-influence scores the model's training examples: give --sample or nothing, "
                              "not --text or --file")
-        if k is not None:
-            raise ValueError("--k is for influence and explain jobs")
         if sample is not None:
             body["sample"] = sample
         return body
     if sample is not None:
         raise ValueError("--sample is for self-influence jobs")
-    if bool(texts) == (file is not None):
-        raise ValueError("give the inputs as --text (repeatable) or as --file inputs.jsonl, one of the two")
+    if inputs_from is not None:
+        if labels:
+            raise ValueError("--label goes with --text; a dataset file's labels are in its label field")
+    elif bool(texts) == (file is not None):
+        raise ValueError("give the inputs as --text (repeatable), as --file inputs.jsonl, or as --inputs-from "
+                         "(a file in the service's data root), one of the three")
     if labels and len(labels) != len(texts):
         raise ValueError(f"--label given {len(labels)} times for {len(texts)} --text inputs")
     if file is not None:
         body["inputs"] = read_inputs(file)
-    else:
+    elif inputs_from is None:
         body["inputs"] = [{"text": t, **({"label": labels[i]} if labels else {})} for i, t in enumerate(texts)]
     if k is not None:
         body["k"] = None if k == 0 else k

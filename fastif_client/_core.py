@@ -32,6 +32,7 @@ from api_schemas import (
     QualityReport,
     QualityRequest,
     ResultItem,
+    SelfInfluenceInputItem,
     SelfInfluenceItem,
     SelfInfluenceRequest,
 )
@@ -204,8 +205,11 @@ def request_body(model: type[BaseModel], request: BaseModel | Mapping[str, Any])
     return request.model_dump(mode="json", exclude_unset=True)
 
 
-def item_model(kind: str) -> type[BaseModel]:
-    """The model of one result item of jobs of `kind` (Job.kind)."""
+def item_model(kind: str, *, dataset: bool = False) -> type[BaseModel]:
+    """The model of one result item of jobs of `kind` (Job.kind); `dataset` for a dataset job's (Job.inputs_total set),
+    whose self-influence items are per input (SelfInfluenceInputItem) rather than a ranking of training examples."""
+    if dataset and job_kind(kind).name == "self_influence":
+        return SelfInfluenceInputItem
     return job_kind(kind).item
 
 

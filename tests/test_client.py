@@ -530,3 +530,30 @@ def test_cli_errors_are_one_line_and_exit_non_zero(service, tmp_path):
     explicit = fastif(service, "models", "--url", service.url, "--api-key", API_KEY,
                       env={"FASTIF_URL": "http://127.0.0.1:9", "FASTIF_API_KEY": "wrong"})
     assert explicit.returncode == 0 and service.model.id in explicit.stdout, explicit.stderr
+
+
+def test_cli_and_client_run_a_dataset_job_from_a_file_in_the_data_root(service, client, tmp_path):
+    write_jsonl(service.root / "dev.jsonl", sentences(20, seed=9))
+    submitted = fastif(service, "submit", "--model", service.model.id, "--inputs-from", "dev.jsonl", "--k", "10",
+                       "--top", "2", "--wait", "--timeout", "180")
+    assert submitted.returncode == 0, submitted.stderr
+    job = client.get_job(submitted.stdout.strip())
+    assert (job.status, job.inputs_total, job.result_count) == ("succeeded", 20, 20)
+    assert f"influence {job.id[:8]}: done" in submitted.stderr
+    streamed = list(client.stream_results(job.id, item_type=item_model("influence")))
+    assert [item.input_index for item in streamed] == list(range(20))
+    # Through the client, with the file's sha256 pinned: a file that differs is refused before anything runs.
+    with pytest.raises(Invalid) as refused:
+        client.submit_explain({"model_id": service.model.id, "inputs_from": {"path": "dev.jsonl", "sha256": "0" * 64}})
+    assert refused.value.status == 422 and "does not match" in refused.value.detail
+    scored = fastif(service, "submit", "--model", service.model.id, "--inputs-from", "dev.jsonl", "--kind",
+                    "self-influence", "--wait", "--timeout", "180")
+    assert scored.returncode == 0, scored.stderr
+    items = list(client.iter_results(scored.stdout.strip(), item_type=item_model("self_influence", dataset=True)))
+    assert [item.input_index for item in items] == list(range(20))
+    bad = service.root / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"sentence": "no text"}\n')
+    assert_one_line_error(fastif(service, "submit", "--model", service.model.id, "--inputs-from", "bad.jsonl"),
+                          "422", "bad.jsonl, line 2", "'text'")
+    assert_one_line_error(fastif(service, "submit", "--model", service.model.id, "--inputs-from", "dev.jsonl",
+                                 "--text", "x"), "not with --text")
