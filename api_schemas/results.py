@@ -92,7 +92,9 @@ class ResultsPage(ResponseModel):
     Items are served as stored, so that one page serves every job kind; each is the
     model of the job's `kind`: ResultItem (influence), ExplainItem (explain),
     GraphResult (graph), CorrectionReport (correct), SelfInfluenceItem
-    (self_influence), QualityReport (quality), BuildResult (build_model).
+    (self_influence; SelfInfluenceInputItem for a dataset job's), QualityReport
+    (quality), BuildResult (build_model). A dataset job's (`inputs_from`) pages
+    are readable while it runs: the items of its shards finished so far.
     """
 
     job_id: str

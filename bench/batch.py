@@ -1,10 +1,12 @@
-"""``batch``: what one input costs when 1, 8 or 32 inputs come in one job.
+"""``batch``: what one input costs when 1, 8 or 32 inputs come in one job, and a dataset job's inputs per second.
 
 Each job is ``InfluenceEngine.analyze`` on distinct inputs (their predicted
 labels, no cache) — the computation a worker runs for one influence job, without
 Redis. The engine solves all inputs' s_test in one LiSSA run (one sampled batch per
 step for every vector) and scores each input's own k candidates, running each candidate
 forward and backward once however many inputs list it (fastif/factored.py).
+Then one dataset job (``inputs_from``) through the real stack on 1 and on 2 workers
+(bench/dataset_jobs.py).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 from fastif import LissaConfig, Query, SolverConfig
 
+from . import dataset_jobs
 from .common import Clock, bars, engine_progress, headline_block, setup_block, table, warm_prefix_cache, write_results
 from .speed import best_from_stest
 
@@ -78,9 +81,13 @@ def run(setup, out: Path, config: BatchConfig | None = None) -> dict:
     top = max(config.sizes)
     ratio = next(r["per_input_ratio"] for r in runs if r["config"] == "default" and r["inputs"] == top)
     best_ratio = next(r["per_input_ratio"] for r in runs if r["config"] == "best" and r["inputs"] == top)
-    headline = {"per_input_cost_ratio_32_vs_1": round(ratio, 3), "per_input_cost_ratio_32_vs_1_best_lissa": round(best_ratio, 3)}
+    dataset = dataset_jobs.run(setup, on_step=lambda step: None)
+    headline = {"per_input_cost_ratio_32_vs_1": round(ratio, 3), "per_input_cost_ratio_32_vs_1_best_lissa": round(best_ratio, 3),
+                "dataset_inputs_per_s": round(dataset["dataset_inputs_per_s"], 2),
+                "dataset_speedup_2_vs_1_workers": round(dataset["dataset_speedup_2_vs_1_workers"], 3)}
     data = {"config": {"sizes": config.sizes, "k": config.k, "configs": {k: asdict(v) for k, v in configs.items()}},
-            "best_note": best_note, "num_train": setup.num_train, "runs": runs, "suite_seconds": clock.seconds}
+            "best_note": best_note, "num_train": setup.num_train, "runs": runs, "dataset": dataset,
+            "suite_seconds": clock.seconds}
     write_results(out, "batch", headline, data, _markdown(setup, config, configs, headline, data))
     return headline
 
@@ -117,4 +124,22 @@ default configuration (`default` below: EK-FAC on the Gauss-Newton matrix), k = 
 ## Results
 
 {table(["configuration", "inputs", "job seconds", "seconds per input", "per-input ratio vs 1", "gradients s", "s_test s", "scoring s"], rows)}
+
+## A dataset job through the service
+
+{_dataset_markdown(data["dataset"])}
+"""
+
+
+def _dataset_markdown(dataset: dict) -> str:
+    config = dataset["config"]
+    rows = [(workers, r["inputs"], r["shards"], r["seconds"], r["inputs_per_s"], r["result_count"])
+            for workers, r in sorted(dataset["runs"].items())]
+    return f"""One influence job with `inputs_from` ({config['inputs']} inputs: {dataset['source']}), k = {config['k']}, top 10,
+the service's default solver, in shards of {config['shard_inputs']} inputs; a fresh stack per row (embedded Redis,
+single-process Celery workers of one torch thread each), the model registered and each worker warmed up by a dataset
+job of {config['warm_inputs']} other inputs per worker first. Seconds are the job's own, from `started_at` to
+`finished_at`. `dataset_speedup_2_vs_1_workers` (goal ≥ 1.8) = inputs per second on 2 workers over 1.
+
+{table(["workers", "inputs", "shards", "job seconds", "inputs per second", "items read back"], rows)}
 """

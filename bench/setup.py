@@ -59,6 +59,7 @@ class BenchSetup:
     train_path: Path
     test_rows: list[Row]
     description: dict = field(default_factory=dict)
+    source: Path | None = None  # the sentences the data was packed from (None for the toy data)
     _temp: Path | None = None
 
     @property
@@ -270,7 +271,7 @@ def _default_setup(data: Path | None, model: Path | None, log) -> BenchSetup:
             note = {"data": str(train_path), "version": SETUP_VERSION, **note}
             marker.write_text(json.dumps(note, indent=1))
     return BenchSetup(quick=False, sizes=sizes, workdir=workdir, model_dir=model_dir, train_path=train_path,
-                      test_rows=test_rows, description={
+                      test_rows=test_rows, source=source, description={
                           "model": f"all-MiniLM-L6-v2 fine-tuned ({_describe(note)})",
                           "data": (f"N = {sizes.num_train} training examples, each {sizes.tokens} tokens: same-label SST-2 "
                                    f"train sentences concatenated (from {source}); test inputs packed the same way from "

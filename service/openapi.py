@@ -16,14 +16,15 @@ from typing import Any
 from fastapi import FastAPI
 
 from api_schemas import (BuildResult, CorrectionReport, ExplainItem, GraphResult, Problem, QualityReport, ResultItem,
-                         SelfInfluenceItem)
+                         SelfInfluenceInputItem, SelfInfluenceItem)
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 _PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 _METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 # The result items of each job kind: `ResultsPage.items` is a list of one of these (by the job's
 # `kind`), so they are documented as components for clients to validate against.
-RESULT_ITEMS = (ResultItem, ExplainItem, GraphResult, CorrectionReport, SelfInfluenceItem, QualityReport, BuildResult)
+RESULT_ITEMS = (ResultItem, ExplainItem, GraphResult, CorrectionReport, SelfInfluenceItem, SelfInfluenceInputItem,
+                QualityReport, BuildResult)
 # Routes that touch nothing (no Redis): they cannot answer 503.
 _NO_BACKEND = {"/healthz"}
 
