@@ -74,10 +74,10 @@ def run(setup, config: DatasetConfig | None = None, on_step=print) -> dict:
                 model, _ = register(client, registration, 3600)
                 body = {"model_id": model["id"], "k": config.k, "top": 10}
                 # One shard per worker first: each loads the model and its factors outside the timing.
-                _finish(client, {**body, "inputs_from": {"path": f"inputs/warm-{workers}.jsonl",
+                _finish(client, {**body, "inputs_from": {"path": f"inputs/warm-{workers}.jsonl", "text_field": "text",
                                                          "shard_inputs": config.warm_inputs}}, config.timeout_s)
                 clock = Clock()
-                job = _finish(client, {**body, "inputs_from": {"path": "inputs/timed.jsonl",
+                job = _finish(client, {**body, "inputs_from": {"path": "inputs/timed.jsonl", "text_field": "text",
                                                                "shard_inputs": config.shard_inputs}}, config.timeout_s)
                 seconds = _parse(job["finished_at"]) - _parse(job["started_at"])
                 record = client.get(f"/v1/jobs/{job['id']}/results", params={"limit": 1}).json()
