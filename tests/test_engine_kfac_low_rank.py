@@ -1,0 +1,82 @@
+"""EK-FAC's rotation through the factors of a low-rank gradient (fastif/curvature/kfac.py ``rotated_rows``).
+
+The tiny models of the other engine tests have blocks too small for factors to pay off, so
+here the blocks have MiniLM's shapes (384 and 1536 wide) with random orthogonal eigenbases,
+and every result is checked against the dense rotation in float64.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastif.curvature import KroneckerFactors
+from fastif.curvature import kfac
+from fastif.curvature.kfac import KroneckerBlock, low_rank_budget, low_rank_factors, rotated_rows
+
+
+def orthogonal(size: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(size, size, generator=generator, dtype=torch.float64))[0].float()
+
+
+def of_rank(rank: int, rows: int, cols: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(rows, rank, generator=generator) @ torch.randn(rank, cols, generator=generator))
+
+
+def block(rows: int, cols: int, seed: int = 0) -> KroneckerBlock:
+    generator = torch.Generator().manual_seed(seed + 99)
+    return KroneckerBlock(q_a=orthogonal(cols, seed), eig_a=torch.rand(cols, generator=generator),
+                          q_g=orthogonal(rows, seed + 1), eig_g=torch.rand(rows, generator=generator),
+                          corrected=torch.rand(rows, cols, generator=generator) + 0.01)
+
+
+@pytest.mark.parametrize("rank", [1, 3, 24])
+def test_factors_of_a_low_rank_matrix_rebuild_it_with_as_many_columns_as_its_rank(rank):
+    matrix = of_rank(rank, 1536, 385, seed=rank)
+    left, right = low_rank_factors(matrix, max_rank=24)
+    assert left.shape == (1536, rank) and right.shape == (385, rank)
+    assert float((left @ right.T - matrix).norm() / matrix.norm()) < 1e-5
+
+
+def test_a_matrix_past_the_rank_asked_for_has_no_factors_and_zero_has_none_needed():
+    assert low_rank_factors(of_rank(5, 384, 385, seed=1), max_rank=4) is None
+    assert low_rank_factors(torch.randn(384, 385), max_rank=24) is None
+    left, right = low_rank_factors(torch.zeros(384, 385), max_rank=2)
+    assert left.shape == (384, 0) and right.shape == (385, 0)
+
+
+def test_the_budget_tries_factors_only_where_they_save_work():
+    assert low_rank_budget(16, 17) == 0  # a tiny model's blocks: always dense
+    assert 1 <= low_rank_budget(384, 385) < low_rank_budget(1536, 385) == low_rank_budget(384, 1537) <= 32
+
+
+def test_rows_rotate_as_densely_whatever_their_rank_and_low_rank_ones_through_factors(monkeypatch):
+    found = []
+    monkeypatch.setattr(kfac, "low_rank_factors", lambda m, r: found.append(low_rank_factors(m, r)) or found[-1])
+    kron = block(1536, 385)
+    rows = torch.stack([of_rank(1, 1536, 385, 1), torch.randn(1536, 385), of_rank(2, 1536, 385, 2), torch.zeros(1536, 385)])
+    rotated = rotated_rows(kron, rows)
+    dense = kron.q_g.double().T @ rows.double() @ kron.q_a.double()
+    assert float((rotated.double() - dense).norm() / dense.norm()) < 1e-5
+    assert [None if f is None else f[0].shape[1] for f in found] == [1, None, 2, 0]
+
+
+def test_inverse_apply_of_low_rank_gradients_is_the_damped_inverse_in_float64():
+    shapes = [(384, 1536), (384,), (384,)]  # a weight with its joined bias, and a diagonal LayerNorm scale
+    kron = block(384, 1537, seed=3)
+    kron.bias = 1
+    diagonal = torch.rand(384) + 0.1
+    factors = KroneckerFactors(names=["w", "b", "ln"], shapes=shapes, kronecker={0: kron}, diagonal={2: diagonal},
+                               examples=10)
+    gradient = of_rank(1, 384, 1537, seed=4)  # [W | b] of one token: δ [x; 1]ᵀ
+    vectors = torch.cat([gradient[:, :-1].reshape(1, -1), gradient[:, -1].reshape(1, -1), torch.randn(1, 384)], dim=1)
+    damping, decay = (0.5, 0.5, 0.2), (0.01, 0.0, 0.0)
+    solved = factors.inverse_apply(vectors, damping, decay)
+    q_g, q_a = kron.q_g.double(), kron.q_a.double()
+    inner = (q_g.T @ gradient.double() @ q_a) / (kron.corrected.double() + 0.5 + 0.01)
+    expected = q_g @ inner @ q_a.T
+    got = torch.cat([solved[0, : 384 * 1536].reshape(384, 1536), solved[0, 384 * 1536 : 384 * 1537].reshape(384, 1)], dim=1)
+    assert float((got.double() - expected).norm() / expected.norm()) < 1e-5
+    assert torch.allclose(solved[0, 384 * 1537 :], vectors[0, 384 * 1537 :] / (diagonal + 0.2))
