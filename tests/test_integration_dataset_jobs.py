@@ -79,6 +79,7 @@ def assert_same_items(items: list[dict], reference: list[dict]) -> None:
 def test_an_influence_dataset_job_runs_in_shards_on_both_workers_in_input_order(live_stack, model, engine):  # noqa: F811
     body = {"model_id": model["id"], "k": 20, "top": 4, "output_path": "out/dev.influence.jsonl",
             "inputs_from": {"path": "inputs/dev.jsonl", "shard_inputs": SHARD}}
+    cached_before = set(live_stack.redis.scan_iter("fastif:v1:*"))
     job = live_stack.wait_job(post(live_stack, "/v1/influence", body)["id"], timeout_s=300)
     assert job["status"] == "succeeded", job["error"]
     assert (job["inputs_total"], job["result_count"], job["progress"]["done"]) == (INPUTS, INPUTS, INPUTS)
@@ -95,6 +96,14 @@ def test_an_influence_dataset_job_runs_in_shards_on_both_workers_in_input_order(
     assert [json.loads(line) for line in streamed.text.splitlines()] == items
     written = (live_stack.data_root / "out" / "dev.influence.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in written] == items
+    # Nothing cached per input: at an s_test's size per input, a large file would fill Redis.
+    assert set(live_stack.redis.scan_iter("fastif:v1:*")) == cached_before
+    # An inline job of the first inputs gives the same items.
+    rows = [json.loads(line) for line in (live_stack.data_root / "inputs" / "dev.jsonl").read_text().splitlines()[:40]]
+    inline = live_stack.wait_job(post(live_stack, "/v1/influence", {
+        "model_id": model["id"], "k": 20, "top": 4, "inputs": [{"text": r["text"], "label": r.get("label")} for r in rows]})["id"])
+    assert inline["status"] == "succeeded", inline["error"]
+    assert_same_items(items[:40], live_stack.results(inline["id"]))
 
 
 def test_explain_and_self_influence_dataset_jobs_equal_this_process(live_stack, model, engine):  # noqa: F811

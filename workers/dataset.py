@@ -10,7 +10,8 @@ Where a job stands is its shard state's phase (workers/shards.py), moved by comp
   record the split on the job, move none -> shards, and send a DATASET_SHARD task for every
   shard whose items are not stored yet. A coordinator delivered again (its worker died) finds
   the phase set and sends those shards again; a shard done twice is stored once.
-- shard s: its inputs through the kind's computation, one batched solve for all of them, and
+- shard s: its inputs through the kind's computation, one batched solve for all of them (and no
+  per-input cache of gradients and s_test, which would hold megabytes per input in Redis), and
   its items stored at once under the job (records/jobs.py ``store_shard_items``), where the
   results pages and the JSON Lines stream read them in input order while the job runs; the
   job's progress counts inputs done over all shards. The shard that finds every shard stored
@@ -136,13 +137,15 @@ def shard_items(run: JobRun, queries: list[Query]) -> list[dict[str, Any]]:
     """The result items of one shard's inputs, as the job's kind makes them (input_index counts from 0)."""
     kind = run.ctx.jobs.require(run.job_id).kind
     request = _REQUESTS[kind].model_validate(run.request)
-    engine, cache = engine_and_cache(run, ready_model(run, request.model_id))
+    # No per-input cache of gradients and s_test: a dataset's inputs are scored once, and at a few MB per input
+    # (an s_test is as large as the influence parameters) a 100,000-input file would fill Redis many times over.
+    engine, _ = engine_and_cache(run, ready_model(run, request.model_id))
     # The job's progress counts inputs over all shards: a shard only looks for a cancel.
     watch = run.progress.cancel_check
     if kind == "self_influence":
         return stored_items(SelfInfluenceInputItem,
                             inputs_self_influence(engine, queries, solver=solver_config(request), on_progress=watch))
-    encoded, influences = engine.analyze(queries, k=request.k, solver=solver_config(request), group=False, cache=cache,
+    encoded, influences = engine.analyze(queries, k=request.k, solver=solver_config(request), group=False, cache=None,
                                          on_progress=watch)
     if kind == "explain":
         return stored_items(ExplainItem, explain_items(engine, encoded, influences, request.top))
