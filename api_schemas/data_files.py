@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import Field
 
 from .common import PathStr, RequestModel
-from .models import TrainData
+from .models import Model, TrainData
 
 Count = Annotated[int, Field(strict=True, ge=1)]
 
@@ -53,9 +53,19 @@ class InputsFile(DataFileFields):
     """
 
     path: PathStr
-    shard_inputs: Annotated[int, Field(strict=True, ge=1, le=4096)] = Field(
+    shard_inputs: Annotated[int, Field(strict=True, ge=1, le=1024)] = Field(
         128, description="the job runs as tasks of this many inputs, which every worker takes from the queue; each "
-                         "task's results are readable as soon as it finishes, and one whose worker died is done again")
+                         "task's results are readable as soon as it finishes, and one whose worker died is done again "
+                         "(a task solves 32 inputs at a time, whatever its size)")
+    def reading(self, model: Model, *, max_rows: int, max_text_chars: int) -> dict[str, Any]:
+        """The keyword arguments of ``datafiles.read_inputs`` for this file: how the API and the job both read it (the
+        request's fields, else the model's training data's; the model's labels; the service's limits)."""
+        fields = self.fields_over(model.request.train_data)
+        return {"text_field": fields.text_field, "text_pair_field": fields.text_pair_field,
+                "label_field": fields.label_field, "label_field_named": self.label_field is not None,
+                "labels": {name: i for i, name in enumerate(model.labels or [])}, "fmt": fields.format,
+                "quoting": fields.quoting, "limit": self.limit, "max_rows": max_rows, "max_text_chars": max_text_chars}
+
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = Field(
         None, description="the file's sha256 (a folder's: its files' names and bytes); filled in by the API when "
                           "left out, refused when given and the file differs. The job fails if the file changes "

@@ -192,17 +192,19 @@ class InputRow:
 
 
 def read_inputs(path: Path, *, text_field: str, text_pair_field: str | None, label_field: str | None,
-                labels: Mapping[str, int], label_required: bool = False, fmt: Format = "auto",
-                quoting: Quoting = "minimal", limit: int | None = None, max_rows: int | None = None,
-                max_text_chars: int | None = None) -> list[InputRow]:
+                labels: Mapping[str, int], label_required: bool = False, label_field_named: bool = False,
+                fmt: Format = "auto", quoting: Quoting = "minimal", limit: int | None = None,
+                max_rows: int | None = None, max_text_chars: int | None = None) -> list[InputRow]:
     """The test inputs of a file: text, pair text and label of each row, checked as a job checks inline inputs.
 
-    A row without ``label_field`` (or with an empty one) uses the predicted label unless
-    ``label_required``. ``limit`` reads only the first rows; past ``max_rows`` rows raises
-    TooManyRows; a text longer than ``max_text_chars`` raises TextTooLong. Every error
-    names the file, the line and the field.
+    A row without ``label_field`` (or with an empty one, or a negative number: the unknown label
+    of GLUE's test splits) uses the predicted label unless ``label_required``; a field the caller
+    named (``label_field_named``) that no row has is an error, a typo rather than a choice.
+    ``limit`` reads only the first rows; past ``max_rows`` rows raises TooManyRows; a text longer
+    than ``max_text_chars`` raises TextTooLong. Every error names the file, the line and the field.
     """
     inputs: list[InputRow] = []
+    labelled = False
     for number, row in read_rows(path, fmt, quoting):
         if limit is not None and len(inputs) >= limit:
             break
@@ -218,7 +220,9 @@ def read_inputs(path: Path, *, text_field: str, text_pair_field: str | None, lab
         label = None
         if label_field is not None:
             raw = row.get(label_field)
-            if raw is None or (isinstance(raw, str) and not raw.strip()):
+            labelled = labelled or label_field in row
+            unknown = isinstance(raw, int) and not isinstance(raw, bool) and raw < 0
+            if raw is None or unknown or (isinstance(raw, str) and not raw.strip()):
                 if label_required:
                     raise (missing_field(row, label_field, where, number) if label_field not in row
                            else DataFileError(f"{where}: field '{label_field}' is empty", number, label_field))
@@ -230,6 +234,8 @@ def read_inputs(path: Path, *, text_field: str, text_pair_field: str | None, lab
         inputs.append(InputRow(text=text, text_pair=pair, label=label))  # type: ignore[arg-type]
     if not inputs:
         raise EmptyFile(f"{path}: no inputs (the file is empty)")
+    if label_field_named and not labelled:
+        raise DataFileError(f"{path}: no row has the field '{label_field}' named as the label field", None, label_field)
     return inputs
 
 
@@ -250,13 +256,30 @@ class EmptyFile(DataFileError):
 
 
 def content_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, or of a folder's files (names and bytes, in name order): what a job pins its inputs to."""
+    """sha256 of a file's bytes, or of a folder's files (names, sizes and bytes, in name order): what a job pins its
+    inputs to."""
     digest = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for file in files:
         if path.is_dir():
-            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+            digest.update(f"{file.relative_to(path).as_posix()}\0{file.stat().st_size}\0".encode())
         with file.open("rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+class FileChanged(DataFileError):
+    """The file's bytes are not those its sha256 pins, or changed while it was being read."""
+
+
+def read_pinned_inputs(path: Path, sha256: str | None = None, **reading) -> tuple[list[InputRow], str]:
+    """``read_inputs(path, **reading)`` and the file's sha256, refused (FileChanged) when the bytes differ from
+    ``sha256`` or change while they are read: the rows returned are those of the bytes the hash names."""
+    before = content_sha256(path)
+    if sha256 is not None and before != sha256:
+        raise FileChanged(f"{path}: its sha256 is {before}, not the {sha256} pinned")
+    inputs = read_inputs(path, **reading)
+    if content_sha256(path) != before:
+        raise FileChanged(f"{path}: changed while it was being read")
+    return inputs, before

@@ -174,7 +174,8 @@ def submit(
         help="a local JSON Lines file of inputs: one {\"text\", \"text_pair\"?, \"label\"?} per line")] = None,
     inputs_from: Annotated[Optional[str], typer.Option(
         help="a dataset job: a file in the service's data root (JSONL, CSV, TSV or a saved Hugging Face dataset, read "
-             "with the model's training-data fields), up to 100,000 inputs run in shards over the workers")] = None,
+             "with the model's training-data fields), up to the service's FASTIF_MAX_DATASET_INPUTS inputs, run in "
+             "shards over the workers")] = None,
     kind: Annotated[SubmitKind, typer.Option(case_sensitive=False, help="the job to start")] = SubmitKind.influence,
     k: Annotated[Optional[int], typer.Option(help="kNN candidates per input; 0 scores every training example")] = None,
     top: Annotated[Optional[int], typer.Option(help="helpful and harmful examples per input (self-influence: "
@@ -208,8 +209,9 @@ def _submit_request(kind: SubmitKind, model_id: str, texts: list[str], labels: l
     """The request body of `fastif submit`; ValueError for a command line that does not make one."""
     body: dict[str, Any] = {"model_id": model_id}
     if inputs_from is not None:
-        if texts or file is not None or sample is not None:
-            raise ValueError("--inputs-from names the job's inputs: not with --text, --file or --sample")
+        if texts or labels or file is not None or sample is not None:
+            raise ValueError("--inputs-from names the job's inputs (and their labels): not with --text, --label, --file "
+                             "or --sample")
         body["inputs_from"] = {"path": inputs_from}
     if solver is not None:
         body["solver"] = solver
@@ -230,10 +232,7 @@ def _submit_request(kind: SubmitKind, model_id: str, texts: list[str], labels: l
         return body
     if sample is not None:
         raise ValueError("--sample is for self-influence jobs")
-    if inputs_from is not None:
-        if labels:
-            raise ValueError("--label goes with --text; a dataset file's labels are in its label field")
-    elif bool(texts) == (file is not None):
+    if inputs_from is None and bool(texts) == (file is not None):
         raise ValueError("give the inputs as --text (repeatable), as --file inputs.jsonl, or as --inputs-from "
                          "(a file in the service's data root), one of the three")
     if labels and len(labels) != len(texts):
@@ -301,8 +300,15 @@ def results(
     url: UrlOption = None,
     api_key: ApiKeyOption = None,
 ) -> None:
-    """Every result item of a job, as JSON Lines, in input order (streamed from GET /v1/jobs/{id}/results.jsonl)."""
+    """Every result item of a job, as JSON Lines, in input order (streamed from GET /v1/jobs/{id}/results.jsonl).
+
+    A dataset job that has not succeeded gives the items of its shards finished so far, and says so on stderr.
+    """
     with _reported_errors(), _client(url, api_key) as client:
+        record = client.get_job(job)
+        if record.status != "succeeded" and record.inputs_total is not None:
+            typer.echo(f"job {job} is {record.status}: these are the items of its finished shards, "
+                       f"{record.result_count or 0} of {record.inputs_total} inputs", err=True)
         items = client.stream_results(job) if page_size is None else client.iter_results(job, page_size=page_size)
         if output is None:
             _write_stdout(items)

@@ -173,7 +173,8 @@ class FastIFClient(ClientBase):
         return self._wait(polling, fetch)
 
     def results_page(self, job_id: str, offset: int = 0, limit: int = 100) -> ResultsPage:
-        """GET /v1/jobs/{id}/results: items [offset, offset + limit) of `total`; NotReady until the job succeeded."""
+        """GET /v1/jobs/{id}/results: items [offset, offset + limit) of `total`; NotReady until the job succeeded
+        (a dataset job's are readable before: those of its shards finished so far, `total` counting them)."""
         return self._send(calls.results_page(job_id, offset, limit))
 
     @overload
@@ -203,7 +204,8 @@ class FastIFClient(ClientBase):
     def stream_results(self, job_id: str, *, item_type: type[BaseModel] | None = None) -> Iterator[Any]:
         """Every result item in input order from GET /v1/jobs/{id}/results.jsonl: one request, read as it arrives.
 
-        The same items as iter_results, without a request per page; NotReady until the job succeeded.
+        The same items as iter_results, without a request per page; NotReady until the job succeeded (a dataset
+        job streams before: the items of its shards finished when the stream starts).
         """
         path = calls.results_stream_path(job_id)
         attempts = Attempts(self.settings, "GET", path)

@@ -89,9 +89,12 @@ return 0
 
 # KEYS: job, the shard's items list, the done set. ARGV: shard, ttl, items count, item, ...
 # Stores one dataset shard's items once (a shard done twice keeps its first items, which are the
-# same) and counts them on the record; returns how many shards are stored, -1 if the job is gone.
-STORE_SHARD_ITEMS = """
+# same) and counts them on the record; returns how many shards are stored, -1 if the job is gone
+# or over (a finished job's results no longer change).
+STORE_SHARD_ITEMS = f"""
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local st = redis.call('HGET', KEYS[1], 'status')
+if {_TERMINAL} then return -1 end
 if redis.call('SADD', KEYS[3], ARGV[1]) == 1 then
   redis.call('DEL', KEYS[2])
   if tonumber(ARGV[3]) > 0 then redis.call('RPUSH', KEYS[2], unpack(ARGV, 4)) end
@@ -101,4 +104,12 @@ if redis.call('SADD', KEYS[3], ARGV[1]) == 1 then
 end
 redis.call('EXPIRE', KEYS[3], ARGV[2])
 return redis.call('SCARD', KEYS[3])
+"""
+
+# KEYS: job. ARGV: field, value, ... Records a dataset job's split once: a coordinator delivered
+# again (or twice at once) must not reset the counts of shards already stored. 1 if written.
+SPLIT_ONCE = """
+if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HEXISTS', KEYS[1], 'result_shards') == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
 """

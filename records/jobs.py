@@ -51,6 +51,7 @@ class JobStore(HashRecordStore[Job]):
         self._hincr = client.register_script(_scripts.HINCR_EXISTING)
         self._release_idem = client.register_script(_scripts.RELEASE_IDEM)
         self._store_shard = client.register_script(_scripts.STORE_SHARD_ITEMS)
+        self._split_once = client.register_script(_scripts.SPLIT_ONCE)
 
     # -- creating ---------------------------------------------------------------------------
 
@@ -163,9 +164,10 @@ class JobStore(HashRecordStore[Job]):
     # -- dataset jobs: results in shards --------------------------------------------------------
 
     def split_into_shards(self, job_id: str, shards: int, shard_inputs: int) -> bool:
-        """Record that a dataset job's inputs run as `shards` shards of `shard_inputs` (the last may be shorter)."""
-        return bool(self._hset(keys=[keys.job(job_id)], args=["result_shards", shards, "shard_inputs", shard_inputs,
-                                                             "result_count", 0, "stage", "inputs"]))
+        """Record, once, that a dataset job's inputs run as `shards` shards of `shard_inputs` (the last may be shorter);
+        False when it was recorded already (or the job is gone)."""
+        return bool(self._split_once(keys=[keys.job(job_id)], args=["result_shards", shards, "shard_inputs", shard_inputs,
+                                                                   "result_count", 0, "stage", "inputs"]))
 
     def shard_count(self, job_id: str) -> int | None:
         """How many shards a dataset job was split into; None before it was split."""
@@ -177,7 +179,7 @@ class JobStore(HashRecordStore[Job]):
 
     def store_shard_items(self, job_id: str, shard: int, items: list[dict[str, Any]]) -> int:
         """Store one shard's items (once: a shard done again keeps the first) and count them as done; returns how many
-        shards are stored, or -1 when the job is gone. The items are readable at once, whatever the job's status."""
+        shards are stored, or -1 when the job is gone or over. The items are readable at once."""
         encoded = [json.dumps(item, separators=(",", ":"), allow_nan=False) for item in items]
         return int(self._store_shard(keys=[keys.job(job_id), keys.result_shard(job_id, shard), keys.result_shards_done(job_id)],
                                      args=[shard, self.result_ttl_s, len(encoded), *encoded]))
@@ -201,15 +203,24 @@ class JobStore(HashRecordStore[Job]):
         return bool(self.redis.transaction(write, job_key, value_from_callable=True))
 
     def _stored_shards(self, job_id: str) -> list[tuple[int, int]] | None:
-        """A dataset job's stored shards in input order as (shard, items); None for any other job."""
-        total, count, size = (optional_int(text(v)) for v in self.redis.hmget(
-            keys.job(job_id), ["inputs_total", "result_shards", "shard_inputs"]))
+        """A dataset job's readable shards in input order as (shard, items); None for any other job.
+
+        While the job runs, the unbroken run of stored shards from the first: a shard stored
+        later only adds items after those already readable, so a page, once read, never moves.
+        Once the job is over, every stored shard (a cancelled job keeps what finished).
+        """
+        total, count, size, status = (text(v) for v in self.redis.hmget(
+            keys.job(job_id), ["inputs_total", "result_shards", "shard_inputs", "status"]))
         if total is None:
             return None
         if count is None or size is None:  # not split yet: nothing stored
             return []
+        total_n, count_n, size_n = int(total), int(count), int(size)
         done = sorted(int(text(s) or 0) for s in self.redis.smembers(keys.result_shards_done(job_id)))
-        return [(s, min(size, total - s * size)) for s in done if 0 <= s < count]
+        readable = [s for s in done if 0 <= s < count_n]
+        if status not in TERMINAL_STATUSES:
+            readable = [s for position, s in enumerate(readable) if s == position]
+        return [(s, min(size_n, total_n - s * size_n)) for s in readable]
 
     def _shard_results(self, job_id: str, shards: list[tuple[int, int]], offset: int,
                        limit: int) -> tuple[int, list[dict[str, Any]]]:

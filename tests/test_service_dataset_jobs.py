@@ -72,6 +72,8 @@ BAD_FILES = {
     "empty": ([], "in.jsonl", {}, 422, "empty-data", ["in.jsonl"]),
     "too-long": ([ROWS[0], {"text": "x" * 4001}], "in.jsonl", {}, 413, "text-too-long", ["in.jsonl, line 2", "'text'"]),
     "wrong-extension": (ROWS, "in.txt", {}, 422, "invalid-data-file", ["in.txt", "format"]),
+    "named-label-field-in-no-row": (ROWS, "in.jsonl", {"label_field": "gold"}, 422, "invalid-data-file",
+                                    ["in.jsonl", "'gold'", "no row"]),
     "csv-with-more-fields": (None, "in.csv", {}, 422, "invalid-data-file", ["in.csv, line 3", "more fields"]),
 }
 
@@ -139,3 +141,20 @@ def test_an_inline_job_is_not_a_dataset_job(client, redis_client):  # noqa: F811
     job = client.post("/v1/influence", json={"model_id": model["id"], "inputs": [{"text": "x"}]}).json()
     assert job["inputs_total"] is None
     assert_problem(client.get(f"/v1/jobs/{job['id']}/results"), 409, "job-not-finished")
+
+
+def test_a_negative_label_is_unknown_and_takes_the_predicted_one(client, redis_client, data_root):  # noqa: F811
+    model = ready_model(client, redis_client)
+    write_rows(data_root / "test.jsonl", [{"text": "unlabelled, as GLUE's test splits", "label": -1}])
+    response = client.post("/v1/influence", json={"model_id": model["id"], "inputs_from": {"path": "test.jsonl"}})
+    assert response.status_code == 202, response.text
+
+
+def test_a_dataset_job_may_not_write_over_its_own_input(client, redis_client, data_root):  # noqa: F811
+    model = ready_model(client, redis_client)
+    write_rows(data_root / "in.jsonl", ROWS)
+    for route in ("/v1/influence", "/v1/self-influence"):
+        problem = assert_problem(client.post(route, json={"model_id": model["id"], "inputs_from": {"path": "in.jsonl"},
+                                                          "output_path": "./in.jsonl"}), 422, "invalid-request")
+        assert problem["errors"][0]["loc"] == ["body", "output_path"]
+    assert nothing_queued(redis_client)

@@ -66,37 +66,44 @@ def test_a_dataset_jobs_results_are_its_stored_shards_in_input_order(jobs: JobSt
     assert jobs.results(job.id) == (0, [])  # not split yet
     jobs.start_delivery(job.id)
     assert jobs.split_into_shards(job.id, 3, 3)  # 3 + 3 + 1
+    assert not jobs.split_into_shards(job.id, 4, 2)  # once: a coordinator delivered again changes nothing
     items = {s: [{"input_index": i} for i in range(s * 3, min(7, s * 3 + 3))] for s in range(3)}
     assert jobs.store_shard_items(job.id, 2, items[2]) == 1
+    # While it runs only the unbroken run of shards from the first is readable, so that a page never moves.
+    assert jobs.results(job.id) == (0, [])
     assert jobs.store_shard_items(job.id, 0, items[0]) == 2
-    # Shard 1 is missing: what is readable are shards 0 and 2, in input order, paged across the gap.
-    assert jobs.results(job.id, 0, 10) == (4, [{"input_index": i} for i in (0, 1, 2, 6)])
-    assert jobs.results(job.id, 2, 2) == (4, [{"input_index": 2}, {"input_index": 6}])
-    assert jobs.results(job.id, 4, 2) == (4, [])
-    assert [json.loads(raw)["input_index"] for raw in jobs.iter_raw_results(job.id, chunk=2)] == [0, 1, 2, 6]
+    assert jobs.results(job.id, 0, 10) == (3, [{"input_index": i} for i in (0, 1, 2)])
+    assert jobs.results(job.id, 2, 2) == (3, [{"input_index": 2}])
+    assert [json.loads(raw)["input_index"] for raw in jobs.iter_raw_results(job.id, chunk=2)] == [0, 1, 2]
     running = jobs.require(job.id)
     assert (running.status, running.result_count, running.progress.done) == ("running", 4, 4)
     # A shard stored again (its worker died after storing) keeps its items and counts once.
     assert jobs.store_shard_items(job.id, 0, [{"input_index": 99}] * 3) == 2
     assert jobs.require(job.id).result_count == 4
     assert jobs.store_shard_items(job.id, 1, items[1]) == 3
+    assert jobs.results(job.id, 2, 3) == (7, [{"input_index": i} for i in (2, 3, 4)])  # paged across shards
     assert jobs.succeed_in_shards(job.id)
     done = jobs.require(job.id)
     assert (done.status, done.result_count, done.progress.stage) == ("succeeded", 7, "done")
     assert jobs.results(job.id, 1, 5) == (7, [{"input_index": i} for i in range(1, 6)])
     assert not jobs.succeed_in_shards(job.id)  # finished once
+    assert jobs.store_shard_items(job.id, 1, items[1]) == -1  # a finished job's results no longer change
     for key in ("fastif:results:%s:%d" % (job.id, s) for s in range(3)):
         assert 0 < redis_client.ttl(key) <= jobs.result_ttl_s
 
 
-def test_a_cancelled_dataset_job_keeps_its_stored_shards(jobs: JobStore) -> None:
-    job = jobs.create("explain", "m", {}, inputs_total=4)
+def test_a_cancelled_dataset_job_keeps_every_stored_shard(jobs: JobStore) -> None:
+    job = jobs.create("explain", "m", {}, inputs_total=6)
     jobs.start_delivery(job.id)
-    jobs.split_into_shards(job.id, 2, 2)
+    jobs.split_into_shards(job.id, 3, 2)
     jobs.store_shard_items(job.id, 1, [{"input_index": 2}, {"input_index": 3}])
+    assert jobs.results(job.id) == (0, [])  # running: shard 0 is missing
     jobs.request_cancel(job.id)
     assert jobs.mark_cancelled(job.id)
+    # Over: every stored shard is readable, gaps and all, and nothing more is stored.
     assert jobs.results(job.id) == (2, [{"input_index": 2}, {"input_index": 3}])
+    assert jobs.store_shard_items(job.id, 0, [{"input_index": 0}, {"input_index": 1}]) == -1
+    assert jobs.require(job.id).result_count == 2
     assert not jobs.succeed_in_shards(job.id)
     assert jobs.store_shard_items("gone", 0, [{"input_index": 0}]) == -1
 

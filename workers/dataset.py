@@ -32,6 +32,7 @@ from typing import Any
 
 import datafiles
 from api_schemas import (
+    TERMINAL_STATUSES,
     ExplainItem,
     ExplainRequest,
     InfluenceRequest,
@@ -46,6 +47,7 @@ from fastif.applications import inputs_self_influence
 from records.keys import shard_state
 
 from .configs import solver_config
+from .context import WorkerContext, context
 from .data_files import resolve
 from .registry import engine_and_cache, ready_model
 from .results import explain_items, influence_items, stored_items
@@ -85,27 +87,42 @@ def start_dataset(run: JobRun, model_id: str, source: InputsFile, send: SendTask
 
 
 def read_inputs(run: JobRun, model: Model, source: InputsFile) -> list[datafiles.InputRow]:
-    """The file's inputs, read as the API read them; the job fails if the file changed since, or cannot be read."""
+    """The file's inputs, read as the API read them; the job fails if its bytes are not those the API checked."""
     path = resolve(run, source.path)
-    fields = source.fields_over(model.request.train_data)
+    settings = run.ctx.settings
     try:
-        if source.sha256 is not None and datafiles.content_sha256(path) != source.sha256:
-            raise JobFailed("inputs-changed", f"inputs_from {source.path!r} changed after the job was submitted; "
-                                              "submit it again to read the file as it is now")
-        return datafiles.read_inputs(
-            path, text_field=fields.text_field, text_pair_field=fields.text_pair_field, label_field=fields.label_field,
-            labels={name: i for i, name in enumerate(model.labels or [])}, fmt=fields.format, quoting=fields.quoting,
-            limit=source.limit)
+        inputs, _ = datafiles.read_pinned_inputs(path, source.sha256, **source.reading(
+            model, max_rows=settings.max_dataset_inputs, max_text_chars=settings.max_text_chars))
+        return inputs
+    except datafiles.FileChanged:
+        raise JobFailed("inputs-changed", f"inputs_from {source.path!r} changed after the job was submitted; "
+                                          "submit it again to read the file as it is now") from None
     except (datafiles.DataFileError, OSError) as err:
-        raise JobFailed("invalid-data", str(err).replace(str(path), source.path)) from None
+        raise JobFailed("invalid-data-file", str(err).replace(str(path), source.path)) from None
 
 
 # -- a shard -------------------------------------------------------------------------------------
 def dataset_shard(job_id: str, shard: int) -> str:
-    return run_shard(job_id, shard, "inputs", partial(_shard_work, shard=shard))
+    return run_shard(job_id, shard, "inputs", partial(_shard_work, shard=shard),
+                     on_failure=lambda _code, _message: _let_inputs_go(context(), job_id))
+
+
+def _let_inputs_go(ctx: WorkerContext, job_id: str) -> None:
+    """Delete the job's stored inputs (a job that is over reads them no more; a large file's take hundreds of MB)."""
+    count = ctx.jobs.shard_count(job_id) or 0
+    if count:
+        ctx.redis.delete(*(shard_state(job_id, "inputs", s) for s in range(count)))
 
 
 def _shard_work(run: JobRun, shard: int) -> None:
+    try:
+        _shard_part(run, shard)
+    except CancelledError:
+        _let_inputs_go(run.ctx, run.job_id)
+        raise
+
+
+def _shard_part(run: JobRun, shard: int) -> None:
     jobs = run.ctx.jobs
     if jobs.cancel_requested(run.job_id):
         raise CancelledError("cancelled before this shard started")
@@ -133,8 +150,24 @@ def _items_of(run: JobRun, shard: int) -> list[dict[str, Any]]:
     return items
 
 
+# Inputs solved and scored together within a shard: their gradients and s_tests are each as large as the
+# influence parameters (8 MB on MiniLM's top), so a shard of any size holds this many at a time; past about
+# 32 the cost per input hardly falls (bench/results/batch.md).
+SOLVED_TOGETHER = 32
+
+
 def shard_items(run: JobRun, queries: list[Query]) -> list[dict[str, Any]]:
     """The result items of one shard's inputs, as the job's kind makes them (input_index counts from 0)."""
+    items: list[dict[str, Any]] = []
+    for start in range(0, len(queries), SOLVED_TOGETHER):
+        part = _items_together(run, queries[start:start + SOLVED_TOGETHER])
+        for item in part:
+            item["input_index"] += start
+        items.extend(part)
+    return items
+
+
+def _items_together(run: JobRun, queries: list[Query]) -> list[dict[str, Any]]:
     kind = run.ctx.jobs.require(run.job_id).kind
     request = _REQUESTS[kind].model_validate(run.request)
     # No per-input cache of gradients and s_test: a dataset's inputs are scored once, and at a few MB per input
@@ -158,6 +191,10 @@ _REQUESTS = {"influence": InfluenceRequest, "explain": ExplainRequest, "self_inf
 def _finish(run: JobRun) -> None:
     """Phase finish: the items to `output_path` (streamed from the shards), the job succeeded, the inputs let go."""
     jobs = run.ctx.jobs
+    job = jobs.require(run.job_id)
+    if job.status in TERMINAL_STATUSES or job.cancel_requested:
+        _let_inputs_go(run.ctx, run.job_id)
+        return  # cancelled or failed meanwhile: no output file for a job that did not succeed
     write_output(run, jobs.iter_raw_results(run.job_id))
     jobs.succeed_in_shards(run.job_id)
-    run.ctx.redis.delete(*(shard_state(run.job_id, "inputs", s) for s in range(jobs.shard_count(run.job_id) or 0)))
+    _let_inputs_go(run.ctx, run.job_id)

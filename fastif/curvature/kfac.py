@@ -84,13 +84,16 @@ def low_rank_budget(rows: int, cols: int) -> int:
     return min(_MAX_RANK, int(dense / (4 * (6.0 * rows * cols + _STEP_OVERHEAD_FLOPS))))
 
 
-def low_rank_factors(matrix: torch.Tensor, max_rank: int, tol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor] | None:
+def low_rank_factors(matrix: torch.Tensor, max_rank: int, tol: float | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """U [rows, r], V [cols, r] with U Vᵀ = ``matrix`` to ``tol`` of its norm, r ≤ ``max_rank``; None past that rank.
+
+    ``tol`` defaults to 10 roundings of the matrix's dtype: what the dense rotation's own products lose.
 
     Cross approximation with full pivoting: each step takes the residual's largest entry as
     pivot and removes the outer product of its row and column, which for a matrix of rank r
     leaves nothing (up to rounding) after r steps.
     """
+    tol = 10 * torch.finfo(matrix.dtype).eps if tol is None else tol
     norm = float(matrix.norm())
     if norm == 0.0:
         return matrix.new_zeros(matrix.shape[0], 0), matrix.new_zeros(matrix.shape[1], 0)
@@ -108,8 +111,12 @@ def low_rank_factors(matrix: torch.Tensor, max_rank: int, tol: float = 1e-6) -> 
 
 
 def rotated_rows(block: KroneckerBlock, vectors: torch.Tensor) -> torch.Tensor:
-    """Q_Gᵀ V Q_A for each [out, in] matrix of ``vectors`` [m, out, in]: through its factors where it has low rank."""
-    budget = low_rank_budget(*vectors.shape[1:])
+    """Q_Gᵀ V Q_A for each [out, in] matrix of ``vectors`` [m, out, in]: through its factors where it has low rank.
+
+    On CPU only: each step of the factorisation waits for its pivot, which a GPU would pay for in
+    round trips, and the budget is measured on one CPU core.
+    """
+    budget = low_rank_budget(*vectors.shape[1:]) if vectors.device.type == "cpu" else 0
     if budget == 0:
         return block.q_g.T @ vectors @ block.q_a
     rotated = torch.empty_like(vectors)

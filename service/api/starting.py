@@ -164,8 +164,17 @@ def start_inputs_job(kind: str, task: str, body: InfluenceRequest | ExplainReque
         check_labels(body.inputs, "inputs", model)
         return start_job(kind, task, with_output_path(body, settings), model)
     checked, count = checked_inputs_file(inputs_from, settings, model)
-    return start_job(kind, task, with_output_path(body.model_copy(update={"inputs_from": checked}), settings), model,
-                     inputs_total=count)
+    return start_job(kind, task, not_over_inputs(with_output_path(body.model_copy(update={"inputs_from": checked}),
+                                                                  settings)), model, inputs_total=count)
+
+
+def not_over_inputs(body: BodyT) -> BodyT:
+    """422 invalid-request when a dataset job's `output_path` names its own input file (both are relative by now)."""
+    source, output = getattr(body, "inputs_from", None), getattr(body, "output_path", None)
+    if source is not None and output is not None and output == source.path:
+        raise ProblemError("invalid-request", f"output_path {output!r} is the job's own input file; name another",
+                           errors=[{"loc": ["body", "output_path"], "msg": "is the input file", "type": "value_error"}])
+    return body
 
 
 _DATA_FILE_PROBLEMS: dict[type[datafiles.DataFileError], str] = {
@@ -185,13 +194,17 @@ def checked_inputs_file(source: InputsFile, settings: Settings, model: Model) ->
     """
     relative = resolve_in_root(settings.data_root, source.path, "inputs_from.path")
     file = settings.data_root.resolve() / relative
-    fields = source.fields_over(model.request.train_data)
     try:
-        sha256 = datafiles.content_sha256(file)
-        inputs = datafiles.read_inputs(
-            file, text_field=fields.text_field, text_pair_field=fields.text_pair_field, label_field=fields.label_field,
-            labels={name: i for i, name in enumerate(model.labels or [])}, fmt=fields.format, quoting=fields.quoting,
-            limit=source.limit, max_rows=settings.max_dataset_inputs, max_text_chars=settings.max_text_chars)
+        inputs, sha256 = datafiles.read_pinned_inputs(file, source.sha256, **source.reading(model, max_rows=settings.max_dataset_inputs,
+                                                                           max_text_chars=settings.max_text_chars))
+    except datafiles.FileChanged as err:
+        if source.sha256 is None:  # changed while the API read it
+            raise ProblemError("invalid-data-file", str(err).replace(str(file), source.path),
+                               errors=[{"loc": ["body", "inputs_from", "path"], "msg": "changed while read",
+                                        "type": "invalid_data_file"}]) from None
+        raise ProblemError("invalid-request", f"inputs_from.sha256 does not match {source.path!r}",
+                           errors=[{"loc": ["body", "inputs_from", "sha256"], "msg": "does not match the file",
+                                    "type": "value_error"}]) from None
     except datafiles.DataFileError as err:
         message = str(err).replace(str(file), source.path)
         slug = next((s for cls, s in _DATA_FILE_PROBLEMS.items() if isinstance(err, cls)), "invalid-data-file")
@@ -201,8 +214,4 @@ def checked_inputs_file(source: InputsFile, settings: Settings, model: Model) ->
         raise ProblemError("invalid-data-file", f"inputs_from.path {source.path!r} cannot be read ({err.strerror})",
                            errors=[{"loc": ["body", "inputs_from", "path"], "msg": "unreadable",
                                     "type": "invalid_data_file"}]) from None
-    if source.sha256 is not None and source.sha256 != sha256:
-        raise ProblemError("invalid-request", f"inputs_from.sha256 does not match {source.path!r} (its sha256 is {sha256})",
-                           errors=[{"loc": ["body", "inputs_from", "sha256"], "msg": "does not match the file",
-                                    "type": "value_error"}])
     return source.model_copy(update={"path": relative, "sha256": sha256}), len(inputs)

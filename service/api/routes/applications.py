@@ -21,8 +21,8 @@ from records.settings import Settings
 from ...errors import ProblemError
 from ...paths import resolve_in_root
 from ..deps import CallerDep, JobsDep, SettingsDep, VisibleJob
-from ..starting import (ReadyModel, StartJob, check_inputs, check_labels, checked_inputs_file, start_inputs_job,
-                        with_output_path)
+from ..starting import (ReadyModel, StartJob, check_inputs, check_labels, checked_inputs_file, not_over_inputs,
+                        start_inputs_job, with_output_path)
 
 router = APIRouter(prefix="/v1", tags=["applications"])
 
@@ -97,8 +97,8 @@ def start_self_influence(body: SelfInfluenceRequest, settings: SettingsDep, read
     model = ready_model(body.model_id)
     if body.inputs_from is not None:
         checked, count = checked_inputs_file(body.inputs_from, settings, model)
-        return start_job("self_influence", SELF_INFLUENCE, body.model_copy(update={"inputs_from": checked}), model,
-                         inputs_total=count)
+        return start_job("self_influence", SELF_INFLUENCE, not_over_inputs(body.model_copy(update={"inputs_from": checked})),
+                         model, inputs_total=count)
     if body.indices is not None and model.num_train is not None:
         bad = [i for i in body.indices if i >= model.num_train]
         if bad:
