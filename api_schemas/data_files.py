@@ -49,7 +49,7 @@ class InputsFile(DataFileFields):
     Read with the model's training-data fields unless the request names its own. A row whose label
     field is missing or empty is taken with the model's predicted label, as an inline input with
     `label` null. The API reads the whole file before it queues the job and refuses a bad row by
-    file, line and field; the job then reads the same bytes (`sha256`, filled in by the API).
+    file, line and field; the job then reads the same bytes (`sha256`, filled in by the API), or fails.
     """
 
     path: PathStr

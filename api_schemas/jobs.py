@@ -39,8 +39,9 @@ class Job(ResponseModel):
     cancel_requested: bool = False
     # The name of the API key that created the job (never the key); null when the service runs without keys.
     owner: str | None = None
-    # A dataset job's (inputs_from) count of inputs; its results are readable shard by shard while it runs,
-    # and `result_count` counts those stored so far. Null for every other job.
+    # A dataset job's (inputs_from) count of inputs; its results are readable shard by shard while it runs (the
+    # finished shards from the first up to the first missing), and `result_count` counts every finished shard's
+    # inputs. Null for every other job.
     inputs_total: int | None = None
 
 

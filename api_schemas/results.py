@@ -94,7 +94,8 @@ class ResultsPage(ResponseModel):
     GraphResult (graph), CorrectionReport (correct), SelfInfluenceItem
     (self_influence; SelfInfluenceInputItem for a dataset job's), QualityReport
     (quality), BuildResult (build_model). A dataset job's (`inputs_from`) pages
-    are readable while it runs: the items of its shards finished so far.
+    are readable while it runs: the items of its finished shards from the
+    first up to the first still missing (every finished shard's once it is over).
     """
 
     job_id: str

@@ -174,7 +174,7 @@ class AsyncFastIFClient(ClientBase):
 
     async def results_page(self, job_id: str, offset: int = 0, limit: int = 100) -> ResultsPage:
         """GET /v1/jobs/{id}/results: items [offset, offset + limit) of `total`; NotReady until the job succeeded
-        (a dataset job's are readable before: those of its shards finished so far, `total` counting them)."""
+        (a dataset job's are readable before: those of its finished shards from the first up to the first missing)."""
         return await self._send(calls.results_page(job_id, offset, limit))
 
     @overload

@@ -58,7 +58,8 @@ def get_results(
 ) -> ResultsPage:
     """Result items [offset, offset+limit) in input order; 409 until the job has succeeded.
 
-    A dataset job's (inputs_from) are readable in any status: the items of the shards finished so far.
+    A dataset job's (inputs_from) are readable in any status: while it runs, the items of its finished shards from
+    the first up to the first still missing (a page once read never moves); once it is over, every finished shard's.
     """
     _require_results(job)
     total, items = jobs.results(job.id, offset, limit)
