@@ -122,8 +122,10 @@ class ArtefactStore:
 
     def save_spectrum(self, spectrum: Spectrum) -> None:
         path = self._spectrum_file(spectrum.curvature)
-        if path is not None:
-            path.write_text(json.dumps({**spectrum.to_dict(), "version": ARTEFACT_VERSION}, indent=1, sort_keys=True))
+        if path is not None:  # written whole, then renamed: another process may be looking for it
+            partial = path.with_name(path.name + ".partial")
+            partial.write_text(json.dumps({**spectrum.to_dict(), "version": ARTEFACT_VERSION}, indent=1, sort_keys=True))
+            partial.replace(path)
 
     def _spectrum_file(self, curvature: str) -> Path | None:
         return self.folder / f"spectrum-{curvature}.json" if self.folder is not None else None
@@ -137,6 +139,10 @@ class ArtefactStore:
         path = self.factors_file
         loaded = KroneckerFactors.load(path) if path is not None else None
         return loaded if loaded is not None and loaded.names == names else None
+
+    def has_curvature(self, curvature: str, names: list[str]) -> bool:
+        """Whether the spectrum of ``curvature`` and EK-FAC's factors of these parameters are both stored."""
+        return self.load_spectrum(curvature) is not None and self.load_factors(names) is not None
 
     def save_factors(self, factors: KroneckerFactors) -> None:
         if self.factors_file is not None:

@@ -203,6 +203,10 @@ class InfluenceEngine:
         """EK-FAC's factors of the Gauss-Newton matrix (fitted by fastif/curvature/kfac_fit.py) once and kept with the artefacts."""
         return self._stages.curvature.factors(on_progress)
 
+    def curvature_stored(self) -> bool:
+        """Whether the build's curvature (the Gauss-Newton spectrum and EK-FAC's factors) is on disk, by whoever measured it."""
+        return self.store.has_curvature("gauss-newton", self.names)
+
     def solve(self, vectors: torch.Tensor, solver: Solver = SolverConfig(),
               on_progress: ProgressCallback | None = None) -> Solution:
         """s_test = (C + λI)⁻¹ v for each row of ``vectors``, by the solver ``solver`` names (fastif/curvature)."""

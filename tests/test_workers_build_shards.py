@@ -1,8 +1,9 @@
 """The sharded build job (workers/build.py) run task by task in this process, on the real Redis.
 
 The messages the tasks send are kept by the test and delivered in the order it picks: shards in
-any order, a shard twice, a build task delivered again, a finisher whose worker died. Over real
-worker processes: tests/test_integration_build_shards.py.
+any order, a shard twice, a build task delivered again, the spectrum task before or after the
+finisher's EK-FAC fit, a finisher or spectrum task whose worker died. Over real worker processes:
+tests/test_integration_build_shards.py.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from api_schemas import ModelCreate
 from fastif import DataSpec, IndexConfig, InfluenceEngine, InfluenceSpec
-from records.celery_app import BUILD_SHARD
+from records.celery_app import BUILD_SHARD, BUILD_SPECTRUM
 from records.settings import settings_from
 from tiny import assert_same_build, make_tiny_bert, sentences, write_jsonl
 from workers import build, registry, runner, shards
@@ -54,17 +56,22 @@ def ctx(redis_client, redis_url, data_root, tmp_path, monkeypatch) -> WorkerCont
 
 
 class Transport:
-    """What Celery would carry: the shard messages, delivered when the test says."""
+    """What Celery would carry: the shard and spectrum messages, delivered when the test says."""
 
     def __init__(self):
         self.sent: list[list] = []
+        self.spectra: list[list] = []
 
     def __call__(self, name: str, args: list) -> None:
-        assert name == BUILD_SHARD
-        self.sent.append(list(args))
+        assert name in (BUILD_SHARD, BUILD_SPECTRUM)
+        (self.sent if name == BUILD_SHARD else self.spectra).append(list(args))
 
     def take(self) -> list[int]:
         taken, self.sent = [args[2] for args in self.sent], []
+        return taken
+
+    def take_spectra(self) -> int:
+        taken, self.spectra = len(self.spectra), []
         return taken
 
 
@@ -81,8 +88,24 @@ def build_task(ctx, model_id, job_id, transport) -> str:
     return run_job(job_id, lambda run: build.run_build(run, model_id, transport), ITEM_MODELS["build_model"])
 
 
-def shard_task(ctx, model_id, job_id, shard) -> str:
-    return build.build_shard(job_id, model_id, shard, on_failure=lambda code, message: ctx.models.set_failed(model_id, code, message))
+def shard_task(ctx, model_id, job_id, shard, transport=None) -> str:
+    return build.build_shard(job_id, model_id, shard, on_failure=lambda code, message: ctx.models.set_failed(model_id, code, message),
+                             send=transport if transport is not None else Transport())
+
+
+def spectrum_task(ctx, model_id, job_id) -> str:
+    return build.build_spectrum(job_id, model_id, on_failure=lambda code, message: ctx.models.set_failed(model_id, code, message))
+
+
+def assert_same_curvature(actual: InfluenceEngine, expected: InfluenceEngine) -> None:
+    """The workers' spectrum and EK-FAC factors are one process's (the same sample, the same arithmetic)."""
+    assert actual.spectrum() == expected.spectrum()
+    mine, theirs = actual.factors(), expected.factors()
+    assert mine.examples == theirs.examples and sorted(mine.kronecker) == sorted(theirs.kronecker)
+    for position, block in theirs.kronecker.items():
+        for part in ("q_a", "eig_a", "q_g", "eig_g", "corrected"):
+            assert torch.equal(getattr(mine.kronecker[position], part), getattr(block, part)), part
+    assert all(torch.equal(mine.diagonal[p], d) for p, d in theirs.diagonal.items())
 
 
 def stored(ctx, model_id) -> InfluenceEngine:
@@ -103,16 +126,27 @@ def test_shards_in_any_order_finish_the_build_once(ctx, reference):
     sent = transport.take()
     assert sent == [0, 1, 2, 3]
     assert ctx.jobs.get(job_id).progress.done == 0 and ctx.models.get(model_id).examples_encoded == 0
-    outcomes = [shard_task(ctx, model_id, job_id, shard) for shard in (2, 0, 3, 0)]  # shard 0 delivered twice
+    outcomes = [shard_task(ctx, model_id, job_id, shard, transport) for shard in (2, 0, 3, 0)]  # shard 0 twice
     assert outcomes == ["done"] * 4 and ctx.models.get(model_id).status == "building"
     progress = ctx.jobs.get(job_id).progress
     assert (progress.stage, progress.done, progress.total) == ("features", 44, 60)  # 16 + 16 + 12, shard 0 once
-    assert shard_task(ctx, model_id, job_id, 1) == "done"  # the last rows: this shard finishes the job
+    assert transport.take_spectra() == 0
+    # The last rows: this shard builds the index, sends the spectrum task and fits EK-FAC; the model
+    # waits for the spectrum.
+    assert shard_task(ctx, model_id, job_id, 1, transport) == "done"
+    assert transport.take_spectra() == 1 and ctx.models.get(model_id).status == "building"
+    assert shards.phase_of(ctx, job_id) == "curvature-1"
+    assert spectrum_task(ctx, model_id, job_id) == "done"  # the second of the two: it finishes
     job, model = ctx.jobs.get(job_id), ctx.models.get(model_id)
     assert job.status == "succeeded" and model.status == "ready" and model.examples_encoded == 60
+    assert shards.phase_of(ctx, job_id) == "measured-by-spectrum"
     assert ctx.jobs.results(job_id)[1][0]["num_train"] == 60
-    assert shard_task(ctx, model_id, job_id, 1) == "skipped"  # a late copy finds the job over
-    assert_same_build(stored(ctx, model_id), reference)
+    assert all(model.curvature.seconds[part] > 0 for part in ("spectrum", "ekfac"))  # each task's own measurement
+    assert shard_task(ctx, model_id, job_id, 1, transport) == "skipped"  # a late copy finds the job over
+    assert spectrum_task(ctx, model_id, job_id) == "skipped"
+    engine = stored(ctx, model_id)
+    assert_same_build(engine, reference)
+    assert_same_curvature(engine, reference)
 
 
 def test_a_build_task_delivered_again_sends_only_the_missing_shards(ctx, reference):
@@ -126,29 +160,76 @@ def test_a_build_task_delivered_again_sends_only_the_missing_shards(ctx, referen
     assert transport.take() == [0, 2]
     for shard in (0, 2):
         shard_task(ctx, model_id, job_id, shard)
+    assert spectrum_task(ctx, model_id, job_id) == "done"
     assert ctx.models.get(model_id).status == "ready"
     assert_same_build(stored(ctx, model_id), reference)
 
 
-def test_a_finisher_whose_worker_died_is_finished_by_its_redelivery(ctx, reference, monkeypatch):
+def test_a_spectrum_done_before_the_factors_leaves_the_finish_to_the_finisher(ctx, reference, monkeypatch):
     model_id, job_id = register(ctx)
     transport = Transport()
     build_task(ctx, model_id, job_id, transport)
     for shard in transport.take()[:-1]:
-        shard_task(ctx, model_id, job_id, shard)
+        shard_task(ctx, model_id, job_id, shard, transport)
+
+    def worker_dies(*_args, **_kwargs):
+        raise SystemExit("the finisher's worker died while fitting EK-FAC")
+
+    with monkeypatch.context() as patched, pytest.raises(SystemExit):
+        patched.setattr(InfluenceEngine, "factors", worker_dies)
+        shard_task(ctx, model_id, job_id, 3, transport)
+    assert transport.take_spectra() == 1 and shards.phase_of(ctx, job_id) == "curvature-3"
+    assert spectrum_task(ctx, model_id, job_id) == "done"  # the factors are missing: not ready yet
+    assert ctx.models.get(model_id).status == "building" and shards.phase_of(ctx, job_id) == "curvature-3"
+    registry.forget(model_id)  # the finisher's redelivery lands on a fresh worker
+    assert shard_task(ctx, model_id, job_id, 3, transport) == "done"
+    assert transport.take_spectra() == 0  # the spectrum was sent once, before the phase moved on
+    assert ctx.models.get(model_id).status == "ready" and shards.phase_of(ctx, job_id) == "measured-by-shard-3"
+    engine = stored(ctx, model_id)
+    assert_same_build(engine, reference)
+    assert_same_curvature(engine, reference)
+
+
+def test_a_finisher_that_died_before_the_phase_moved_sends_the_spectrum_again(ctx, reference):
+    model_id, job_id = register(ctx)
+    transport = Transport()
+    build_task(ctx, model_id, job_id, transport)
+    for shard in transport.take()[:-1]:
+        shard_task(ctx, model_id, job_id, shard, transport)
+
+    def dies_after_sending(name: str, args: list) -> None:
+        transport(name, args)
+        raise SystemExit("the worker died right after sending the spectrum task")
+
+    with pytest.raises(SystemExit):
+        shard_task(ctx, model_id, job_id, 3, dies_after_sending)
+    assert shards.phase_of(ctx, job_id) == "finish-3"
+    assert spectrum_task(ctx, model_id, job_id) == "done"  # its copy runs; the phase does not name a measurement yet
+    assert ctx.models.get(model_id).status == "building"
+    assert shard_task(ctx, model_id, job_id, 3, transport) == "done"  # redelivered: sends again, fits, finds the spectrum
+    assert transport.take_spectra() == 2
+    assert ctx.models.get(model_id).status == "ready" and ctx.jobs.get(job_id).status == "succeeded"
+    assert spectrum_task(ctx, model_id, job_id) == "skipped"  # the copy sent again finds the job over
+    assert_same_curvature(stored(ctx, model_id), reference)
+
+
+def test_the_task_that_died_finishing_is_finished_by_its_redelivery(ctx, reference, monkeypatch):
+    model_id, job_id = register(ctx)
+    transport = Transport()
+    build_task(ctx, model_id, job_id, transport)
+    for shard in transport.take():
+        shard_task(ctx, model_id, job_id, shard, transport)
 
     def worker_dies(*_args, **_kwargs):
         raise SystemExit("the worker died after winning the finish")
 
-    monkeypatch.setattr(build, "_finish", worker_dies)
-    with pytest.raises(SystemExit):
-        shard_task(ctx, model_id, job_id, 3)
-    monkeypatch.undo()
-    for module in (shards, runner):  # undo() dropped the fixture's patches too
-        monkeypatch.setattr(module, "context", lambda: ctx)
-    assert shards.phase_of(ctx, job_id) == "finish-3"
-    assert shard_task(ctx, model_id, job_id, 2) == "done" and ctx.models.get(model_id).status == "building"
-    assert shard_task(ctx, model_id, job_id, 3) == "done"  # the same shard again: it finishes
+    with monkeypatch.context() as patched, pytest.raises(SystemExit):
+        patched.setattr(build, "_finish", worker_dies)
+        spectrum_task(ctx, model_id, job_id)
+    assert shards.phase_of(ctx, job_id) == "measured-by-spectrum"
+    assert shard_task(ctx, model_id, job_id, 3, transport) == "done"  # the finisher again: the finish is not its own
+    assert ctx.models.get(model_id).status == "building"
+    assert spectrum_task(ctx, model_id, job_id) == "done"  # the same task again: it finishes
     assert ctx.models.get(model_id).status == "ready" and ctx.jobs.get(job_id).status == "succeeded"
     assert_same_build(stored(ctx, model_id), reference)
 
@@ -170,6 +251,7 @@ def test_a_registration_after_a_failed_build_resumes_from_its_shards(ctx, refere
     assert ctx.models.get(model_id).examples_encoded == 32
     shard_task(ctx, model_id, job_id, 3)
     shard_task(ctx, model_id, job_id, 1)
+    assert spectrum_task(ctx, model_id, job_id) == "done"
     assert ctx.models.get(model_id).status == "ready"
     assert_same_build(stored(ctx, model_id), reference)
 

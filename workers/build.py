@@ -4,6 +4,7 @@ The training set is written in contiguous shards (fastif/staged_build.py) that a
 takes from the queue, as a small state machine on the job's phase (workers/shards.py):
 
     (none) --build task--> encode --the shard that finds no rows left--> finish-<shard>
+        --index built, spectrum task sent--> curvature-<shard> --the second of the two measured--> measured-by-<task>
 
 - build (the job's task, ``run_build``): a build already stored is only loaded. Otherwise the
   shards not yet on disk (a build that stopped, or an earlier registration of the same model
@@ -13,9 +14,14 @@ takes from the queue, as a small state machine on the job's phase (workers/shard
   the same rows.
 - encode (``build_shard``): writes its rows unless they are marked written, then looks at the
   disk: the shard that finds every shard written wins encode -> finish-<its number>.
-- finish: the index over the staged vectors, the curvature's spectrum and EK-FAC factors, the
-  model ready and the job's result stored (runner.finish). If its worker dies here, the same
-  shard's redelivery finds the phase naming it and finishes.
+- finish: the index over the staged vectors; then the curvature is measured on two workers at once:
+  the finishing shard fits EK-FAC's factors while a BUILD_SPECTRUM task (``build_spectrum``)
+  estimates the spectrum (the two are independent, and the factors take about three times as
+  long). Each saves its part beside the artefacts; the one that finds both saved moves the phase
+  to measured-by-<itself>, makes the model ready and stores the job's result (runner.finish).
+  If a worker dies anywhere here, its task's redelivery finds the phase naming it and goes on;
+  the spectrum task is sent before the phase moves past finish-<shard>, so a redelivered
+  finisher sends it again rather than never.
 
 The job's progress and the model's ``examples_encoded`` count the examples written; the disk
 is the truth about which shards are done, so a copy of a shard that runs twice counts once.
@@ -28,13 +34,16 @@ import time
 from api_schemas import BuildResult, Model
 from fastif import InfluenceEngine, knn
 from fastif.artefacts import search_vectors
-from records.celery_app import BUILD_SHARD
+from records.celery_app import BUILD_SHARD, BUILD_SPECTRUM
+from records.keys import shard_state
 
 from .registry import engine_for, forget
 from .runner import HANDED_ON, HandedOn, Items, JobFailed, JobRun, finish
 from .shards import advance, phase_of, run_shard
 
 ENCODE = "encode"
+CURVATURE = "curvature-"  # + the finishing shard: its EK-FAC fit and the spectrum task run side by side
+MEASURED = "measured-by-"  # + "spectrum" or "shard-<s>": the task that found both parts saved, and finishes
 
 
 def run_build(run: JobRun, model_id: str, send) -> Items | HandedOn:
@@ -63,7 +72,7 @@ def run_build(run: JobRun, model_id: str, send) -> Items | HandedOn:
     return _finish(run, model_id, engine)
 
 
-def build_shard(job_id: str, model_id: str, shard: int, on_failure) -> str:
+def build_shard(job_id: str, model_id: str, shard: int, on_failure, send) -> str:
     """One shard task of a build job (``on_failure``: the model fails with the job)."""
 
     def work(run: JobRun) -> None:
@@ -76,12 +85,51 @@ def build_shard(job_id: str, model_id: str, shard: int, on_failure) -> str:
             if build.pending():
                 _report_examples(run, model_id, engine, build.examples_done())
                 return
-        finisher = f"finish-{shard}"
+        finisher, measuring, me = f"finish-{shard}", f"{CURVATURE}{shard}", f"shard-{shard}"
         if advance(run.ctx, job_id, ENCODE, finisher) or phase_of(run.ctx, job_id) == finisher:
             engine.finish_build()
-            finish(run, _finish(run, model_id, engine), BuildResult)
+            send(BUILD_SPECTRUM, [job_id, model_id])
+            advance(run.ctx, job_id, finisher, measuring)
+        if phase_of(run.ctx, job_id) in (measuring, MEASURED + me):
+            engine.prepare()  # a redelivery on another worker loads what the finisher moved into place
+            _timed(run, "ekfac", lambda: engine.factors(on_progress=run.progress))
+            _finish_when_measured(run, model_id, engine, me)
 
     return run_shard(job_id, shard, "build", work, on_failure)
+
+
+def build_spectrum(job_id: str, model_id: str, on_failure) -> str:
+    """The spectrum task of a build job, sent by its finishing shard once the artefacts are in place."""
+
+    def work(run: JobRun) -> None:
+        engine = engine_for(_model(run, model_id), run.ctx.settings)
+        engine.prepare()  # loads what the finisher moved into place
+        run.progress("spectrum", 0, 1)
+        _timed(run, "spectrum", lambda: engine.spectrum("gauss-newton"))
+        _finish_when_measured(run, model_id, engine, "spectrum")
+
+    return run_shard(job_id, 0, "spectrum", work, on_failure)
+
+
+def _finish_when_measured(run: JobRun, model_id: str, engine: InfluenceEngine, me: str) -> None:
+    """Of the two curvature tasks, the one that finds both parts saved finishes the build (again, when redelivered).
+
+    Each saves its part before it looks, so the second to look sees both; the compare-and-set lets one of
+    them through if both do.
+    """
+    phase = phase_of(run.ctx, run.job_id) or ""
+    if phase == MEASURED + me or (phase.startswith(CURVATURE) and engine.curvature_stored()
+                                  and advance(run.ctx, run.job_id, phase, MEASURED + me)):
+        finish(run, _finish(run, model_id, engine), BuildResult)
+
+
+def _timed(run: JobRun, part: str, measure):
+    """``measure()``, its seconds kept for the model record; the first measurement's (a copy that loads it is not)."""
+    clock = time.perf_counter()
+    value = measure()
+    run.ctx.redis.set(shard_state(run.job_id, "seconds", part), round(time.perf_counter() - clock, 2),
+                      ex=run.ctx.settings.result_ttl_s, nx=True)
+    return value
 
 
 def _model(run: JobRun, model_id: str) -> Model:
@@ -97,21 +145,19 @@ def _report_examples(run: JobRun, model_id: str, engine: InfluenceEngine, done: 
 
 
 def _finish(run: JobRun, model_id: str, engine: InfluenceEngine) -> Items:
-    """Every example written and the index built: measure the curvature, and the model is ready."""
+    """Every example written and the index built: the curvature measured (here, unless the shards' tasks did), and
+    the model is ready."""
     # What the index is ("auto" resolved) and its recall of the exact neighbours, for the model record.
     run.progress("index", 0, 1)
     index = knn.index_report(engine.index, search_vectors(engine.features, engine.gradient_keys, engine.index_config.space))
-    # Measured once here so that no query pays for them: the spectrum that relative
+    # Measured once at the build so that no query pays for them: the spectrum that relative
     # damping refers to, and the factors of the default solver (EK-FAC).
-    clock = time.perf_counter()
-    run.progress("spectrum", 0, 1)
-    spectrum = engine.spectrum("gauss-newton")
-    seconds = {"spectrum": time.perf_counter() - clock}
-    clock = time.perf_counter()
-    factors = engine.factors(on_progress=run.progress)
-    seconds["ekfac"] = time.perf_counter() - clock
+    spectrum = _timed(run, "spectrum", lambda: engine.spectrum("gauss-newton"))
+    factors = _timed(run, "ekfac", lambda: engine.factors(on_progress=run.progress))
+    seconds = {part: float(run.ctx.redis.get(shard_state(run.job_id, "seconds", part)) or 0.0)
+               for part in ("spectrum", "ekfac")}
     curvature = {"spectra": {"gauss-newton": spectrum.to_dict()}, "ekfac_examples": factors.examples,
-                 "ekfac_uncovered": factors.uncovered, "seconds": {k: round(v, 2) for k, v in seconds.items()}}
+                 "ekfac_uncovered": factors.uncovered, "seconds": seconds}
     run.ctx.models.set_ready(model_id, engine.fingerprint, engine.num_train, engine.classifier.labels, curvature,
                              index.to_dict(), engine.store.bytes_on_disk())
     return [{"model_id": model_id, "fingerprint": engine.fingerprint, "num_train": engine.num_train,
