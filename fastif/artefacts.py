@@ -22,7 +22,7 @@ from . import knn
 from .config import IndexConfig
 from .curvature import KroneckerFactors, Spectrum
 from .prefix import PrefixStore, write_meta
-from .staged_build import StagedBuild
+from .staged_build import StagedBuild, folder_lock
 
 ARTEFACT_VERSION = 2
 
@@ -59,10 +59,10 @@ class ArtefactStore:
         meta = json.loads((self.folder / "meta.json").read_text())
         return meta.get("version") == ARTEFACT_VERSION and meta.get("fingerprint") == self.fingerprint
 
-    def finish(self, build: StagedBuild, index: faiss.Index, config: IndexConfig, num_train: int, params: list[str],
+    def finish(self, build: StagedBuild, config: IndexConfig, num_train: int, params: list[str],
                prefix_dtype: str | None) -> Artefacts:
-        """A staged build whose every shard is written, moved into place with its index, and ``meta.json`` last;
-        returned as opened for queries.
+        """A staged build whose every shard is written, moved into place, its index built over the moved vectors
+        (on disk: ``knn.write_index``), and ``meta.json`` last; returned as opened for queries.
 
         Readers of an earlier set keep their memory maps, since the new files replace the old ones by
         rename, never by writing over them. The caller holds ``build.locked()``.
@@ -72,12 +72,12 @@ class ArtefactStore:
         for built in build.path.iterdir():
             os.replace(built, self.folder / built.name)
         build.path.rmdir()
-        knn.save_index(index, self._index_file(config))
+        features, gradient_keys, prefix = self._arrays(prefix_dtype)
+        index = knn.write_index(search_vectors(features, gradient_keys, config.space), config, self._index_file(config))
         # meta.json last: its presence marks a complete set of artefacts.
         write_meta(self.folder, {"version": ARTEFACT_VERSION, "fingerprint": self.fingerprint, "num_train": num_train,
                                  "params": params})
-        # Queries read the arrays through read-only maps; the index just built serves as it is.
-        return Artefacts(*self._arrays(prefix_dtype), index)
+        return Artefacts(features, gradient_keys, prefix, index)
 
     def _arrays(self, prefix_dtype: str | None) -> tuple[np.ndarray, np.ndarray, PrefixStore | None] | None:
         prefix = None
@@ -99,12 +99,11 @@ class ArtefactStore:
             return None
         features, gradient_keys, prefix = arrays
         path = self._index_file(config)
-        if path.is_file():
-            index = knn.load_index(path)
-        else:  # the same model and data registered with another index
-            index = knn.build_index(search_vectors(features, gradient_keys, config.space), config)
-            knn.save_index(index, path)
-        return Artefacts(features, gradient_keys, prefix, index)
+        if not path.is_file():  # the same model and data registered with another index
+            with folder_lock(self.folder):
+                if not path.is_file():
+                    knn.write_index(search_vectors(features, gradient_keys, config.space), config, path)
+        return Artefacts(features, gradient_keys, prefix, knn.load_index(path))
 
     def bytes_on_disk(self) -> int:
         """What the stored set takes (every prefix dtype and index kept for this fingerprint)."""

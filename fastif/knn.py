@@ -25,6 +25,7 @@ search's 1,000 neighbours of fixed training keys, both sides searched as ``searc
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -51,6 +52,12 @@ SAMPLE_SEED = 0
 # faiss's k-means warns, a quarter of the 256 faiss would subsample to; k-means costs grow
 # with the sample, and coarser cells are made up for by the nprobe the build chooses.
 TRAINING_POINTS_PER_CELL = 64
+# Rows added to an IVF index built on disk at a time (``write_index``): 96 MiB of 384-number keys.
+ADD_CHUNK = 65_536
+# How ``load_index`` opens an index: its vectors (a Flat's or HNSW's, an IVF's lists) mapped from the file;
+# an IVF built on disk, its lists file found beside it wherever the state volume is mounted.
+MAPPED = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
+ON_DISK_LISTS = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
 
 
 @dataclass(frozen=True)
@@ -112,9 +119,77 @@ def build_index(vectors: np.ndarray, config: IndexConfig) -> faiss.Index:
     L2 in the feature space, inner product in the gradient space. ``auto`` above the size
     trains IVF on a sample and sets its ``nprobe`` to the least power of two whose recall
     (``measure_recall``) reaches ``config.recall_target``; an explicit ``ivf`` keeps
-    ``config.nprobe``.
+    ``config.nprobe``. The index holds its vectors in this process's memory: ``write_index``
+    builds one on disk.
     """
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    index = _trained(vectors, config)
+    index.add(vectors)
+    _tune(index, vectors, config)
+    return index
+
+
+def write_index(vectors: np.ndarray, config: IndexConfig, path: Path) -> faiss.Index:
+    """``build_index``'s index, written to ``path`` and returned as ``load_index`` maps it: read-only, from the file.
+
+    An IVF index is built on disk (``_fill_lists_file``): its build holds a chunk of ``vectors`` and the
+    training sample in memory, however large N is (500K MiniLM keys: 730 MiB). A Flat or HNSW index is
+    built in memory and let go once written.
+    """
+    index = _trained(vectors, config)
+    if isinstance(index, faiss.IndexIVF):
+        _fill_lists_file(index, vectors, ivf_data_file(path))
+    else:
+        index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    _tune(index, vectors, config)
+    partial = path.with_name(path.name + ".partial")
+    faiss.write_index(index, str(partial))
+    del index
+    os.replace(partial, path)  # atomic: a reader sees the whole index or none
+    return load_index(path)
+
+
+def _fill_lists_file(index: faiss.IndexIVF, vectors: np.ndarray, lists_file: Path) -> None:
+    """Every row of ``vectors`` into ``index``'s lists, held in ``lists_file`` (faiss's OnDiskInvertedLists).
+
+    Two passes of ADD_CHUNK rows: the cells first, so that each list is allocated once at its final
+    size (appended to, the lists file doubled each list as it grew, to 3.5 times the vectors' bytes),
+    then each list's rows written in row order: the entries ``index.add`` makes, which assigns its
+    rows in blocks of the same 65,536.
+    """
+    chunks = [range(start, min(start + ADD_CHUNK, len(vectors))) for start in range(0, len(vectors), ADD_CHUNK)]
+    cells = np.concatenate([index.quantizer.assign(_rows(vectors, rows), 1).ravel() for rows in chunks])
+    lists_file.unlink(missing_ok=True)  # a build that stopped midway left it
+    lists = faiss.OnDiskInvertedLists(index.nlist, index.code_size, str(lists_file))
+    sizes = np.bincount(cells, minlength=index.nlist).astype(np.uint64)
+    lists.set_all_lists_sizes(faiss.swig_ptr(sizes))  # each list's place in the file, back to back
+    lists.update_totsize(int(sizes.sum()) * (index.code_size + 8))  # the file at its final size (ids: 8 bytes)
+    written = np.zeros(index.nlist, dtype=np.int64)
+    for rows in chunks:
+        chunk, owners = _rows(vectors, rows), cells[rows.start : rows.stop]
+        order = np.argsort(owners, kind="stable")
+        bounds = np.searchsorted(owners[order], np.arange(index.nlist + 1))
+        for cell in np.flatnonzero(np.diff(bounds)):
+            members = order[bounds[cell] : bounds[cell + 1]]
+            ids, codes = members + rows.start, np.ascontiguousarray(chunk[members]).view(np.uint8)
+            lists.update_entries(int(cell), int(written[cell]), len(members), faiss.swig_ptr(ids), faiss.swig_ptr(codes))
+            written[cell] += len(members)
+    index.replace_invlists(lists, True)
+    lists.this.disown()  # the index owns (and frees) it
+    index.ntotal = len(vectors)
+
+
+def _rows(vectors: np.ndarray, rows: range) -> np.ndarray:
+    return np.ascontiguousarray(vectors[rows.start : rows.stop], dtype=np.float32)
+
+
+def ivf_data_file(path: Path) -> Path:
+    """Where the lists of the IVF index written to ``path`` lie (faiss finds them beside it on load)."""
+    return path.with_name(path.name + ".ivfdata")
+
+
+def _trained(vectors: np.ndarray, config: IndexConfig) -> faiss.Index:
+    """The empty index ``config`` asks for over ``vectors``, trained where it needs training (IVF's cells)."""
     n, dim = vectors.shape
     inner_product = config.space == "gradient"
     metric = faiss.METRIC_INNER_PRODUCT if inner_product else faiss.METRIC_L2
@@ -122,29 +197,31 @@ def build_index(vectors: np.ndarray, config: IndexConfig) -> faiss.Index:
     auto = config.kind == "auto"
     kind = ("flat" if n <= AUTO_FLAT_MAX_EXAMPLES else "ivf") if auto else config.kind
     if kind == "flat" or (kind == "ivf" and n < 256):
-        index = flat(dim)
-    elif kind == "ivf":
+        return flat(dim)
+    if kind == "ivf":
         nlist = config.nlist or default_nlist(n)
         index = faiss.IndexIVFFlat(flat(dim), dim, nlist, metric)
-        index.train(_training_sample(vectors, nlist) if auto else vectors)
+        index.train(_training_sample(vectors, nlist) if auto else np.ascontiguousarray(vectors, dtype=np.float32))
         index.nprobe = min(config.nprobe, nlist)
-    elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, config.hnsw_m, metric)
-    else:
-        raise ValueError(f"unknown index kind '{config.kind}'")
-    index.add(vectors)
-    if auto and isinstance(index, faiss.IndexIVF):
-        _choose_nprobe(index, RecallSample.of(vectors, inner_product), config.recall_target)
-    return index
+        return index
+    if kind == "hnsw":
+        return faiss.IndexHNSWFlat(dim, config.hnsw_m, metric)
+    raise ValueError(f"unknown index kind '{config.kind}'")
+
+
+def _tune(index: faiss.Index, vectors: np.ndarray, config: IndexConfig) -> None:
+    """``auto``'s IVF: the nprobe that reaches the recall target, measured on the filled index."""
+    if config.kind == "auto" and isinstance(index, faiss.IndexIVF):
+        _choose_nprobe(index, RecallSample.of(vectors, config.space == "gradient"), config.recall_target)
 
 
 def _training_sample(vectors: np.ndarray, nlist: int) -> np.ndarray:
     """TRAINING_POINTS_PER_CELL · nlist rows drawn without replacement (all of them when fewer), in row order."""
     size = min(len(vectors), TRAINING_POINTS_PER_CELL * nlist)
     if size == len(vectors):
-        return vectors
+        return np.ascontiguousarray(vectors, dtype=np.float32)
     rows = np.sort(np.random.default_rng(SAMPLE_SEED).choice(len(vectors), size=size, replace=False))
-    return np.ascontiguousarray(vectors[rows])
+    return np.ascontiguousarray(vectors[rows], dtype=np.float32)
 
 
 def _choose_nprobe(index: faiss.IndexIVF, sample: RecallSample, target: float) -> None:
@@ -214,12 +291,10 @@ def index_report(index: faiss.Index, vectors: np.ndarray) -> IndexReport:
     raise ValueError(f"no report for a faiss index of type {type(index).__name__}")
 
 
-def save_index(index: faiss.Index, path: Path) -> None:
-    faiss.write_index(index, str(path))
-
-
 def load_index(path: Path) -> faiss.Index:
-    return faiss.read_index(str(path))
+    """The index at ``path``, its vectors mapped read-only from the file (an IVF's from the lists file beside it):
+    the page cache holds them once for every worker on the machine, not each worker's own memory."""
+    return faiss.read_index(str(path), ON_DISK_LISTS if ivf_data_file(path).is_file() else MAPPED)
 
 
 def _search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -25,7 +25,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 STALE_BUILD_S = 24 * 3600  # a staging folder untouched this long belongs to a build nobody resumed
@@ -88,18 +88,24 @@ class StagedBuild:
     def markers(self) -> list[Path]:
         return sorted(self.path.glob("rows-*.done"))
 
-    @contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self) -> AbstractContextManager[None]:
         """Exclusive among every process that finishes a build of this fingerprint."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.folder / ".build.lock", "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        return folder_lock(self.folder)
 
     def _remove_stale(self) -> None:
         for stale in [*self.folder.glob(".building-*"), *self.folder.glob(".allocating-*")]:
             if time.time() - stale.stat().st_mtime > STALE_BUILD_S:
                 shutil.rmtree(stale, ignore_errors=True)
+
+
+@contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Exclusive among every process that writes artefacts into ``folder`` (a fingerprint's): the build's finish,
+    an index of another kind built later."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".build.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

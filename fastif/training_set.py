@@ -84,10 +84,7 @@ class TrainingSetBuild:
             missing = build.pending()
             if missing:
                 raise RuntimeError(f"{len(missing)} of the build's {len(build.shards)} shards are not written yet")
-            staged = open_set(build.path, self.prefix_dtype)
-            index = knn.build_index(search_vectors(staged.features, staged.gradient_keys, self.index_config.space),
-                                    self.index_config)
-            return self.store.finish(build, index, self.index_config, self.count, self.names, self.prefix_dtype)
+            return self.store.finish(build, self.index_config, self.count, self.names, self.prefix_dtype)
 
     def _in_memory(self, on_progress: ProgressCallback | None, batch_size: int) -> Artefacts:
         """No artefact folder: the same shards, into arrays in memory."""

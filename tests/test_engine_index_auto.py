@@ -76,9 +76,8 @@ def test_auto_is_exact_flat_up_to_the_threshold(space, small_threshold):
 def test_auto_chooses_the_least_nprobe_that_meets_the_recall_target(space, small_threshold, tmp_path):
     data = clustered(N, seed=2, either_sign=space == "gradient")
     built = knn.build_index(data, IndexConfig(space=space))
-    knn.save_index(built, tmp_path / "index.faiss")
-    index = knn.load_index(tmp_path / "index.faiss")  # as the engine keeps it: nprobe is stored with the index
-    assert index.nprobe == built.nprobe
+    index = knn.write_index(data, IndexConfig(space=space), tmp_path / "index.faiss")  # as a build keeps it, on disk
+    assert index.nprobe == built.nprobe  # stored with the index
     assert isinstance(index, faiss.IndexIVFFlat)
     assert index.nlist == knn.default_nlist(N) == min(N // 39, int(4 * math.sqrt(N))) == 512
     assert index.metric_type == (faiss.METRIC_INNER_PRODUCT if space == "gradient" else faiss.METRIC_L2)

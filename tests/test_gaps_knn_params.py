@@ -109,8 +109,7 @@ def test_default_ivf_cells_follow_both_bounds():
 def test_index_round_trips_through_a_file(tmp_path):
     data = vectors(50, 6, seed=2)
     index = knn.build_index(data, IndexConfig())
-    knn.save_index(index, tmp_path / "i.faiss")
-    loaded = knn.load_index(tmp_path / "i.faiss")
+    loaded = knn.write_index(data, IndexConfig(), tmp_path / "i.faiss")
     key = data[3] * 2
     assert np.array_equal(knn.search(loaded, key, 7), knn.search(index, key, 7))
 
