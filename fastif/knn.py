@@ -132,11 +132,11 @@ def build_index(vectors: np.ndarray, config: IndexConfig) -> faiss.Index:
 def write_index(vectors: np.ndarray, config: IndexConfig, path: Path) -> faiss.Index:
     """``build_index``'s index, written to ``path`` and returned as ``load_index`` maps it: read-only, from the file.
 
-    An IVF index is built on disk (``_fill_lists_file``): its build holds a chunk of ``vectors`` and the
-    training sample in memory, however large N is (500K MiniLM keys: 730 MiB). A Flat or HNSW index is
-    built in memory and let go once written.
+    An IVF index is built on disk: ``auto``'s training sample in a scratch file, its lists straight into
+    their file (``_fill_lists_file``), so that its build holds a chunk of ``vectors`` in memory however
+    large N is (500K MiniLM keys: 730 MiB). A Flat or HNSW index is built in memory and let go once written.
     """
-    index = _trained(vectors, config)
+    index = _trained(vectors, config, scratch=path.with_name(path.name + ".sample.npy"))
     if isinstance(index, faiss.IndexIVF):
         _fill_lists_file(index, vectors, ivf_data_file(path))
     else:
@@ -188,8 +188,12 @@ def ivf_data_file(path: Path) -> Path:
     return path.with_name(path.name + ".ivfdata")
 
 
-def _trained(vectors: np.ndarray, config: IndexConfig) -> faiss.Index:
-    """The empty index ``config`` asks for over ``vectors``, trained where it needs training (IVF's cells)."""
+def _trained(vectors: np.ndarray, config: IndexConfig, scratch: Path | None = None) -> faiss.Index:
+    """The empty index ``config`` asks for over ``vectors``, trained where it needs training (IVF's cells).
+
+    ``scratch``: a file to hold ``auto``'s training sample while it trains, instead of memory (at 500K
+    MiniLM keys the sample is 181K rows, 278 MiB).
+    """
     n, dim = vectors.shape
     inner_product = config.space == "gradient"
     metric = faiss.METRIC_INNER_PRODUCT if inner_product else faiss.METRIC_L2
@@ -201,7 +205,14 @@ def _trained(vectors: np.ndarray, config: IndexConfig) -> faiss.Index:
     if kind == "ivf":
         nlist = config.nlist or default_nlist(n)
         index = faiss.IndexIVFFlat(flat(dim), dim, nlist, metric)
-        index.train(_training_sample(vectors, nlist) if auto else np.ascontiguousarray(vectors, dtype=np.float32))
+        if auto:
+            sample = _training_sample(vectors, nlist, scratch)
+            index.train(sample)
+            del sample
+            if scratch is not None:
+                scratch.unlink(missing_ok=True)
+        else:
+            index.train(np.ascontiguousarray(vectors, dtype=np.float32))
         index.nprobe = min(config.nprobe, nlist)
         return index
     if kind == "hnsw":
@@ -215,13 +226,19 @@ def _tune(index: faiss.Index, vectors: np.ndarray, config: IndexConfig) -> None:
         _choose_nprobe(index, RecallSample.of(vectors, config.space == "gradient"), config.recall_target)
 
 
-def _training_sample(vectors: np.ndarray, nlist: int) -> np.ndarray:
-    """TRAINING_POINTS_PER_CELL · nlist rows drawn without replacement (all of them when fewer), in row order."""
+def _training_sample(vectors: np.ndarray, nlist: int, scratch: Path | None = None) -> np.ndarray:
+    """TRAINING_POINTS_PER_CELL · nlist rows drawn without replacement (all of them when fewer), in row order;
+    copied into a memory map of ``scratch`` when given."""
     size = min(len(vectors), TRAINING_POINTS_PER_CELL * nlist)
     if size == len(vectors):
         return np.ascontiguousarray(vectors, dtype=np.float32)
     rows = np.sort(np.random.default_rng(SAMPLE_SEED).choice(len(vectors), size=size, replace=False))
-    return np.ascontiguousarray(vectors[rows], dtype=np.float32)
+    if scratch is None:
+        return np.ascontiguousarray(vectors[rows], dtype=np.float32)
+    sample = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.float32, shape=(size, vectors.shape[1]))
+    for start in range(0, size, ADD_CHUNK):
+        sample[start : start + ADD_CHUNK] = vectors[rows[start : start + ADD_CHUNK]]
+    return sample
 
 
 def _choose_nprobe(index: faiss.IndexIVF, sample: RecallSample, target: float) -> None:

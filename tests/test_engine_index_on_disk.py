@@ -83,6 +83,9 @@ def test_auto_ivf_on_disk_chooses_the_same_nprobe(tmp_path, monkeypatch):
     on_disk = knn.write_index(data, IndexConfig(space="feature"), tmp_path / "index.faiss")
     assert isinstance(on_disk, faiss.IndexIVFFlat) and on_disk.nprobe == in_memory.nprobe > 1
     assert knn.index_report(on_disk, data) == knn.index_report(in_memory, data)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.faiss", "index.faiss.ivfdata"]  # the sample's file is gone
+    for query in clustered(20, seed=4):  # trained on the same sample, held in a file instead of memory
+        assert np.array_equal(knn.search(on_disk, query, 100), knn.search(in_memory, query, 100))
 
 
 def peaks_in_a_fresh_process(kind: str, folder: str) -> tuple[float, float, float, float, bool]:
