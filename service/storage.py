@@ -1,7 +1,7 @@
 """Whether the state volume can hold what a registration will build, judged before it is recorded.
 
 A build writes, per training example: its first-token feature and gradient key, the faiss
-index's copy of the key, and (unless ``prefix: "recompute"``) the frozen prefix's
+index's copy of the key and its id, and (unless ``prefix: "recompute"``) the frozen prefix's
 activations, ``tokens × hidden`` numbers in ``prefix_dtype``. The API imports neither torch
 nor a tokenizer, so the count of tokens is bounded from above: at most ``max_length`` per
 example, and at most one per 3 bytes of the data file plus the two special tokens
@@ -12,6 +12,7 @@ the side of refusing a build that would just fit rather than failing one half-wr
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,9 +67,11 @@ def build_size(data_root: Path, body: ModelCreate) -> BuildSize | None:
     data_bytes = data.stat().st_size
     tokens = min(examples * body.influence.max_length, data_bytes // BYTES_PER_TOKEN_AT_MOST + 2 * examples)
     key = (labels - 1) * hidden * 4
-    per_example = hidden * 4 + 2 * key + 8  # feature, gradient key and the index's copy, prefix offset
+    per_example = hidden * 4 + 2 * key + 16  # feature, gradient key, the index's copy and its id, prefix offset
+    # An IVF build holds its training sample in a scratch file while it trains: 64 keys a cell, 4·√N cells.
+    sample = min(examples, 256 * math.isqrt(examples)) * key
     prefix = 0 if body.index.prefix == "recompute" else tokens * hidden * DTYPE_BYTES[body.index.prefix_dtype]
-    return BuildSize(examples=examples, tokens=tokens, bytes=examples * per_example + prefix)
+    return BuildSize(examples=examples, tokens=tokens, bytes=examples * per_example + sample + prefix)
 
 
 def check_room(data_root: Path, state_root: Path, body: ModelCreate) -> BuildSize | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections import namedtuple
 from pathlib import Path
@@ -39,12 +40,13 @@ def test_the_estimate_bounds_what_the_build_writes(data_root):
     examples = len(ROWS) + 1  # a last line counts: an upper bound
     assert size.examples == examples
     assert size.tokens == min(examples * 32, data_bytes // 3 + 2 * examples)
-    per_example = 384 * 4 + 2 * (2 * 384 * 4) + 8  # feature, key and the index's copy of it, prefix offset
-    assert size.bytes == examples * per_example + size.tokens * 384 * 4
+    per_example = 384 * 4 + 2 * (2 * 384 * 4) + 16  # feature, key and the index's copy of it with its id, prefix offset
+    sample = min(examples, 256 * math.isqrt(examples)) * 2 * 384 * 4  # an IVF's training sample, in a scratch file
+    assert size.bytes == examples * per_example + sample + size.tokens * 384 * 4
     half = build_size(data_root, ModelCreate.model_validate(body(prefix_dtype="bfloat16")))
     none = build_size(data_root, ModelCreate.model_validate(body(prefix="recompute")))
-    assert half.bytes == examples * per_example + size.tokens * 384 * 2
-    assert none.bytes == examples * per_example
+    assert half.bytes == examples * per_example + sample + size.tokens * 384 * 2
+    assert none.bytes == examples * per_example + sample
 
 
 def test_a_build_the_volume_cannot_hold_is_refused_and_nothing_is_recorded(data_root, redis_client, redis_url,
