@@ -19,7 +19,9 @@ entries and ⟨key(z), key(z')⟩ = ⟨∇_W ℓ(z), ∇_W ℓ(z')⟩ exactly.
 The index (``build_index``): exact Flat by default up to AUTO_FLAT_MAX_EXAMPLES; above, IVF
 whose ``nprobe`` is the least power of two that finds at least ``recall_target`` of a Flat
 search's 1,000 neighbours of fixed training keys, both sides searched as ``search`` does.
-``index_report`` says what an index is and measures that recall.
+``index_report`` says what an index is and measures that recall. A build keeps its index with
+``write_index`` (an IVF's lists written straight to a file, never whole in memory) and workers
+open it with ``load_index``, mapped read-only from the file.
 """
 
 from __future__ import annotations
@@ -154,8 +156,8 @@ def _fill_lists_file(index: faiss.IndexIVF, vectors: np.ndarray, lists_file: Pat
 
     Two passes of ADD_CHUNK rows: the cells first, so that each list is allocated once at its final
     size (appended to, the lists file doubled each list as it grew, to 3.5 times the vectors' bytes),
-    then each list's rows written in row order: the entries ``index.add`` makes, which assigns its
-    rows in blocks of the same 65,536.
+    then each list's rows written in row order: the entries ``index.add`` makes (which assigns its
+    rows in blocks of 65,536, ADD_CHUNK's default, so the two find the same cells).
     """
     chunks = [range(start, min(start + ADD_CHUNK, len(vectors))) for start in range(0, len(vectors), ADD_CHUNK)]
     cells = np.concatenate([index.quantizer.assign(_rows(vectors, rows), 1).ravel() for rows in chunks])
