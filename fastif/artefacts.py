@@ -37,6 +37,11 @@ class Artefacts:
     index: faiss.Index
 
 
+def index_name(config: IndexConfig) -> str:
+    """The file of the faiss index of ``config``'s (space, kind); an IVF's lists lie beside it (``knn.ivf_data_file``)."""
+    return f"index-{config.space}-{config.kind}.faiss"
+
+
 def search_vectors(features: np.ndarray, gradient_keys: np.ndarray, space: str) -> np.ndarray:
     """What an index in ``space`` holds, and what its queries are: gradient keys, or first-token features."""
     return gradient_keys if space == "gradient" else features
@@ -50,7 +55,7 @@ class ArtefactStore:
         self.fingerprint = fingerprint
 
     def _index_file(self, config: IndexConfig) -> Path:
-        return self.folder / f"index-{config.space}-{config.kind}.faiss"
+        return self.folder / index_name(config)
 
     def complete(self) -> bool:
         """A complete set for this fingerprint, written by this version (older sets are computed again)."""
@@ -61,8 +66,8 @@ class ArtefactStore:
 
     def finish(self, build: StagedBuild, config: IndexConfig, num_train: int, params: list[str],
                prefix_dtype: str | None) -> Artefacts:
-        """A staged build whose every shard is written, moved into place, its index built over the moved vectors
-        (on disk: ``knn.write_index``), and ``meta.json`` last; returned as opened for queries.
+        """A staged build whose every shard and whose index (``index_name(config)``, written in the staging folder
+        by ``knn.write_index``) are written, moved into place, and ``meta.json`` last; returned as opened for queries.
 
         Readers of an earlier set keep their memory maps, since the new files replace the old ones by
         rename, never by writing over them. The caller holds ``build.locked()``.
@@ -72,12 +77,10 @@ class ArtefactStore:
         for built in build.path.iterdir():
             os.replace(built, self.folder / built.name)
         build.path.rmdir()
-        features, gradient_keys, prefix = self._arrays(prefix_dtype)
-        index = knn.write_index(search_vectors(features, gradient_keys, config.space), config, self._index_file(config))
         # meta.json last: its presence marks a complete set of artefacts.
         write_meta(self.folder, {"version": ARTEFACT_VERSION, "fingerprint": self.fingerprint, "num_train": num_train,
                                  "params": params})
-        return Artefacts(features, gradient_keys, prefix, index)
+        return Artefacts(*self._arrays(prefix_dtype), knn.load_index(self._index_file(config)))
 
     def _arrays(self, prefix_dtype: str | None) -> tuple[np.ndarray, np.ndarray, PrefixStore | None] | None:
         prefix = None

@@ -10,7 +10,7 @@ to arrays in memory. Queries read the finished arrays read-only.
 from __future__ import annotations
 
 from . import knn
-from .artefacts import Artefacts, ArtefactStore, search_vectors
+from .artefacts import Artefacts, ArtefactStore, index_name, search_vectors
 from .config import IndexConfig
 from .encoded import allocate_set, encode_set, open_set
 from .encoding import Tokenized
@@ -84,6 +84,11 @@ class TrainingSetBuild:
             missing = build.pending()
             if missing:
                 raise RuntimeError(f"{len(missing)} of the build's {len(build.shards)} shards are not written yet")
+            # The index is written beside the staged vectors and moved with them: a finisher that dies while
+            # it builds leaves the staging folder whole, and its redelivery builds it again.
+            staged = open_set(build.path, self.prefix_dtype)
+            knn.write_index(search_vectors(staged.features, staged.gradient_keys, self.index_config.space),
+                            self.index_config, build.path / index_name(self.index_config))
             return self.store.finish(build, self.index_config, self.count, self.names, self.prefix_dtype)
 
     def _in_memory(self, on_progress: ProgressCallback | None, batch_size: int) -> Artefacts:

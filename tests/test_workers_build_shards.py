@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from api_schemas import ModelCreate
-from fastif import DataSpec, IndexConfig, InfluenceEngine, InfluenceSpec
+from fastif import DataSpec, IndexConfig, InfluenceEngine, InfluenceSpec, knn
 from records.celery_app import BUILD_SHARD, BUILD_SPECTRUM
 from records.settings import settings_from
 from tiny import assert_same_build, make_tiny_bert, sentences, write_jsonl
@@ -188,6 +188,30 @@ def test_a_spectrum_done_before_the_factors_leaves_the_finish_to_the_finisher(ct
     engine = stored(ctx, model_id)
     assert_same_build(engine, reference)
     assert_same_curvature(engine, reference)
+
+
+def test_a_finisher_that_died_building_the_index_builds_it_again(ctx, reference, monkeypatch):
+    """The index is written beside the staged vectors: a death there leaves every shard on disk."""
+    model_id, job_id = register(ctx)
+    transport = Transport()
+    build_task(ctx, model_id, job_id, transport)
+    for shard in transport.take()[:-1]:
+        shard_task(ctx, model_id, job_id, shard, transport)
+
+    def worker_dies(*_args, **_kwargs):
+        raise SystemExit("the finisher's worker died while it built the index")
+
+    with monkeypatch.context() as patched, pytest.raises(SystemExit):
+        patched.setattr(knn, "write_index", worker_dies)
+        shard_task(ctx, model_id, job_id, 3, transport)
+    assert shards.phase_of(ctx, job_id) == "finish-3" and transport.take_spectra() == 0
+    registry.forget(model_id)  # redelivered to a fresh worker: nothing is encoded again
+    monkeypatch.setattr(InfluenceEngine, "encode_shard", lambda *_a, **_k: pytest.fail("a shard was encoded again"))
+    assert shard_task(ctx, model_id, job_id, 3, transport) == "done"
+    assert transport.take_spectra() == 1
+    assert spectrum_task(ctx, model_id, job_id) == "done"
+    assert ctx.models.get(model_id).status == "ready"
+    assert_same_build(stored(ctx, model_id), reference)
 
 
 def test_a_finisher_that_died_before_the_phase_moved_sends_the_spectrum_again(ctx, reference):
