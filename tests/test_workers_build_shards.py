@@ -97,6 +97,25 @@ def spectrum_task(ctx, model_id, job_id) -> str:
     return build.build_spectrum(job_id, model_id, on_failure=lambda code, message: ctx.models.set_failed(model_id, code, message))
 
 
+def all_shards_but_the_last(ctx) -> tuple[str, str, Transport]:
+    """A registration whose shards but the last (3) are written: the next shard task finishes the build."""
+    model_id, job_id = register(ctx)
+    transport = Transport()
+    build_task(ctx, model_id, job_id, transport)
+    for shard in transport.take()[:-1]:
+        shard_task(ctx, model_id, job_id, shard, transport)
+    return model_id, job_id, transport
+
+
+def dies(why: str):
+    """A stand-in for a step whose worker dies there."""
+
+    def worker_dies(*_args, **_kwargs):
+        raise SystemExit(why)
+
+    return worker_dies
+
+
 def assert_same_curvature(actual: InfluenceEngine, expected: InfluenceEngine) -> None:
     """The workers' spectrum and EK-FAC factors are one process's (the same sample, the same arithmetic)."""
     assert actual.spectrum() == expected.spectrum()
@@ -166,15 +185,8 @@ def test_a_build_task_delivered_again_sends_only_the_missing_shards(ctx, referen
 
 
 def test_a_spectrum_done_before_the_factors_leaves_the_finish_to_the_finisher(ctx, reference, monkeypatch):
-    model_id, job_id = register(ctx)
-    transport = Transport()
-    build_task(ctx, model_id, job_id, transport)
-    for shard in transport.take()[:-1]:
-        shard_task(ctx, model_id, job_id, shard, transport)
-
-    def worker_dies(*_args, **_kwargs):
-        raise SystemExit("the finisher's worker died while fitting EK-FAC")
-
+    model_id, job_id, transport = all_shards_but_the_last(ctx)
+    worker_dies = dies("the finisher's worker died while fitting EK-FAC")
     with monkeypatch.context() as patched, pytest.raises(SystemExit):
         patched.setattr(InfluenceEngine, "factors", worker_dies)
         shard_task(ctx, model_id, job_id, 3, transport)
@@ -192,15 +204,8 @@ def test_a_spectrum_done_before_the_factors_leaves_the_finish_to_the_finisher(ct
 
 def test_a_finisher_that_died_building_the_index_builds_it_again(ctx, reference, monkeypatch):
     """The index is written beside the staged vectors: a death there leaves every shard on disk."""
-    model_id, job_id = register(ctx)
-    transport = Transport()
-    build_task(ctx, model_id, job_id, transport)
-    for shard in transport.take()[:-1]:
-        shard_task(ctx, model_id, job_id, shard, transport)
-
-    def worker_dies(*_args, **_kwargs):
-        raise SystemExit("the finisher's worker died while it built the index")
-
+    model_id, job_id, transport = all_shards_but_the_last(ctx)
+    worker_dies = dies("the finisher's worker died while it built the index")
     with monkeypatch.context() as patched, pytest.raises(SystemExit):
         patched.setattr(knn, "write_index", worker_dies)
         shard_task(ctx, model_id, job_id, 3, transport)
@@ -215,11 +220,7 @@ def test_a_finisher_that_died_building_the_index_builds_it_again(ctx, reference,
 
 
 def test_a_finisher_that_died_before_the_phase_moved_sends_the_spectrum_again(ctx, reference):
-    model_id, job_id = register(ctx)
-    transport = Transport()
-    build_task(ctx, model_id, job_id, transport)
-    for shard in transport.take()[:-1]:
-        shard_task(ctx, model_id, job_id, shard, transport)
+    model_id, job_id, transport = all_shards_but_the_last(ctx)
 
     def dies_after_sending(name: str, args: list) -> None:
         transport(name, args)
@@ -244,9 +245,7 @@ def test_the_task_that_died_finishing_is_finished_by_its_redelivery(ctx, referen
     for shard in transport.take():
         shard_task(ctx, model_id, job_id, shard, transport)
 
-    def worker_dies(*_args, **_kwargs):
-        raise SystemExit("the worker died after winning the finish")
-
+    worker_dies = dies("the worker died after winning the finish")
     with monkeypatch.context() as patched, pytest.raises(SystemExit):
         patched.setattr(build, "_finish", worker_dies)
         spectrum_task(ctx, model_id, job_id)
