@@ -24,6 +24,7 @@ Not part of `make test` (tests/test_hardening_chaos.py runs a one-minute version
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -225,12 +226,20 @@ class Faults:
     def _worker(self) -> int:
         return self.rng.randrange(len(self.stack.workers))
 
-    def kill_pool(self) -> bool:
-        proc = self.stack.workers[self._worker()]
-        children = pool_children(proc.pid) if proc is not None else []
-        for child in children:
-            os.kill(child, signal.SIGKILL)
-        return bool(children)
+    def kill_pool(self, patience_s: float = 15.0) -> bool:
+        """SIGKILL one worker's pool processes; a worker just (re)started has none until its pool is up, so wait for one."""
+        deadline = time.monotonic() + patience_s
+        while True:
+            with_pool = [children for proc in self.stack.workers
+                         if proc is not None and (children := pool_children(proc.pid))]
+            if with_pool:
+                for child in self.rng.choice(with_pool):
+                    with contextlib.suppress(ProcessLookupError):  # it ended on its own meanwhile
+                        os.kill(child, signal.SIGKILL)
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
 
     def kill_worker(self) -> bool:
         index = self._worker()

@@ -180,7 +180,7 @@ class JobStore(HashRecordStore[Job]):
     def store_shard_items(self, job_id: str, shard: int, items: list[dict[str, Any]]) -> int:
         """Store one shard's items (once: a shard done again keeps the first) and count them as done; returns how many
         shards are stored, or -1 when the job is gone or over. The items are readable at once."""
-        encoded = [json.dumps(item, separators=(",", ":"), allow_nan=False) for item in items]
+        encoded = [json.dumps(item, separators=(",", ":"), ensure_ascii=False, allow_nan=False) for item in items]
         return int(self._store_shard(keys=[keys.job(job_id), keys.result_shard(job_id, shard), keys.result_shards_done(job_id)],
                                      args=[shard, self.result_ttl_s, len(encoded), *encoded]))
 
@@ -322,7 +322,7 @@ class JobStore(HashRecordStore[Job]):
 
         Both the record and the results then expire after result_ttl_s.
         """
-        encoded = [json.dumps(item, separators=(",", ":"), allow_nan=False) for item in items]
+        encoded = [json.dumps(item, separators=(",", ":"), ensure_ascii=False, allow_nan=False) for item in items]
         job_key, results_key = keys.job(job_id), keys.results(job_id)
 
         def write(pipe: redis.client.Pipeline) -> bool:

@@ -99,10 +99,10 @@ def model(stack: LiveStack) -> dict:
     return model
 
 
-def test_a_batch_of_20_jobs_survives_sigkilled_pool_processes(stack: LiveStack, model: dict) -> None:
+def test_a_batch_of_12_jobs_survives_sigkilled_pool_processes(stack: LiveStack, model: dict) -> None:
     inputs_of = {}
     jobs = []
-    for i in range(20):
+    for i in range(12):
         # Distinct texts: no job may be answered from another's cache.
         inputs = [{"text": f"the film number {i} part {j} was really good"} for j in range(1 + i % 3)]
         job = stack.submit({"model_id": model["id"], "inputs": inputs, "k": 20, "top": 5,
@@ -131,13 +131,13 @@ def test_a_batch_of_20_jobs_survives_sigkilled_pool_processes(stack: LiveStack, 
     first = wait_for(live_mid_jobs, lambda live: len(live) == 2, timeout_s=120, interval_s=0)
     assert kill_pool_children(stack, 0)
     # Later in the batch, the other worker's pool process too.
-    wait_for(lambda: sum(job_record(stack, j).get("status") == "succeeded" for j in jobs), lambda n: n >= 8,
+    wait_for(lambda: sum(job_record(stack, j).get("status") == "succeeded" for j in jobs), lambda n: n >= 4,
              timeout_s=180)
     second = wait_for(live_mid_jobs, lambda live: len(live) == 2, timeout_s=120, interval_s=0)
     assert kill_pool_children(stack, 1)
 
     finals = [stack.wait_job(j, timeout_s=300) for j in jobs]
-    assert [f["status"] for f in finals] == ["succeeded"] * 20, [(f["id"], f["status"], f["error"]) for f in finals]
+    assert [f["status"] for f in finals] == ["succeeded"] * 12, [(f["id"], f["status"], f["error"]) for f in finals]
 
     redelivered = {f["id"] for f in finals if f["deliveries"] == 2}
     assert all(f["deliveries"] in (1, 2) for f in finals)

@@ -653,6 +653,7 @@ def test_results_jsonl_streams_every_item_in_input_order(client: TestClient, red
         assert response.headers["content-disposition"] == f'attachment; filename="{job.id}.results.jsonl"'
         lines = list(response.iter_lines())
     assert len(lines) == 1234 and [json.loads(line) for line in lines] == items
+    assert "ünïcode 0" in lines[0]  # UTF-8 as written, not \u escapes: a reader of the file sees the text
     paged = client.get(f"/v1/jobs/{job.id}/results", params={"limit": 1000}).json()["items"]
     assert [json.loads(line) for line in lines[:1000]] == paged
     assert_problem(client.get("/v1/jobs/nope/results.jsonl"), 404, "job-not-found")
