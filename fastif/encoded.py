@@ -148,9 +148,10 @@ def test_gradients(objective: InfluenceObjective, encoded: EncodedQueries, pad_i
     """
     rows = range(len(encoded.labels_used)) if rows is None else rows
     device = objective.classifier.device
-    grads = []
-    for i in rows:
+    # Written in place: stacking a list would allocate [q, P] a second time (fresh pages, see hvp).
+    grads = torch.empty(len(rows), objective.num_params, dtype=objective.params[0].dtype, device=device)
+    for row, i in enumerate(rows):
         batch = collate(encoded.tokens, [i], pad_id, device)
         hidden = None if encoded.hidden is None else encoded.hidden[i : i + 1, : batch.input_ids.shape[1]]
-        grads.append(objective.gradient(batch, hidden))
-    return torch.stack(grads)
+        grads[row] = objective.gradient(batch, hidden)
+    return grads

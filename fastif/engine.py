@@ -257,8 +257,8 @@ class InfluenceEngine:
         clock = time.perf_counter()
         encoded = self.encode(queries)
         keys = [query_key(q, label) for q, label in zip(queries, encoded.labels_used)]
-        found, _ = through_cache(cache, "grad", keys, lambda missing: self.test_gradients(encoded, missing))
-        grads = torch.stack([g.to(self.classifier.device) for g in found])
+        grads, _ = through_cache(cache, "grad", keys, lambda missing: self.test_gradients(encoded, missing),
+                                 self.classifier.device)
         if group:
             # The mean gradient's output-layer part is the mean of the inputs' gradient keys.
             vectors = grads.mean(dim=0, keepdim=True)
@@ -289,9 +289,9 @@ class InfluenceEngine:
             diagnostics.update(solution.diagnostics())
             return solution.vectors
 
-        found, missing = through_cache(cache, "s_test", [{**key, **solver_key} for key in plan.keys], solve)
+        stacked, missing = through_cache(cache, "s_test", [{**key, **solver_key} for key in plan.keys], solve,
+                                         self.classifier.device)
         plan.seconds["s_test"] = time.perf_counter() - clock
-        stacked = torch.stack([s.to(self.classifier.device) for s in found])
         return stacked, diagnostics, [i not in missing for i in range(len(plan.keys))]
 
     def influences(

@@ -101,17 +101,25 @@ class TensorCache(Protocol):
     def put(self, kind: str, payload: dict, tensor: torch.Tensor) -> None: ...
 
 
-def through_cache(cache: TensorCache | None, kind: str, keys: Sequence[dict],
-                  compute: Callable[[list[int]], Iterable[torch.Tensor]]) -> tuple[list[torch.Tensor], list[int]]:
-    """One tensor per key: from ``cache`` where present, else ``compute(missing positions)``, which are then stored."""
+def through_cache(cache: TensorCache | None, kind: str, keys: Sequence[dict], compute: Callable[[list[int]], torch.Tensor],
+                  device: torch.device) -> tuple[torch.Tensor, list[int]]:
+    """One row per key, stacked on ``device``: from ``cache`` where present, else ``compute(missing positions)``
+    (a tensor of those rows), which are then stored; also the missing positions.
+
+    When nothing was cached the computed tensor is returned as it is: a copy of [q, P] would fault in fresh pages.
+    """
     found = [cache.get(kind, key) if cache is not None else None for key in keys]
     missing = [i for i, tensor in enumerate(found) if tensor is None]
-    if missing:
-        for i, tensor in zip(missing, compute(missing)):
-            found[i] = tensor
-            if cache is not None:
-                cache.put(kind, keys[i], tensor)
-    return found, missing
+    if not missing:
+        return torch.stack([tensor.to(device) for tensor in found]), missing
+    computed = compute(missing)
+    for i, tensor in zip(missing, computed):
+        found[i] = tensor
+        if cache is not None:
+            cache.put(kind, keys[i], tensor)
+    if len(missing) == len(keys):
+        return computed.to(device), missing
+    return torch.stack([tensor.to(device) for tensor in found]), missing
 
 
 def influences_of(candidates: Sequence[Candidates], scores: Sequence[np.ndarray], s_tests: torch.Tensor,

@@ -80,3 +80,21 @@ def test_inverse_apply_of_low_rank_gradients_is_the_damped_inverse_in_float64():
     got = torch.cat([solved[0, : 384 * 1536].reshape(384, 1536), solved[0, 384 * 1536 : 384 * 1537].reshape(384, 1)], dim=1)
     assert float((got.double() - expected).norm() / expected.norm()) < 1e-5
     assert torch.allclose(solved[0, 384 * 1537 :], vectors[0, 384 * 1537 :] / (diagonal + 0.2))
+
+
+def test_many_rows_are_solved_in_groups_each_as_if_alone():
+    """A job's rows go through a block a group at a time (bounded temporaries); every row's answer is its own."""
+    kron = block(384, 1537, seed=5)
+    kron.bias = 1
+    factors = KroneckerFactors(names=["w", "b"], shapes=[(384, 1536), (384,)], kronecker={0: kron}, diagonal={},
+                               examples=10)
+    gradients = [of_rank(1 + i % 3, 384, 1537, seed=10 + i) if i % 4 else torch.randn(384, 1537) for i in range(20)]
+    vectors = torch.stack([torch.cat([g[:, :-1].reshape(-1), g[:, -1]]) for g in gradients])
+    assert len(kfac._row_groups(len(vectors), 384 * 1537 * 4)) > 1  # several groups, with rows of both kinds
+    solved = factors.inverse_apply(vectors, 0.5, (0.01, 0.0))
+    q_g, q_a = kron.q_g.double(), kron.q_a.double()
+    for row, gradient in enumerate(gradients):
+        expected = q_g @ ((q_g.T @ gradient.double() @ q_a) / (kron.corrected.double() + 0.51)) @ q_a.T
+        got = torch.cat([solved[row, : 384 * 1536].reshape(384, 1536), solved[row, 384 * 1536 :].reshape(384, 1)], dim=1)
+        assert float((got.double() - expected).norm() / expected.norm()) < 1e-5, row
+        torch.testing.assert_close(factors.inverse_apply(vectors[row : row + 1], 0.5, (0.01, 0.0))[0], solved[row])

@@ -22,6 +22,7 @@ import torch
 
 from api_schemas import InfluenceRequest, ModelCreate
 from fastif import DataSpec, InfluenceEngine, LissaConfig, Query
+from records.keys import shard_state
 from records.settings import settings_from
 from tiny import make_tiny_bert, sentences, write_jsonl
 from workers import parallel, registry, shards
@@ -315,6 +316,15 @@ def test_two_parallel_jobs_one_after_the_other_both_finish(ctx, model, reference
 
 def test_a_redelivered_coordinator_sends_no_second_set_of_shards(ctx, model):
     job_id, transport = start(ctx, model, TEXTS[:1], 2)
+    run = JobRun(job_id, ctx.jobs.request(job_id), 2, ctx, ProgressReporter(ctx.jobs, job_id))
+    parallel.start_parallel(run, InfluenceRequest.model_validate(run.request), transport)
+    assert transport.take(parallel.STEST_SHARD) == [0, 1]
+
+
+def test_a_coordinator_that_died_after_moving_the_phase_sends_the_shards_on_its_redelivery(ctx, model):
+    job_id, transport = start(ctx, model, TEXTS[:1], 2)
+    ctx.redis.delete(shard_state(job_id, parallel.Phase.STEST, "sent"))  # as if it had died before sending
+    transport.take(parallel.STEST_SHARD)
     run = JobRun(job_id, ctx.jobs.request(job_id), 2, ctx, ProgressReporter(ctx.jobs, job_id))
     parallel.start_parallel(run, InfluenceRequest.model_validate(run.request), transport)
     assert transport.take(parallel.STEST_SHARD) == [0, 1]

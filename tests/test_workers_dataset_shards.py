@@ -86,12 +86,11 @@ def test_shards_in_any_order_and_twice_finish_the_job_once_with_every_input_in_o
     job_id, transport = submit(ctx, data_root, model_id), Transport()
     assert coordinate(job_id, transport) == "handed-on"
     assert transport.take() == [0, 1, 2]  # 4 + 4 + 2
-    assert coordinate(job_id, transport) == "handed-on"  # delivered again: the split stands, the same shards go
-    assert transport.take() == [0, 1, 2] and ctx.jobs.shard_count(job_id) == 3
+    assert coordinate(job_id, transport) == "handed-on"  # delivered again: the split stands, nothing is sent twice
+    assert transport.take() == [] and ctx.jobs.shard_count(job_id) == 3
     assert dataset.dataset_shard(job_id, 2) == "done"
     assert ctx.jobs.results(job_id)[0] == 0  # shard 0 missing: nothing readable yet
-    assert coordinate(job_id, transport) == "handed-on" and transport.take() == [0, 1]  # only those not stored
-    assert [dataset.dataset_shard(job_id, s) for s in (0, 0)] == ["done", "done"]
+    assert [dataset.dataset_shard(job_id, s) for s in (0, 0)] == ["done", "done"]  # a shard delivered twice
     job = ctx.jobs.require(job_id)
     assert (job.status, job.result_count, job.progress.done) == ("running", 6, 6)
     assert [i["input_index"] for i in ctx.jobs.results(job_id, 0, 100)[1]] == [0, 1, 2, 3]
@@ -101,6 +100,25 @@ def test_shards_in_any_order_and_twice_finish_the_job_once_with_every_input_in_o
     assert [i["input_index"] for i in ctx.jobs.results(job_id, 0, 100)[1]] == list(range(10))
     assert not ctx.redis.keys(f"fastif:job:{job_id}:inputs:*")  # the inputs let go
     assert dataset.dataset_shard(job_id, 1) == "skipped"
+
+
+def test_a_coordinator_that_died_while_sending_sends_the_rest_on_its_redelivery(ctx, data_root, model_id, monkeypatch):
+    job_id, transport = submit(ctx, data_root, model_id), Transport()
+
+    def dies_after_the_first(name: str, args: list) -> None:
+        if transport.sent:
+            raise SystemExit("the worker dies while sending")
+        transport(name, args)
+
+    with pytest.raises(SystemExit):
+        dataset.start_dataset(runner.JobRun(job_id, ctx.jobs.request(job_id), 1, ctx,
+                                            runner.ProgressReporter(ctx.jobs, job_id)),
+                              model_id, InfluenceRequest.model_validate(ctx.jobs.request(job_id)).inputs_from,
+                              dies_after_the_first)
+    assert transport.take() == [0]
+    assert coordinate(job_id, transport) == "handed-on" and transport.take() == [1, 2]  # the rest, once
+    assert [dataset.dataset_shard(job_id, s) for s in (0, 1, 2)] == ["done"] * 3
+    assert ctx.jobs.require(job_id).status == "succeeded"
 
 
 def test_a_finisher_whose_worker_died_finishes_on_its_redelivery(ctx, data_root, model_id, monkeypatch):

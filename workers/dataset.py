@@ -9,7 +9,7 @@ Where a job stands is its shard state's phase (workers/shards.py), moved by comp
   are not those the API checked (its sha256), store each shard's inputs in the shard state,
   record the split on the job, move none -> shards, and send a DATASET_SHARD task for every
   shard whose items are not stored yet. A coordinator delivered again (its worker died) finds
-  the phase set and sends those shards again; a shard done twice is stored once.
+  the phase set and sends only the shards it had not sent (workers/shards.py ``send_once``).
 - shard s: its inputs through the kind's computation, one batched solve for all of them (and no
   per-input cache of gradients and s_test, which would hold megabytes per input in Redis), and
   its items stored at once under the job (records/jobs.py ``store_shard_items``), where the
@@ -52,7 +52,7 @@ from .data_files import resolve
 from .registry import engine_and_cache, ready_model
 from .results import explain_items, influence_items, stored_items
 from .runner import HANDED_ON, HandedOn, JobFailed, JobRun, write_output
-from .shards import advance, phase_of, run_shard
+from .shards import advance, phase_of, run_shard, send_once
 
 DATASET_SHARD = "fastif.dataset_shard"
 SHARDS = "shards"
@@ -80,9 +80,8 @@ def start_dataset(run: JobRun, model_id: str, source: InputsFile, send: SendTask
     elif phase != SHARDS:
         return HANDED_ON  # a shard is finishing the job
     stored = jobs.stored_shards(run.job_id)
-    for shard in range(jobs.shard_count(run.job_id) or 0):
-        if shard not in stored:
-            send(DATASET_SHARD, [run.job_id, shard])
+    send_once(run.ctx, run.job_id, SHARDS, DATASET_SHARD,
+              [shard for shard in range(jobs.shard_count(run.job_id) or 0) if shard not in stored], send)
     return HANDED_ON
 
 

@@ -53,7 +53,7 @@ from .registry import engine_and_cache, ready_model
 from .result_cache import result_cache_key, store_results
 from .results import influence_items, stored_items
 from .runner import HANDED_ON, HandedOn, JobFailed, JobRun, finish
-from .shards import advance, phase_of, run_shard
+from .shards import advance, phase_of, run_shard, send_once
 
 STEST_SHARD = "fastif.stest_shard"
 SCORE_SHARD = "fastif.score_shard"
@@ -96,8 +96,9 @@ def start_parallel(run: JobRun, request: InfluenceRequest, send: SendTask) -> Ha
     """The coordinator: none -> stest, then the W s_test shards; the shards finish the job."""
     if advance(run.ctx, run.job_id, None, Phase.STEST):
         run.ctx.jobs.hset(run.job_id, {"shards": request.parallel, "stest_shards_done": 0, "score_shards_done": 0})
-        for shard in range(request.parallel):
-            send(STEST_SHARD, [run.job_id, shard])
+    # Also when delivered again: a coordinator that died after moving the phase has sent only some shards, or none.
+    if phase_of(run.ctx, run.job_id) == Phase.STEST:
+        send_once(run.ctx, run.job_id, Phase.STEST, STEST_SHARD, range(request.parallel), send)
     return HANDED_ON
 
 

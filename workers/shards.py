@@ -3,13 +3,14 @@
 A job's phase is one key of its shard state (records/keys.py ``shard_state``); moving it on is a
 compare-and-set, so that of all the shards that see their part done exactly one goes on. Each
 shard task counts its starts on the job record: a shard whose worker keeps dying fails the job.
-The parallel influence job (workers/parallel.py) and the sharded build (workers/build.py) run on it.
+The parallel influence job (workers/parallel.py), the sharded build (workers/build.py) and dataset jobs
+(workers/dataset.py) run on it.
 """
 
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from api_schemas import TERMINAL_STATUSES
 from records.keys import shard_state
@@ -33,6 +34,29 @@ def advance(ctx: WorkerContext, job_id: str, expected: str | None, next_phase: s
 
 def phase_of(ctx: WorkerContext, job_id: str) -> str | None:
     return ctx.redis.get(shard_state(job_id, "phase"))
+
+
+def send_once(ctx: WorkerContext, job_id: str, part: str, task: str, shards: Iterable[int],
+              send: Callable[[str, list], None]) -> list[int]:
+    """Send ``task`` for each of ``shards`` that was not sent for this job's ``part`` before; the shards sent now.
+
+    A published task is not lost (acks late: a worker that dies has it delivered again), so a coordinator
+    delivered again sends only what its first delivery had not. Each shard is marked after it is published:
+    one that dies in between sends that shard twice (a shard done twice is stored once), never none.
+    """
+    sent_key = shard_state(job_id, part, "sent")
+    sent = {int(shard) for shard in ctx.redis.smembers(sent_key)}
+    now = []
+    for shard in shards:
+        if shard in sent:
+            continue
+        send(task, [job_id, shard])
+        pipe = ctx.redis.pipeline(transaction=False)
+        pipe.sadd(sent_key, shard)
+        pipe.expire(sent_key, ctx.settings.result_ttl_s)
+        pipe.execute()
+        now.append(shard)
+    return now
 
 
 def shard_guard(ctx: WorkerContext, job_id: str, shard: int, part: str, on_failure: OnFailure | None = None) -> bool:
