@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_000_000, ge=1)
     result_ttl_s: int = Field(default=7 * 86400, ge=1)
     cache_ttl_s: int = Field(default=86400, ge=1)
+    # All cached gradients and s_tests together (workers/tensor_cache.py): the least recently used go past it.
+    cache_max_bytes: int = Field(default=2 * 2**30, ge=0)
     max_deliveries: int = Field(default=3, ge=1)
     max_queued_jobs: int = Field(default=1000, ge=1)
     # Where workers keep indices, features and pictures, as configured; read `state_root`, which

@@ -15,14 +15,17 @@ import json
 import pytest
 import redis
 import torch
+from safetensors.torch import save as save_tensors
 
 from api_schemas import InfluenceRequest, ModelCreate
 from fastif import DataSpec, InfluenceEngine, InfluenceSpec, Query
 from records import keys
+from records.keys import cache_key
 from records.models import ModelStore
 from tiny import make_tiny_bert, sentences, write_jsonl
 from workers.configs import solver_config
 from workers.influence import result_cache_key
+from workers import tensor_cache
 from workers.tensor_cache import RedisTensorCache
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -109,7 +112,7 @@ def solve(engine, req: InfluenceRequest, cache=None):
 
 @pytest.fixture
 def cache(redis_url, redis_client, engine):
-    return RedisTensorCache(redis.Redis.from_url(redis_url), engine.fingerprint, 3600)
+    return RedisTensorCache(redis.Redis.from_url(redis_url), engine.fingerprint, 3600, 2**30)
 
 
 # (base request, the same request with one field changed): that field changes s_test, so it must miss
@@ -197,13 +200,13 @@ def test_another_models_fingerprint_never_reads_this_ones_entries(files, engine,
     same = InfluenceEngine.from_paths(files / "model", DataSpec(str(files / "train.jsonl")))
     same.prepare()
     assert same.fingerprint == engine.fingerprint  # the same model registered twice shares its cache
-    _, cached = solve(same, request(solver="cg"), RedisTensorCache(redis.Redis.from_url(redis_url), same.fingerprint, 60))
+    _, cached = solve(same, request(solver="cg"), RedisTensorCache(redis.Redis.from_url(redis_url), same.fingerprint, 60, 2**30))
     assert all(cached)
     decayed = InfluenceEngine.from_paths(files / "model", DataSpec(str(files / "train.jsonl")),
                                          InfluenceSpec(weight_decay=0.01))
     decayed.prepare()
     assert decayed.fingerprint != engine.fingerprint
-    other_cache = RedisTensorCache(redis.Redis.from_url(redis_url), decayed.fingerprint, 60)
+    other_cache = RedisTensorCache(redis.Redis.from_url(redis_url), decayed.fingerprint, 60, 2**30)
     s_test, cached = solve(decayed, request(solver="cg"), other_cache)
     assert not any(cached) and not torch.allclose(s_test, first)
     write_jsonl(files / "train2.jsonl", sentences(24, seed=5, noise=0.1))
@@ -270,3 +273,26 @@ def test_every_field_of_the_request_and_the_index_changes_the_result_key(redis_c
     assert base == keys.cache_key("fp-1", "result", payload)
     assert json.loads(keys.canonical_json(payload))["index"] == {"kind": "auto", "space": "gradient", "prefix": "cached",
                                                                   "prefix_dtype": "float32", "shard_examples": 1024}
+
+
+def test_the_cache_keeps_within_its_byte_budget_evicting_the_least_recently_used(redis_url, redis_client):
+    client = redis.Redis.from_url(redis_url)
+    entry = torch.arange(1000, dtype=torch.float32)
+    size = len(save_tensors({"tensor": entry}))
+    cache = RedisTensorCache(client, "fp", 3600, max_bytes=3 * size)
+    for i in range(3):
+        cache.put("grad", {"i": i}, entry + i)
+    assert cache.get("grad", {"i": 0}) is not None  # used: now the most recent
+    cache.put("grad", {"i": 3}, entry + 3)  # a fourth: the least recently used (1) goes
+    kept = {i for i in range(4) if cache.get("grad", {"i": i}) is not None}
+    assert kept == {0, 2, 3}
+    torch.testing.assert_close(cache.get("grad", {"i": 3}), entry + 3)
+    entries = [key for key in client.scan_iter("fastif:v1:fp:*")]
+    assert int(client.get(tensor_cache.INDEX + ":bytes")) == sum(client.strlen(key) for key in entries) == 3 * size
+    cache.put("grad", {"i": 3}, entry + 3)  # written again: counted once
+    assert int(client.get(tensor_cache.INDEX + ":bytes")) == 3 * size
+    client.delete(cache_key("fp", "grad", {"i": 0}))  # gone some other way (its TTL): evicted at no cost
+    cache.put("grad", {"i": 4}, entry + 4)
+    assert {i for i in range(5) if cache.get("grad", {"i": i}) is not None} == {2, 3, 4}
+    RedisTensorCache(client, "fp", 3600, max_bytes=size - 1).put("grad", {"i": 5}, entry)  # larger than the budget
+    assert cache.get("grad", {"i": 5}) is None and int(client.get(tensor_cache.INDEX + ":bytes")) == 3 * size

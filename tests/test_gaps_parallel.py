@@ -177,7 +177,8 @@ def test_parallel_job_equals_the_average_of_single_seed_estimates(ctx, model, re
     # The average is cached under the request's solver key plus the shard count; each shard's own
     # estimate under its own seed, as a single-worker request with that seed would find it.
     engine = engine_for(model, ctx.settings)
-    cache = RedisTensorCache(ctx.redis_bytes, model.fingerprint, ctx.settings.cache_ttl_s)
+    cache = RedisTensorCache(ctx.redis_bytes, model.fingerprint, ctx.settings.cache_ttl_s,
+                             ctx.settings.cache_max_bytes)
     request = InfluenceRequest.model_validate(ctx.jobs.request(job_id))
     plan = engine.plan(queries_of(request), group)
     for row, key in enumerate(plan.keys):

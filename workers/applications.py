@@ -139,7 +139,8 @@ def run_correct(run: JobRun, send: SendTask) -> Items:
     try:
         config = correction_config(request)
         # The updated models' s_test is only worth keeping while a redelivered job could reuse it.
-        round_cache = RedisTensorCache(run.ctx.redis_bytes, cache.model_fp, min(run.ctx.settings.cache_ttl_s, ROUND_CACHE_TTL_S))
+        round_cache = RedisTensorCache(run.ctx.redis_bytes, cache.model_fp, min(run.ctx.settings.cache_ttl_s, ROUND_CACHE_TTL_S),
+                                       cache.max_bytes)
         outcome = correct(engine, anchors, evaluation, config=config, solver=solver_config(request), pool=pool,
                           control=control, cache=cache, round_cache=round_cache, on_progress=run.progress)
     except ValueError as err:  # a pool or file with too few anchors, an empty evaluation file, params below the prefix

@@ -68,5 +68,7 @@ def engine_and_cache(run: JobRun, model: Model) -> tuple[InfluenceEngine, RedisT
     """The model's prepared engine, and its Redis cache of per-test gradients and s_test."""
     engine = engine_for(model, run.ctx.settings)
     engine.prepare()
-    cache = RedisTensorCache(run.ctx.redis_bytes, model.fingerprint or engine.fingerprint, run.ctx.settings.cache_ttl_s)
+    settings = run.ctx.settings
+    cache = RedisTensorCache(run.ctx.redis_bytes, model.fingerprint or engine.fingerprint, settings.cache_ttl_s,
+                             settings.cache_max_bytes)
     return engine, cache

@@ -1,39 +1,78 @@
-"""Per-test gradients and s_test in Redis: safetensors bytes (dtype and shape kept, no pickle).
+"""Per-test gradients and s_test in Redis: safetensors bytes (dtype and shape kept, no pickle), within a byte budget.
 
 Keys are content-addressed, ``fastif:v1:{model_fp}:{kind}:{sha256(payload)}``, so a
 changed model, parameter selection or training set never reads a stale entry.
+
+Each entry is as large as the influence parameters (8 MB on MiniLM's top), so a day's TTL alone
+would let a busy service fill Redis, where job records and results live too. Every entry is
+therefore also on a shared index (``fastif:tensor-cache:*``: the entries by last use, their sizes
+and their total), and a write that takes the total past ``max_bytes`` evicts the least recently used
+first, in one Lua script so that concurrent workers keep the total exact. An entry deleted some other
+way (its TTL, a deleted model) stays counted until the index reaches it, then goes at no cost.
 """
 
 from __future__ import annotations
+
+import time
 
 import redis
 import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from records.keys import cache_key
+from records.keys import PREFIX, cache_key
+
+INDEX = f"{PREFIX}:tensor-cache"
+
+# KEYS: the entry, ORDER, SIZES, TOTAL. ARGV: the bytes, TTL, now, max bytes.
+_PUT = """
+local previous = tonumber(redis.call('HGET', KEYS[3], KEYS[1]) or '0')
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('HSET', KEYS[3], KEYS[1], string.len(ARGV[1]))
+redis.call('ZADD', KEYS[2], ARGV[3], KEYS[1])
+local total = redis.call('INCRBY', KEYS[4], string.len(ARGV[1]) - previous)
+local evicted = 0
+while total > tonumber(ARGV[4]) do
+  local oldest = redis.call('ZPOPMIN', KEYS[2])
+  if #oldest == 0 then break end
+  total = redis.call('DECRBY', KEYS[4], tonumber(redis.call('HGET', KEYS[3], oldest[1]) or '0'))
+  redis.call('HDEL', KEYS[3], oldest[1])
+  redis.call('DEL', oldest[1])
+  evicted = evicted + 1
+end
+return evicted
+"""
 
 
 class RedisTensorCache:
-    """The engine's ``TensorCache`` protocol over Redis, with a TTL on every entry."""
+    """The engine's ``TensorCache`` protocol over Redis: a TTL on every entry, and at most ``max_bytes`` in all."""
 
-    def __init__(self, client: redis.Redis, model_fp: str, ttl_s: int):
+    def __init__(self, client: redis.Redis, model_fp: str, ttl_s: int, max_bytes: int):
         self.client = client
         self.model_fp = model_fp
         self.ttl_s = ttl_s
+        self.max_bytes = max_bytes
+        self.order, self.sizes, self.total = (f"{INDEX}:{part}" for part in ("order", "sizes", "bytes"))
+        self._put = client.register_script(_PUT)
 
     # A cache: while Redis is away it misses and forgets, and the job goes on computing.
 
     def get(self, kind: str, payload: dict) -> torch.Tensor | None:
+        key = cache_key(self.model_fp, kind, payload)
         try:
-            raw = self.client.get(cache_key(self.model_fp, kind, payload))
+            raw = self.client.get(key)
+            if raw is not None:
+                self.client.zadd(self.order, {key: time.time()}, xx=True)  # recently used: evicted last
         except redis.RedisError:
             return None
         return None if raw is None else load_tensors(raw)["tensor"]
 
     def put(self, kind: str, payload: dict, tensor: torch.Tensor) -> None:
         data = save_tensors({"tensor": tensor.detach().to("cpu").contiguous()})
+        if len(data) > self.max_bytes:
+            return  # it would evict everything and still not fit
         try:
-            self.client.set(cache_key(self.model_fp, kind, payload), data, ex=self.ttl_s)
+            self._put(keys=[cache_key(self.model_fp, kind, payload), self.order, self.sizes, self.total],
+                      args=[data, self.ttl_s, time.time(), self.max_bytes])
         except redis.RedisError:
             pass
