@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     max_inputs: int = Field(default=64, ge=1)
     # A dataset job's input file (inputs_from) may hold this many rows.
     max_dataset_inputs: int = Field(default=100_000, ge=1)
+    # A dataset job's shards in the queue or running at once: other jobs queue between them (workers/dataset.py).
+    dataset_shards_in_flight: int = Field(default=8, ge=1)
     max_text_chars: int = Field(default=4000, ge=1)
     max_body_bytes: int = Field(default=1_000_000, ge=1)
     result_ttl_s: int = Field(default=7 * 86400, ge=1)

@@ -88,18 +88,18 @@ def test_shards_in_any_order_and_twice_finish_the_job_once_with_every_input_in_o
     assert transport.take() == [0, 1, 2]  # 4 + 4 + 2
     assert coordinate(job_id, transport) == "handed-on"  # delivered again: the split stands, nothing is sent twice
     assert transport.take() == [] and ctx.jobs.shard_count(job_id) == 3
-    assert dataset.dataset_shard(job_id, 2) == "done"
+    assert dataset.dataset_shard(job_id, 2, transport) == "done"
     assert ctx.jobs.results(job_id)[0] == 0  # shard 0 missing: nothing readable yet
-    assert [dataset.dataset_shard(job_id, s) for s in (0, 0)] == ["done", "done"]  # a shard delivered twice
+    assert [dataset.dataset_shard(job_id, s, transport) for s in (0, 0)] == ["done", "done"]  # a shard delivered twice
     job = ctx.jobs.require(job_id)
     assert (job.status, job.result_count, job.progress.done) == ("running", 6, 6)
     assert [i["input_index"] for i in ctx.jobs.results(job_id, 0, 100)[1]] == [0, 1, 2, 3]
-    assert dataset.dataset_shard(job_id, 1) == "done"  # the last: it finishes the job
+    assert dataset.dataset_shard(job_id, 1, transport) == "done"  # the last: it finishes the job
     job = ctx.jobs.require(job_id)
     assert (job.status, job.result_count) == ("succeeded", 10)
     assert [i["input_index"] for i in ctx.jobs.results(job_id, 0, 100)[1]] == list(range(10))
     assert not ctx.redis.keys(f"fastif:job:{job_id}:inputs:*")  # the inputs let go
-    assert dataset.dataset_shard(job_id, 1) == "skipped"
+    assert dataset.dataset_shard(job_id, 1, transport) == "skipped"
 
 
 def test_a_coordinator_that_died_while_sending_sends_the_rest_on_its_redelivery(ctx, data_root, model_id, monkeypatch):
@@ -117,23 +117,23 @@ def test_a_coordinator_that_died_while_sending_sends_the_rest_on_its_redelivery(
                               dies_after_the_first)
     assert transport.take() == [0]
     assert coordinate(job_id, transport) == "handed-on" and transport.take() == [1, 2]  # the rest, once
-    assert [dataset.dataset_shard(job_id, s) for s in (0, 1, 2)] == ["done"] * 3
+    assert [dataset.dataset_shard(job_id, s, transport) for s in (0, 1, 2)] == ["done"] * 3
     assert ctx.jobs.require(job_id).status == "succeeded"
 
 
 def test_a_finisher_whose_worker_died_finishes_on_its_redelivery(ctx, data_root, model_id, monkeypatch):
     job_id, transport = submit(ctx, data_root, model_id), Transport()
     coordinate(job_id, transport)
-    assert [dataset.dataset_shard(job_id, s) for s in (0, 1)] == ["done", "done"]
+    assert [dataset.dataset_shard(job_id, s, transport) for s in (0, 1)] == ["done", "done"]
     real_finish = dataset._finish
     monkeypatch.setattr(dataset, "_finish", lambda run: (_ for _ in ()).throw(SystemExit("worker died")))
     with pytest.raises(SystemExit):
-        dataset.dataset_shard(job_id, 2)
+        dataset.dataset_shard(job_id, 2, transport)
     monkeypatch.setattr(dataset, "_finish", real_finish)
     assert ctx.jobs.require(job_id).status == "running"
-    assert dataset.dataset_shard(job_id, 0) == "done"  # another shard's late copy: not its phase, nothing to do
+    assert dataset.dataset_shard(job_id, 0, transport) == "done"  # another shard's late copy: not its phase, nothing to do
     assert ctx.jobs.require(job_id).status == "running"
-    assert dataset.dataset_shard(job_id, 2) == "done"  # the finisher's own redelivery
+    assert dataset.dataset_shard(job_id, 2, transport) == "done"  # the finisher's own redelivery
     assert ctx.jobs.require(job_id).status == "succeeded"
 
 
@@ -151,11 +151,39 @@ def test_a_file_changed_after_it_was_checked_fails_the_job(ctx, data_root, model
 def test_a_cancel_stops_the_shards_keeps_what_finished_and_lets_the_inputs_go(ctx, data_root, model_id):
     job_id, transport = submit(ctx, data_root, model_id), Transport()
     coordinate(job_id, transport)
-    assert dataset.dataset_shard(job_id, 1) == "done"
+    assert dataset.dataset_shard(job_id, 1, transport) == "done"
     ctx.jobs.request_cancel(job_id)
-    assert dataset.dataset_shard(job_id, 0) == "cancelled"
-    assert dataset.dataset_shard(job_id, 2) == "skipped"
+    assert dataset.dataset_shard(job_id, 0, transport) == "cancelled"
+    assert dataset.dataset_shard(job_id, 2, transport) == "skipped"
     job = ctx.jobs.require(job_id)
     assert (job.status, job.result_count) == ("cancelled", 4)
     assert [i["input_index"] for i in ctx.jobs.results(job_id, 0, 100)[1]] == [4, 5, 6, 7]
     assert not ctx.redis.keys(f"fastif:job:{job_id}:inputs:*")
+
+
+def test_shards_go_in_lanes_each_sending_the_next_so_other_jobs_queue_between_them(ctx, data_root, model_id,
+                                                                                     monkeypatch):
+    monkeypatch.setattr(ctx.settings, "dataset_shards_in_flight", 2)
+    job_id, transport = submit(ctx, data_root, model_id, shard_inputs=2), Transport()  # 5 shards in 2 lanes
+    assert coordinate(job_id, transport) == "handed-on" and transport.take() == [0, 1]
+    monkeypatch.setattr(ctx.settings, "dataset_shards_in_flight", 4)  # a worker configured otherwise: the job's stands
+    assert dataset.dataset_shard(job_id, 1, transport) == "done" and transport.take() == [3]
+    assert dataset.dataset_shard(job_id, 0, transport) == "done" and transport.take() == [2]
+    assert dataset.dataset_shard(job_id, 0, transport) == "done" and transport.take() == []  # delivered again
+    assert dataset.dataset_shard(job_id, 3, transport) == "done" and transport.take() == []  # its lane's last
+    assert coordinate(job_id, transport) == "handed-on" and transport.take() == []
+    assert dataset.dataset_shard(job_id, 2, transport) == "done" and transport.take() == [4]
+    assert ctx.jobs.require(job_id).status == "running"
+    assert dataset.dataset_shard(job_id, 4, transport) == "done"
+    job = ctx.jobs.require(job_id)
+    assert (job.status, job.result_count) == ("succeeded", 10)
+    assert [i["input_index"] for i in ctx.jobs.results(job_id, 0, 100)[1]] == list(range(10))
+
+
+def test_a_cancelled_job_sends_no_more_of_its_shards(ctx, data_root, model_id, monkeypatch):
+    monkeypatch.setattr(ctx.settings, "dataset_shards_in_flight", 1)
+    job_id, transport = submit(ctx, data_root, model_id, shard_inputs=4), Transport()
+    assert coordinate(job_id, transport) == "handed-on" and transport.take() == [0]
+    ctx.jobs.request_cancel(job_id)
+    assert dataset.dataset_shard(job_id, 0, transport) == "cancelled" and transport.take() == []
+    assert ctx.jobs.require(job_id).status == "cancelled"

@@ -89,7 +89,7 @@ def stest_shard(job_id: str, shard: int) -> str:
 
 @celery_app.task(name=dataset.DATASET_SHARD, **_RETRY)
 def dataset_shard(job_id: str, shard: int) -> str:
-    return dataset.dataset_shard(job_id, shard)
+    return dataset.dataset_shard(job_id, shard, _send)
 
 
 @celery_app.task(name=parallel.SCORE_SHARD, **_RETRY)

@@ -7,9 +7,12 @@ Where a job stands is its shard state's phase (workers/shards.py), moved by comp
 
 - coordinate (the job's own task, ``start_dataset``): read the file, refusing it if its bytes
   are not those the API checked (its sha256), store each shard's inputs in the shard state,
-  record the split on the job, move none -> shards, and send a DATASET_SHARD task for every
-  shard whose items are not stored yet. A coordinator delivered again (its worker died) finds
-  the phase set and sends only the shards it had not sent (workers/shards.py ``send_once``).
+  record the split on the job, move none -> shards, and send the first shards, one per lane
+  (``dataset_shards_in_flight``, 8 by default). A coordinator delivered again (its worker died)
+  finds the phase set and sends only the shards it had not sent (workers/shards.py ``send_once``).
+- lanes: each shard, once its items are stored, sends the shard one lane count after it. So a
+  large file's job holds at most that many tasks in the queue at a time, and jobs submitted after it
+  queue between its shards instead of behind all of them.
 - shard s: its inputs through the kind's computation, one batched solve for all of them (and no
   per-input cache of gradients and s_test, which would hold megabytes per input in Redis), and
   its items stored at once under the job (records/jobs.py ``store_shard_items``), where the
@@ -76,13 +79,19 @@ def start_dataset(run: JobRun, model_id: str, source: InputsFile, send: SendTask
                      ex=run.ctx.settings.result_ttl_s)
         pipe.execute()
         jobs.split_into_shards(run.job_id, shards, source.shard_inputs)
+        # Fixed for the job before any shard runs: every shard hands on to the one `lanes` after it.
+        run.ctx.redis.set(shard_state(run.job_id, "lanes"), run.ctx.settings.dataset_shards_in_flight, nx=True,
+                          ex=run.ctx.settings.result_ttl_s)
         advance(run.ctx, run.job_id, None, SHARDS)  # a coordinator delivered again found the phase unset too
     elif phase != SHARDS:
         return HANDED_ON  # a shard is finishing the job
-    stored = jobs.stored_shards(run.job_id)
-    send_once(run.ctx, run.job_id, SHARDS, DATASET_SHARD,
-              [shard for shard in range(jobs.shard_count(run.job_id) or 0) if shard not in stored], send)
+    send_once(run.ctx, run.job_id, SHARDS, DATASET_SHARD, range(min(_lanes(run), jobs.shard_count(run.job_id) or 0)), send)
     return HANDED_ON
+
+
+def _lanes(run: JobRun) -> int:
+    """How many of the job's shards are in the queue or running at once (recorded when it was split)."""
+    return int(run.ctx.redis.get(shard_state(run.job_id, "lanes")) or run.ctx.settings.dataset_shards_in_flight)
 
 
 def read_inputs(run: JobRun, model: Model, source: InputsFile) -> list[datafiles.InputRow]:
@@ -101,8 +110,8 @@ def read_inputs(run: JobRun, model: Model, source: InputsFile) -> list[datafiles
 
 
 # -- a shard -------------------------------------------------------------------------------------
-def dataset_shard(job_id: str, shard: int) -> str:
-    return run_shard(job_id, shard, "inputs", partial(_shard_work, shard=shard),
+def dataset_shard(job_id: str, shard: int, send: SendTask) -> str:
+    return run_shard(job_id, shard, "inputs", partial(_shard_work, shard=shard, send=send),
                      on_failure=lambda _code, _message: _let_inputs_go(context(), job_id))
 
 
@@ -113,15 +122,15 @@ def _let_inputs_go(ctx: WorkerContext, job_id: str) -> None:
         ctx.redis.delete(*(shard_state(job_id, "inputs", s) for s in range(count)))
 
 
-def _shard_work(run: JobRun, shard: int) -> None:
+def _shard_work(run: JobRun, shard: int, send: SendTask) -> None:
     try:
-        _shard_part(run, shard)
+        _shard_part(run, shard, send)
     except CancelledError:
         _let_inputs_go(run.ctx, run.job_id)
         raise
 
 
-def _shard_part(run: JobRun, shard: int) -> None:
+def _shard_part(run: JobRun, shard: int, send: SendTask) -> None:
     jobs = run.ctx.jobs
     if jobs.cancel_requested(run.job_id):
         raise CancelledError("cancelled before this shard started")
@@ -129,7 +138,10 @@ def _shard_part(run: JobRun, shard: int) -> None:
     if phase == SHARDS:
         stored = jobs.stored_shards(run.job_id)
         done = len(stored) if shard in stored else jobs.store_shard_items(run.job_id, shard, _items_of(run, shard))
-        if not (done >= (jobs.shard_count(run.job_id) or 0) and advance(run.ctx, run.job_id, SHARDS, finisher)):
+        count = jobs.shard_count(run.job_id) or 0
+        # Its lane's next shard, also when delivered again after storing (the first delivery may have died before this).
+        send_once(run.ctx, run.job_id, SHARDS, DATASET_SHARD, [s for s in (shard + _lanes(run),) if s < count], send)
+        if not (done >= count and advance(run.ctx, run.job_id, SHARDS, finisher)):
             return
     elif phase != finisher:
         return  # another shard finishes the job, or it is over
