@@ -1,8 +1,10 @@
 """Tokenisation with dynamic padding: each batch is padded to its own longest example.
 
-Token ids are kept flat (``Ragged``: one int32 array and row offsets), not as a Python
-list per example: at a few hundred thousand examples the lists' int objects alone would
-take gigabytes. The tokenizer runs over the texts in chunks for the same reason.
+Token ids are kept flat (``Ragged``: one array and row offsets), not as a Python list per
+example: at a few hundred thousand examples the lists' int objects alone would take
+gigabytes. The tokenizer runs over the texts in chunks for the same reason. Each array takes
+the narrowest unsigned type its values fit (a 30K vocabulary's ids in 2 bytes, segment ids in
+one), and segment ids that are all 0 are not kept at all: the model takes none as all 0.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ TOKENIZE_CHUNK = 4096  # texts per tokenizer call: its Python lists live for one
 class Ragged:
     """Rows of ids of different lengths, stored flat: row i is ``flat[offsets[i]:offsets[i + 1]]``."""
 
-    flat: np.ndarray  # int32 [total tokens]
+    flat: np.ndarray  # [total tokens], uint8, uint16 or int32
     offsets: np.ndarray  # int64 [rows + 1]
 
     def __len__(self) -> int:
@@ -36,6 +38,14 @@ class Ragged:
         return np.diff(self.offsets)
 
 
+def _narrowest(ids: np.ndarray) -> np.ndarray:
+    """``ids`` in the narrowest unsigned type that holds them (as they are if any is negative)."""
+    if len(ids) == 0 or ids.min() < 0:
+        return ids
+    top = int(ids.max())
+    return ids.astype(np.uint8 if top < 2**8 else np.uint16 if top < 2**16 else np.int32, copy=False)
+
+
 class _RaggedBuilder:
     """Appends the id lists of one tokenizer call at a time, keeping them flat."""
 
@@ -45,7 +55,7 @@ class _RaggedBuilder:
 
     def extend(self, rows: Sequence[Sequence[int]]) -> None:
         self.lengths.append(np.fromiter(map(len, rows), dtype=np.int64, count=len(rows)))
-        self.flats.append(np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32))
+        self.flats.append(_narrowest(np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32)))
 
     def build(self) -> Ragged:
         lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, dtype=np.int64)
@@ -101,26 +111,28 @@ def tokenize(
         ids.extend(encoded["input_ids"])
         if encoded.get("token_type_ids") is not None:
             types.extend(encoded["token_type_ids"])
-    return Tokenized(input_ids=ids.build(), token_type_ids=types.build() if types.lengths else None,
-                     labels=torch.as_tensor(list(labels), dtype=torch.long))
+    segments = types.build() if types.lengths else None
+    return Tokenized(input_ids=ids.build(), token_type_ids=segments if segments is not None and segments.flat.any() else None,
+                     labels=torch.as_tensor(np.asarray(labels, dtype=np.int64)))
 
 
 def collate(tokens: Tokenized, indices: Sequence[int], pad_id: int, device: torch.device) -> Batch:
     """Gather ``indices`` into one batch padded to the longest of them."""
     width = max(len(tokens.input_ids[i]) for i in indices)
-    ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(indices), width), dtype=torch.long)
-    types = torch.zeros((len(indices), width), dtype=torch.long) if tokens.token_type_ids is not None else None
+    # Filled in numpy, which widens the stored unsigned ids to int64 as it copies.
+    ids = np.full((len(indices), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(indices), width), dtype=np.int64)
+    types = np.zeros((len(indices), width), dtype=np.int64) if tokens.token_type_ids is not None else None
     for row, i in enumerate(indices):
         seq = tokens.input_ids[i]
-        ids[row, : len(seq)] = torch.as_tensor(seq)
+        ids[row, : len(seq)] = seq
         mask[row, : len(seq)] = 1
         if types is not None:
-            types[row, : len(seq)] = torch.as_tensor(tokens.token_type_ids[i])
+            types[row, : len(seq)] = tokens.token_type_ids[i]
     return Batch(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        token_type_ids=types.to(device) if types is not None else None,
+        input_ids=torch.from_numpy(ids).to(device),
+        attention_mask=torch.from_numpy(mask).to(device),
+        token_type_ids=torch.from_numpy(types).to(device) if types is not None else None,
         labels=tokens.labels[list(indices)].to(device),
     )
 

@@ -30,7 +30,7 @@ from .config import DataSpec, IndexConfig, InfluenceSpec, SolverConfig
 from .curvature import KroneckerFactors, Solution, Spectrum, solver_for
 from .curvature.solvers import CurvatureSource
 from .curvature.training import TrainingCurvature
-from .data import Example, load_examples, texts_of
+from .data import Example, Examples, load_examples, texts_of
 from .encoded import EncodedQueries, encode_queries, test_gradients
 from .encoding import Batch, Tokenized, collate, tokenize
 from .fingerprint import combine, file_digest, model_digest
@@ -72,11 +72,11 @@ class InfluenceEngine:
         keep_freed_memory()
         self.classifier = classifier
         self.model = classifier.model
-        self.train = list(train)
+        self.train = Examples.of(train)
         self.spec = spec
         self.index_config = index_config
         texts, pairs = texts_of(self.train)
-        self.tokens = tokenize(classifier.tokenizer, texts, pairs, [ex.label for ex in self.train], spec.max_length)
+        self.tokens = tokenize(classifier.tokenizer, texts, pairs, self.train.labels, spec.max_length)
         self.pad_id = classifier.tokenizer.pad_token_id or 0
         probe = sorted(range(min(self.num_train, PROBE_EXAMPLES)), key=lambda i: -len(self.tokens.input_ids[i]))[:2]
         self.prepared = PreparedModel(classifier, select_influence_params(self.model, spec.params),
@@ -89,7 +89,8 @@ class InfluenceEngine:
             params=self.names,
             weight_decay=spec.weight_decay,
             max_length=spec.max_length,
-            data=data_digest or combine(texts=texts, pairs=pairs, labels=[ex.label for ex in self.train]),
+            data=data_digest or combine(texts=list(texts), pairs=list(pairs) if pairs is not None else None,
+                                        labels=self.train.labels.tolist()),
             # Rounded activations give (slightly) other curvature and s_test: their own artefacts and caches.
             **({"prefix_dtype": index_config.prefix_dtype} if self._rounds_prefix(index_config) else {}),
         )

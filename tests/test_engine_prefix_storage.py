@@ -121,7 +121,22 @@ def test_token_ids_are_kept_flat_in_chunks_and_equal_the_tokenizers(model_dir, m
     monkeypatch.setattr(encoding, "TOKENIZE_CHUNK", 3)  # 10 texts in 4 tokenizer calls
     tokens = encoding.tokenize(tokenizer, texts, pairs, [0] * 10, max_length=12)
     expected = tokenizer(texts, pairs, truncation=True, max_length=12)
-    assert tokens.input_ids.flat.dtype == np.int32 and len(tokens) == 10
+    assert tokens.input_ids.flat.dtype == np.uint8 and len(tokens) == 10  # a tiny vocabulary: one byte per id
     assert [tokens.input_ids[i].tolist() for i in range(10)] == expected["input_ids"]
     assert [tokens.token_type_ids[i].tolist() for i in range(10)] == expected["token_type_ids"]
     assert tokens.lengths == [len(ids) for ids in expected["input_ids"]]
+    padded = tokenizer(texts, pairs, truncation=True, max_length=12, padding=True, return_tensors="pt")
+    batch = encoding.collate(tokens, list(range(10)), tokenizer.pad_token_id, torch.device("cpu"))
+    for name in ("input_ids", "attention_mask", "token_type_ids"):
+        assert torch.equal(getattr(batch, name), padded[name]), name
+    single = encoding.tokenize(tokenizer, texts, None, [0] * 10, max_length=12)
+    assert single.token_type_ids is None  # all 0: not kept, and the model reads none as all 0
+
+
+def test_ids_are_stored_in_the_narrowest_type_that_holds_them():
+    from fastif.encoding import _narrowest
+
+    for values, dtype in [([0, 255], np.uint8), ([0, 256], np.uint16), ([3, 30521], np.uint16), ([70_000], np.int32),
+                          ([-1, 5], np.int32)]:
+        narrowed = _narrowest(np.asarray(values, dtype=np.int32))
+        assert narrowed.dtype == dtype and narrowed.tolist() == values
