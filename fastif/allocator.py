@@ -6,6 +6,10 @@ blocks that large with a fresh ``mmap`` and unmaps them on ``free``, so each ste
 faults its pages in again: about 2,000 minor page faults per HVP, a third of a
 LiSSA step at B = 1 on the 2-core benchmark machine. With the mmap and trim
 thresholds raised, such blocks come from the heap and stay mapped between steps.
+
+The price is that a one-time peak stays mapped too: ``release_freed_memory`` hands the
+heap's free memory back after one (reading and tokenising a training set), so that a
+worker's resident memory is what it holds, not the most it ever held.
 """
 
 from __future__ import annotations
@@ -38,3 +42,15 @@ def keep_freed_memory() -> bool:
             mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
         )
     return _tuned
+
+
+def release_freed_memory() -> bool:
+    """Give the heap's free memory back to the kernel (glibc's ``malloc_trim``); False where that is not possible."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    malloc_trim.argtypes = [ctypes.c_size_t]
+    return bool(malloc_trim(0))

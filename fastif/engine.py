@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from . import knn
-from .allocator import keep_freed_memory
+from .allocator import keep_freed_memory, release_freed_memory
 from .artefacts import Artefacts, ArtefactStore
 from .batches import TrainingBatches
 from .config import DataSpec, IndexConfig, InfluenceSpec, SolverConfig
@@ -94,6 +94,7 @@ class InfluenceEngine:
             # Rounded activations give (slightly) other curvature and s_test: their own artefacts and caches.
             **({"prefix_dtype": index_config.prefix_dtype} if self._rounds_prefix(index_config) else {}),
         )
+        release_freed_memory()  # what reading and tokenising the set freed (held otherwise, see keep_freed_memory)
         self.artefact_dir = Path(artefact_dir) / self.fingerprint if artefact_dir else None
         self.store = ArtefactStore(self.artefact_dir, self.fingerprint)
         self.build = TrainingSetBuild(self.prepared, self.tokens, self.pad_id, self.store, index_config, self.names)

@@ -24,7 +24,7 @@ from records.keys import PREFIX, cache_key
 
 INDEX = f"{PREFIX}:tensor-cache"
 
-# KEYS: the entry, ORDER, SIZES, TOTAL. ARGV: the bytes, TTL, now, max bytes.
+# KEYS: the entry, the order of use (a sorted set), the sizes (a hash), the total. ARGV: the bytes, TTL, now, max bytes.
 _PUT = """
 local previous = tonumber(redis.call('HGET', KEYS[3], KEYS[1]) or '0')
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])

@@ -130,8 +130,8 @@ def rotated_rows(block: KroneckerBlock, vectors: torch.Tensor) -> torch.Tensor:
 
 
 # A block's products for this many bytes of rows at a time: malloc keeps temporaries of up to 32 MiB in its heap
-# for the next group, where larger ones are mapped fresh and faulted in page by page for every product (about
-# 0.6 ms per MiB on the 2-core bench machine: for 32 rows of the feed-forward blocks, more than the arithmetic).
+# for the next group (fastif/allocator.py), where larger ones are mapped fresh and faulted in page by page for
+# every product (about 0.6 ms per MiB on the 2-core bench machine).
 _GROUP_BYTES = 16 * 2**20
 
 
