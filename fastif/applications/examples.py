@@ -33,7 +33,7 @@ from ..progress import ProgressCallback
 class ExampleSet:
     """Examples with their token ids, kNN features and keys, optional faiss index and prefix activations."""
 
-    examples: list[Example]
+    examples: Sequence[Example]  # the training set's are held compactly (fastif/data.py Examples)
     tokens: Tokenized
     features: np.ndarray  # [N, H] first-token features of the last block
     prefix: PrefixStore | None  # activations entering the first influence block (None: run the whole model)
