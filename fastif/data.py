@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import overload
+from typing import TypeVar, overload
 
 import numpy as np
 
@@ -13,6 +13,8 @@ import datafiles
 
 from .config import DataSpec
 from .errors import DataError, LabelError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -22,7 +24,27 @@ class Example:
     label: int
 
 
-class TextColumn(Sequence[str]):
+class _Rows(Sequence[T]):
+    """A sequence read row by row (``_row``): a slice gives a list, a negative index counts from the end."""
+
+    def _row(self, row: int) -> T:
+        raise NotImplementedError
+
+    @overload
+    def __getitem__(self, row: int) -> T: ...
+
+    @overload
+    def __getitem__(self, rows: slice) -> list[T]: ...
+
+    def __getitem__(self, row: int | slice) -> T | list[T]:
+        if isinstance(row, slice):
+            return [self._row(i) for i in range(*row.indices(len(self)))]
+        if not -len(self) <= row < len(self):
+            raise IndexError(f"row {row} of {len(self)}")
+        return self._row(row % len(self))
+
+
+class TextColumn(_Rows[str]):
     """Texts stored as one UTF-8 buffer and row offsets: text i is ``data[offsets[i]:offsets[i + 1]]``, decoded.
 
     A ``str`` object per text costs about 50 bytes besides its characters (and a list 8 more): at the
@@ -43,18 +65,7 @@ class TextColumn(Sequence[str]):
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    @overload
-    def __getitem__(self, row: int) -> str: ...
-
-    @overload
-    def __getitem__(self, rows: slice) -> list[str]: ...
-
-    def __getitem__(self, row: int | slice) -> str | list[str]:
-        if isinstance(row, slice):
-            return [self[i] for i in range(*row.indices(len(self)))]
-        if not -len(self) <= row < len(self):
-            raise IndexError(f"text {row} of {len(self)}")
-        row %= len(self)
+    def _row(self, row: int) -> str:
         return self.data[self.offsets[row] : self.offsets[row + 1]].decode("utf-8")
 
 
@@ -70,7 +81,7 @@ class _TextColumnBuilder:
         return TextColumn(bytes(self.buffer), np.asarray(self.ends, dtype=np.int64))
 
 
-class Examples(Sequence[Example]):
+class Examples(_Rows[Example]):
     """Labelled examples held compactly (a ``TextColumn`` per text field, labels in one array), read as ``Example``s.
 
     An engine keeps its whole training set for the texts its answers show: as ``Example`` objects that cost
@@ -98,15 +109,7 @@ class Examples(Sequence[Example]):
     def __len__(self) -> int:
         return len(self.labels)
 
-    @overload
-    def __getitem__(self, row: int) -> Example: ...
-
-    @overload
-    def __getitem__(self, rows: slice) -> list[Example]: ...
-
-    def __getitem__(self, row: int | slice) -> Example | list[Example]:
-        if isinstance(row, slice):
-            return [self[i] for i in range(*row.indices(len(self)))]
+    def _row(self, row: int) -> Example:
         return Example(self.texts[row], self.pairs[row] or None if self.pairs is not None else None, int(self.labels[row]))
 
 

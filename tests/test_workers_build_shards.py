@@ -116,6 +116,15 @@ def dies(why: str):
     return worker_dies
 
 
+def the_finisher_dies_in(ctx, owner: object, step: str, why: str) -> tuple[str, str, Transport]:
+    """Every shard but the last written, then the last one's task dies in ``owner.step``."""
+    model_id, job_id, transport = all_shards_but_the_last(ctx)
+    with pytest.MonkeyPatch.context() as patched, pytest.raises(SystemExit):
+        patched.setattr(owner, step, dies(why))
+        shard_task(ctx, model_id, job_id, 3, transport)
+    return model_id, job_id, transport
+
+
 def assert_same_curvature(actual: InfluenceEngine, expected: InfluenceEngine) -> None:
     """The workers' spectrum and EK-FAC factors are one process's (the same sample, the same arithmetic)."""
     assert actual.spectrum() == expected.spectrum()
@@ -184,12 +193,9 @@ def test_a_build_task_delivered_again_sends_only_the_missing_shards(ctx, referen
     assert_same_build(stored(ctx, model_id), reference)
 
 
-def test_a_spectrum_done_before_the_factors_leaves_the_finish_to_the_finisher(ctx, reference, monkeypatch):
-    model_id, job_id, transport = all_shards_but_the_last(ctx)
-    worker_dies = dies("the finisher's worker died while fitting EK-FAC")
-    with monkeypatch.context() as patched, pytest.raises(SystemExit):
-        patched.setattr(InfluenceEngine, "factors", worker_dies)
-        shard_task(ctx, model_id, job_id, 3, transport)
+def test_a_spectrum_done_before_the_factors_leaves_the_finish_to_the_finisher(ctx, reference):
+    model_id, job_id, transport = the_finisher_dies_in(ctx, InfluenceEngine, "factors",
+                                                       "the finisher's worker died while fitting EK-FAC")
     assert transport.take_spectra() == 1 and shards.phase_of(ctx, job_id) == "curvature-3"
     assert spectrum_task(ctx, model_id, job_id) == "done"  # the factors are missing: not ready yet
     assert ctx.models.get(model_id).status == "building" and shards.phase_of(ctx, job_id) == "curvature-3"
@@ -204,11 +210,8 @@ def test_a_spectrum_done_before_the_factors_leaves_the_finish_to_the_finisher(ct
 
 def test_a_finisher_that_died_building_the_index_builds_it_again(ctx, reference, monkeypatch):
     """The index is written beside the staged vectors: a death there leaves every shard on disk."""
-    model_id, job_id, transport = all_shards_but_the_last(ctx)
-    worker_dies = dies("the finisher's worker died while it built the index")
-    with monkeypatch.context() as patched, pytest.raises(SystemExit):
-        patched.setattr(knn, "write_index", worker_dies)
-        shard_task(ctx, model_id, job_id, 3, transport)
+    model_id, job_id, transport = the_finisher_dies_in(ctx, knn, "write_index",
+                                                       "the finisher's worker died while it built the index")
     assert shards.phase_of(ctx, job_id) == "finish-3" and transport.take_spectra() == 0
     registry.forget(model_id)  # redelivered to a fresh worker: nothing is encoded again
     monkeypatch.setattr(InfluenceEngine, "encode_shard", lambda *_a, **_k: pytest.fail("a shard was encoded again"))

@@ -60,9 +60,8 @@ class RedisTensorCache:
     def get(self, kind: str, payload: dict) -> torch.Tensor | None:
         key = cache_key(self.model_fp, kind, payload)
         try:
-            raw = self.client.get(key)
-            if raw is not None:
-                self.client.zadd(self.order, {key: time.time()}, xx=True)  # recently used: evicted last
+            # One round trip: marked recently used (evicted last), which changes nothing for a key not on the index.
+            raw, _ = self.client.pipeline(transaction=False).get(key).zadd(self.order, {key: time.time()}, xx=True).execute()
         except redis.RedisError:
             return None
         return None if raw is None else load_tensors(raw)["tensor"]
