@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastif import DataSpec, InfluenceEngine, InfluenceSpec, ParamSelectionError
-from fastif.params import count, find_layer_stack, first_influence_layer, select_influence_params
+from fastif.params import count, find_layer_stack, first_influence_layer, key_biases, select_influence_params
 from tiny import FAMILIES, Reference, assert_close, make_tiny_family, sentences, tiny_family_model, write_jsonl
 
 LAYERS = 3
@@ -35,8 +35,10 @@ def auto_modules(family: str, model) -> list[torch.nn.Module]:
     raise ValueError(family)
 
 
-def ids_of(modules) -> set[int]:
-    return {id(p) for m in modules for p in m.parameters()}
+def ids_of(modules, model) -> set[int]:
+    """The parameters of ``modules`` except attention's key biases, which no selection holds."""
+    ignored = {id(p) for n, p in model.named_parameters() if n in key_biases(model)}
+    return {id(p) for m in modules for p in m.parameters()} - ignored
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -46,8 +48,8 @@ def test_auto_selects_the_last_block_and_the_head(family):
     names = select_influence_params(model, "auto")
     params = dict(model.named_parameters())
     expected = auto_modules(family, model)
-    assert {id(params[n]) for n in names} == ids_of(expected)
-    assert count(model, names) == sum(p.numel() for m in expected for p in m.parameters())
+    assert {id(params[n]) for n in names} == ids_of(expected, model)
+    assert count(model, names) == sum(p.numel() for p in params.values() if id(p) in ids_of(expected, model))
     assert 0 < count(model, names) < sum(p.numel() for p in model.parameters())
     # in the model's own order, no duplicates
     assert names == [n for n in params if n in set(names)]
@@ -73,11 +75,12 @@ def test_explicit_prefixes_select_exactly_those_modules():
     expected = [model.bert.encoder.layer[1], model.bert.pooler, model.classifier]
     params = dict(model.named_parameters())
     # "bert.encoder.layer.1" covers layer 1 only, not layers 10 and 11
-    assert {id(params[n]) for n in names} == ids_of(expected)
+    assert {id(params[n]) for n in names} == ids_of(expected, model)
     assert not any(n.startswith(("bert.encoder.layer.10.", "bert.encoder.layer.11.")) for n in names)
     # a single string, a trailing dot and a full parameter name work too
     assert select_influence_params(model, "classifier") == ["classifier.weight", "classifier.bias"]
-    assert select_influence_params(model, ("bert.encoder.layer.11.",)) == [n for n in params if n.startswith("bert.encoder.layer.11.")]
+    assert select_influence_params(model, ("bert.encoder.layer.11.",)) == [
+        n for n in params if n.startswith("bert.encoder.layer.11.") and n != "bert.encoder.layer.11.attention.self.key.bias"]
     assert select_influence_params(model, ("classifier.weight",)) == ["classifier.weight"]
     # layers 10 and 11 -> the prefix ends at block 10
     names = select_influence_params(model, ("bert.encoder.layer.10", "bert.encoder.layer.11", "classifier"))

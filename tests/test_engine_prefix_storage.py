@@ -14,7 +14,7 @@ import torch
 from scipy.stats import spearmanr
 
 from fastif import CancelledError, DataSpec, IndexConfig, InfluenceEngine, InfluenceSpec, Query, SolverConfig
-from fastif.prefix import prefix_file
+from fastif.prefix import PrefixStore, prefix_file
 from tiny import make_tiny_family, sentences, write_jsonl
 
 QUERIES = [Query("the film was superb and warm"), Query("boring and sad story", label="positive")]
@@ -140,3 +140,21 @@ def test_ids_are_stored_in_the_narrowest_type_that_holds_them():
                           ([-1, 5], np.int32)]:
         narrowed = _narrowest(np.asarray(values, dtype=np.int32))
         assert narrowed.dtype == dtype and narrowed.tolist() == values
+
+
+def test_scores_move_no_more_than_the_activations_do(float32, monkeypatch):
+    """A relative change of 1e-6 to every training activation moves the default solver's scores by a like amount
+    of their spread. (With attention's key bias among the influence parameters, its gradient, rounding noise
+    that the damping divided, moved them by percents: as much as storing the activations in float16 did.)"""
+    exact = np.stack([i.scores for i in float32.analyze(QUERIES, k=None)[1]])
+    generator = torch.Generator().manual_seed(0)
+    gather = PrefixStore.gather_batch
+
+    def nudged(store, indices, batch):
+        hidden = gather(store, indices, batch)
+        return hidden * (1 + 1e-6 * torch.randn(hidden.shape, generator=generator))
+
+    monkeypatch.setattr(PrefixStore, "gather_batch", nudged)
+    moved = np.stack([i.scores for i in float32.analyze(QUERIES, k=None)[1]])
+    for row in range(len(QUERIES)):
+        assert np.abs(moved[row] - exact[row]).max() <= 1e-4 * exact[row].std()

@@ -17,7 +17,7 @@ from fastif import knn
 from fastif.config import IndexConfig
 from fastif.errors import ParamSelectionError
 from fastif.params import (LayerStack, _under, above_prefix, count, decay_mask, find_layer_stack, first_influence_layer,
-                           flatten, freeze_all_but, select_influence_params)
+                           flatten, freeze_all_but, key_biases, select_influence_params)
 from tiny import tiny_family_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -240,15 +240,48 @@ def test_auto_and_prefixes_select_in_model_order():
     model = bert()
     names = [n for n, _ in model.named_parameters()]
     auto = select_influence_params(model)
-    expected = [n for n in names if n.startswith(("bert.encoder.layer.2.", "bert.pooler.", "classifier."))]
+    expected = [n for n in names if n.startswith(("bert.encoder.layer.2.", "bert.pooler.", "classifier."))
+                and n != "bert.encoder.layer.2.attention.self.key.bias"]
     assert auto == expected
     chosen = select_influence_params(model, ["classifier", "bert.encoder.layer.0"])
-    assert chosen == [n for n in names if n.startswith(("bert.encoder.layer.0.", "classifier."))]
+    assert chosen == [n for n in names if n.startswith(("bert.encoder.layer.0.", "classifier."))
+                      and n != "bert.encoder.layer.0.attention.self.key.bias"]
     assert select_influence_params(model, "bert.pooler") == ["bert.pooler.dense.weight", "bert.pooler.dense.bias"]
     with pytest.raises(ParamSelectionError):
         select_influence_params(model, [])
     with pytest.raises(ParamSelectionError):
         select_influence_params(model, ["classifier", "nothing"])
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert", "electra"])
+def test_attention_key_biases_never_change_the_output_and_are_left_out(family):
+    """Each bias ``key_biases`` names can be changed at will without changing the logits (softmax ignores a score
+    added to every key), and no selection holds one."""
+    torch.manual_seed(0)
+    model = tiny_family_model(family, layers=2).eval()
+    biases = key_biases(model)
+    assert len(biases) == 2  # one per layer
+    params = dict(model.named_parameters())
+    ids = torch.tensor([[2, 5, 6, 7, 3, 0], [2, 8, 9, 3, 0, 0]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+        for name in biases:
+            params[name].add_(torch.randn_like(params[name]))
+        after = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    assert not biases & set(select_influence_params(model))
+    assert not biases & set(select_influence_params(model, [n.split(".")[0] for n in params]))
+    with pytest.raises(ParamSelectionError, match="key biases"):
+        select_influence_params(model, sorted(biases))
+
+
+def test_a_key_bias_that_does_change_the_output_is_kept():
+    """DeBERTa's relative attention also adds the key projection (bias included) to the position terms of
+    each query: there the key bias matters, and it is an influence parameter like any other."""
+    model = tiny_family_model("deberta-v2", layers=2)
+    assert key_biases(model) == set()
+    assert any(n.endswith("key_proj.bias") for n in select_influence_params(model))
 
 
 def test_first_influence_layer_and_what_lies_above_the_prefix():

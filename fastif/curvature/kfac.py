@@ -36,8 +36,7 @@ whose input is always 1, as Kronfluence does: [W | b] is one Kronecker block, so
 the bias shares the weight's eigenbasis and damping. (Fitted as diagonal blocks of
 their own, the biases' few small eigenvalues, divided by a small λ, dominated the
 scores: LDS 0.50 on SST-2, against 0.63 with the bias components left out.) Other
-parameters (LayerNorm scales and shifts, the key bias, whose gradient softmax makes
-exactly zero) are their own *diagonal* blocks, Λ = E_i E_y (∇θ L)², the exact
+parameters (LayerNorm scales and shifts) are their own *diagonal* blocks, Λ = E_i E_y (∇θ L)², the exact
 diagonal of the Gauss-Newton matrix over them. With weight decay the L2 term wd is
 added to the joined bias column too (biases are not decayed): a small approximation. A parameter that no recorded use covers (a shape
 fastif/tape.py does not record) is preconditioned by the mean eigenvalue of the rest, a
