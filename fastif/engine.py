@@ -28,7 +28,7 @@ from .artefacts import Artefacts, ArtefactStore
 from .batches import TrainingBatches
 from .config import DataSpec, IndexConfig, InfluenceSpec, SolverConfig
 from .curvature import KroneckerFactors, Solution, Spectrum, solver_for
-from .curvature.solvers import CurvatureSource
+from .curvature.solvers import CurvatureSource, KroneckerSolver
 from .curvature.training import TrainingCurvature
 from .data import Example, Examples, load_examples, texts_of
 from .encoded import EncodedQueries, encode_queries, test_gradients
@@ -39,6 +39,7 @@ from .modeling import Classifier, load_classifier
 from .params import select_influence_params
 from .prefix import PrefixStore
 from .prepared_model import PreparedModel
+from .rotated import RotatedBlocks
 from .progress import ProgressCallback, stage_callback
 from .query import (Candidates, Influence, Query, QueryPlan, Solver, TensorCache, feature_distances, group_key,
                     influences_of, query_key, solver_config, through_cache)
@@ -210,11 +211,19 @@ class InfluenceEngine:
         return self.store.has_curvature("gauss-newton", self.names)
 
     def solve(self, vectors: torch.Tensor, solver: Solver = SolverConfig(),
-              on_progress: ProgressCallback | None = None) -> Solution:
-        """s_test = (C + λI)⁻¹ v for each row of ``vectors``, by the solver ``solver`` names (fastif/curvature)."""
+              on_progress: ProgressCallback | None = None, rotated: RotatedBlocks | None = None) -> Solution:
+        """s_test = (C + λI)⁻¹ v for each row of ``vectors``, by the solver ``solver`` names (fastif/curvature).
+
+        ``rotated`` (EK-FAC and K-FAC only): these blocks of the rows stay in the eigenbasis (fastif/rotated.py).
+        """
         self._require_prepared()
         vectors = vectors.to(self.classifier.device)
-        return solver_for(solver_config(solver), self.curvature).solve(vectors, stage_callback(on_progress, "s_test"))
+        inverse = solver_for(solver_config(solver), self.curvature)
+        if rotated is None:
+            return inverse.solve(vectors, stage_callback(on_progress, "s_test"))
+        if not isinstance(inverse, KroneckerSolver):
+            raise ValueError(f"only EK-FAC and K-FAC leave rows in their eigenbasis, not {solver_config(solver).solver}")
+        return inverse.solve(vectors, stage_callback(on_progress, "s_test"), rotated.positions)
 
     # -- the query, step by step ------------------------------------------------------
     def encode(self, queries: Sequence[Query]) -> EncodedQueries:
@@ -242,10 +251,11 @@ class InfluenceEngine:
         return self.score_rows(s_test.unsqueeze(0), [indices], batch_size, on_progress)[0]
 
     def score_rows(self, s_tests: torch.Tensor, candidates: Sequence[Sequence[int]], batch_size: int = 64,
-                   on_progress: ProgressCallback | None = None) -> list[np.ndarray]:
-        """The scores of each row of ``s_tests`` [m, P] on its own training indices (fastif/scoring.py)."""
+                   on_progress: ProgressCallback | None = None, rotated: RotatedBlocks | None = None) -> list[np.ndarray]:
+        """The scores of each row of ``s_tests`` [m, P] on its own training indices (fastif/scoring.py); ``rotated``:
+        the rows hold these blocks in the eigenbasis (``solve``)."""
         self._require_prepared()
-        return self._stages.scorer.score_rows(s_tests, candidates, batch_size, on_progress)
+        return self._stages.scorer.score_rows(s_tests, candidates, batch_size, on_progress, rotated)
 
     def scores_by_jvp(self, s_test: torch.Tensor, indices: Sequence[int], batch_size: int = 64,
                       on_progress: ProgressCallback | None = None, tokens: Tokenized | None = None,
@@ -273,12 +283,16 @@ class InfluenceEngine:
     def cached_s_test(
         self, plan: QueryPlan, solver: Solver, cache: TensorCache | None = None,
         on_progress: ProgressCallback | None = None, extra_key: dict | None = None,
+        rotated: RotatedBlocks | None = None,
     ) -> tuple[torch.Tensor, dict, list[bool]]:
         """s_test of every row of the plan, from ``cache`` where present; (s_tests, solver diagnostics, cached per row).
 
         The diagnostics are the solver's own (``Solution.diagnostics``) for the rows it
         solved now; when every row came from the cache they say only which solver it was.
+        ``rotated`` rows (``solve``) are not s_test itself, and never go through a cache.
         """
+        if rotated is not None and cache is not None:
+            raise ValueError("rows left in the eigenbasis are not s_test: they are never cached")
         clock = time.perf_counter()
         config = solver_config(solver)
         solver_key = {**config.cache_identity(), **(extra_key or {})}
@@ -287,7 +301,7 @@ class InfluenceEngine:
             diagnostics.update(damping_scope=config.damping_scope, damping_ratio=config.damping_ratio)
 
         def solve(missing: list[int]) -> torch.Tensor:
-            solution = self.solve(plan.vectors[missing], config, on_progress)
+            solution = self.solve(plan.vectors[missing], config, on_progress, rotated)
             diagnostics.update(solution.diagnostics())
             return solution.vectors
 
@@ -301,20 +315,45 @@ class InfluenceEngine:
         on_progress: ProgressCallback | None = None,
     ) -> list[Influence]:
         """kNN candidates and their scores for every row of the plan."""
+        return self._scored(plan, self._found(plan, k), s_tests, diagnostics, cached, on_progress)
+
+    def _found(self, plan: QueryPlan, k: int | None) -> list[Candidates]:
         clock = time.perf_counter()
         found = [self.candidates(query, k) for query in plan.search]
-        knn_seconds = time.perf_counter() - clock
+        plan.seconds["knn"] = time.perf_counter() - clock
+        return found
+
+    def _scored(self, plan: QueryPlan, found: list[Candidates], s_tests: torch.Tensor, diagnostics: dict | bool,
+                cached: Sequence[bool], on_progress: ProgressCallback | None = None,
+                rotated: RotatedBlocks | None = None) -> list[Influence]:
         clock = time.perf_counter()
-        scores = self.score_rows(s_tests, [f.indices for f in found], on_progress=on_progress)
+        scores = self.score_rows(s_tests, [f.indices for f in found], on_progress=on_progress, rotated=rotated)
         # Like gradients and s_test, kNN and scoring run for all rows at once: whole-job seconds.
-        seconds = {**plan.seconds, "knn": knn_seconds, "scoring": time.perf_counter() - clock}
+        seconds = {**plan.seconds, "scoring": time.perf_counter() - clock}
+        # A rotated row has s_test's norm: the eigenbases are orthonormal.
         return influences_of(found, scores, s_tests, cached, diagnostics, seconds)
+
+    def _rotated_for(self, plan: QueryPlan, found: list[Candidates], solver: Solver) -> RotatedBlocks | None:
+        """The blocks worth leaving in EK-FAC's eigenbasis for these rows and candidates (fastif/rotated.py), if any."""
+        if solver_config(solver).solver not in ("ekfac", "kfac"):
+            return None
+        rotatable = self._stages.scorer.rotatable(self.factors())
+        if rotatable is None:
+            return None
+        distinct = len(np.unique(np.concatenate([f.indices for f in found]))) if found else 0
+        return rotatable if rotatable.worth_it(len(plan.keys), distinct) else None
 
     def analyze(self, queries: Sequence[Query], k: int | None = 1000, solver: Solver = SolverConfig(), group: bool = False,
                 cache: TensorCache | None = None,
                 on_progress: ProgressCallback | None = None) -> tuple[EncodedQueries, list[Influence]]:
-        """FastIF's query: kNN candidates, s_test, scores; one Influence per query (one for a group)."""
+        """FastIF's query: kNN candidates, s_test, scores; one Influence per query (one for a group).
+
+        Without a cache, EK-FAC's rows for many inputs that share candidates stay in its eigenbasis and the
+        candidates are rotated instead (fastif/rotated.py): the same scores for less work.
+        """
         self.prepare(on_progress)
         plan = self.plan(queries, group, cache)
-        s_tests, diagnostics, cached = self.cached_s_test(plan, solver, cache, on_progress)
-        return plan.encoded, self.influences(plan, s_tests, k, diagnostics, cached, on_progress)
+        found = self._found(plan, k)
+        rotated = self._rotated_for(plan, found, solver) if cache is None else None
+        s_tests, diagnostics, cached = self.cached_s_test(plan, solver, cache, on_progress, rotated=rotated)
+        return plan.encoded, self._scored(plan, found, s_tests, diagnostics, cached, on_progress, rotated)

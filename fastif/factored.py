@@ -17,14 +17,27 @@ the JVPs where they disagree (a parameter that enters some other way).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .encoding import Batch
-from .tape import Contraction, Tape, recording
+from .tape import Contraction, Pairs, Tape, recording
+
+
+@dataclass(frozen=True)
+class Factor:
+    """One use of an influence parameter in a batch's forward: ∂L/∂(its output) for the batch, how to contract
+    its per-example gradient with a direction, its factor pairs (matrices) and the weight a bias joins."""
+
+    position: int
+    grad: torch.Tensor
+    contract: Contraction
+    pairs: Pairs | None = None
+    joins: int | None = None  # the position of the weight this bias joins (fastif/curvature/kfac.py)
 
 
 class FactoredScores:
@@ -40,33 +53,36 @@ class FactoredScores:
         self.position = {id(p): i for i, p in enumerate(self.params)}
         self.modules = list(modules)
 
-    def factors(self, batch: Batch, hidden: torch.Tensor) -> list[tuple[int, torch.Tensor, Contraction]]:
-        """One forward and backward: (parameter position, ∂L/∂output, contraction) per use."""
+    def factors(self, batch: Batch, hidden: torch.Tensor) -> list[Factor]:
+        """One forward and backward: a ``Factor`` per use of an influence parameter."""
         tape = Tape()
         handles = recording(tape, self.modules)
         try:
             with torch.enable_grad():
                 logits = self.logits(hidden, batch.attention_mask, tape)
-                uses = [(self.position[id(u.param)], u.output, u.contract) for u in tape.uses if id(u.param) in self.position]
-                outputs = list({id(out): out for _, out, _ in uses}.values())
+                uses = [u for u in tape.uses if id(u.param) in self.position]
+                outputs = list({id(u.output): u.output for u in uses}.values())
                 # Summed, so each example's output gradients are those of its own loss.
                 loss = F.cross_entropy(logits, batch.labels, reduction="sum")
                 grads = dict(zip((id(o) for o in outputs), torch.autograd.grad(loss, outputs)))
         finally:
             for handle in handles:
                 handle.remove()
-        return [(position, grads[id(out)], contract) for position, out, contract in uses]
+        return [Factor(self.position[id(u.param)], grads[id(u.output)], u.contract, u.pairs,
+                       self.position.get(id(u.joins)) if u.joins is not None else None) for u in uses]
 
-    def covers(self, uses: list[tuple[int, torch.Tensor, Contraction]]) -> bool:
+    def covers(self, uses: list[Factor]) -> bool:
         """Every influence parameter has at least one recorded use."""
-        return {position for position, _, _ in uses} == set(range(len(self.params)))
+        return {use.position for use in uses} == set(range(len(self.params)))
 
     @staticmethod
-    def contract(uses: list[tuple[int, torch.Tensor, Contraction]], direction: list[torch.Tensor],
-                 rows: torch.Tensor) -> torch.Tensor:
-        """⟨∇θ L(z_i), s⟩ of batch entries ``rows`` for one direction, given as per-parameter views."""
+    def contract(uses: list[Factor], direction: list[torch.Tensor], rows: torch.Tensor,
+                 skip: Collection[int] = ()) -> torch.Tensor:
+        """⟨∇θ L(z_i), s⟩ of batch entries ``rows`` for one direction, given as per-parameter views (but the
+        parameters at positions ``skip``)."""
         with torch.no_grad():
             total = torch.zeros(len(rows), dtype=direction[0].dtype, device=direction[0].device)
-            for position, grad, contract in uses:
-                total += contract(direction[position], grad, rows)
+            for use in uses:
+                if use.position not in skip:
+                    total += use.contract(direction[use.position], use.grad, rows)
         return total

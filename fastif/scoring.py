@@ -14,11 +14,13 @@ import numpy as np
 import torch
 
 from .batches import TrainingBatches
+from .curvature.kfac import KroneckerFactors
 from .encoding import Batch, Tokenized, length_batches
 from .errors import CancelledError
 from .factored import FactoredScores
 from .objective import InfluenceObjective
 from .progress import ProgressCallback
+from .rotated import RotatedBlocks
 
 
 @dataclass(frozen=True)
@@ -57,10 +59,23 @@ class Scorer:
         self.factored = factored if batches.with_prefix else None  # factors start from the prefix's activations
         self.device = objective.classifier.device
 
-    def score_rows(self, s_tests: torch.Tensor, candidates: Sequence[Sequence[int]], batch_size: int = 64,
-                   on_progress: ProgressCallback | None = None) -> list[np.ndarray]:
-        """The scores of each row of ``s_tests`` [m, P] on its own training indices."""
+    def rotatable(self, factors: KroneckerFactors) -> RotatedBlocks | None:
+        """The blocks whose rows may stay in EK-FAC's eigenbasis when scored here (None: the JVP path scores)."""
         if self.factored is None:
+            return None
+        batch, hidden = self.batches([0])  # every example has two tokens or more: a per-token use shows as such
+        return RotatedBlocks.single_pair(factors, self.factored.factors(batch, hidden))
+
+    def score_rows(self, s_tests: torch.Tensor, candidates: Sequence[Sequence[int]], batch_size: int = 64,
+                   on_progress: ProgressCallback | None = None, rotated: RotatedBlocks | None = None) -> list[np.ndarray]:
+        """The scores of each row of ``s_tests`` [m, P] on its own training indices.
+
+        ``rotated``: the rows hold these blocks in EK-FAC's eigenbasis (fastif/rotated.py), and the candidates are
+        rotated to meet them.
+        """
+        if self.factored is None:
+            if rotated is not None:
+                raise ValueError("rows left in the eigenbasis are scored from per-example factors only")
             return [self.scores_by_jvp(s, c, batch_size, on_progress) for s, c in zip(s_tests, candidates)]
         s_tests = s_tests.to(self.device)
         lists = [np.asarray([int(i) for i in c], dtype=np.int64) for c in candidates]
@@ -69,16 +84,26 @@ class Scorer:
         chunks = length_batches(self.batches.lengths(union), batch_size)
         placements = place(lists, union, chunks)
         directions = [self.objective.unflatten(s) for s in s_tests]
-        l2 = [self.objective.l2_derivative(s) for s in s_tests]
+        if rotated is None:
+            l2 = [self.objective.l2_derivative(s) for s in s_tests]
+            skip, blocks = set(), []
+        else:
+            l2_direction = rotated.l2_direction(self.objective) if self.objective.weight_decay else None
+            l2 = [self.objective.weight_decay * float(l2_direction @ s) if l2_direction is not None else 0.0
+                  for s in s_tests]
+            skip, blocks = rotated.skipped(), [rotated.blocks(d) for d in directions]
         total, done = sum(len(c) for c in lists), 0
         for number, chunk in enumerate(chunks):
             batch, hidden = self.batches(union[chunk].tolist())
             uses = self.factored.factors(batch, hidden)
+            turned = rotated.rotate(uses) if rotated is not None else None
             for row, placement in enumerate(placements):
                 where = placement.in_chunk(number)
                 if len(where):
                     rows = torch.from_numpy(placement.local[where]).to(self.device)
-                    derivatives = self.factored.contract(uses, directions[row], rows)
+                    derivatives = self.factored.contract(uses, directions[row], rows, skip)
+                    if turned is not None:
+                        derivatives += RotatedBlocks.contract(turned, blocks[row], rows).to(derivatives.dtype)
                     scores[row][where] = -(derivatives.double().cpu().numpy() + l2[row])
                     done += len(where)
             if on_progress and on_progress("scoring", done, total):

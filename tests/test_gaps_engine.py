@@ -24,7 +24,7 @@ from fastif.applications.examples import training_set
 from fastif.applications.graph import influence_graph
 from fastif.config import CGConfig
 from fastif.query import Influence, feature_distances, solver_config
-from fastif.factored import FactoredScores
+from fastif.factored import Factor, FactoredScores
 from fastif.batches import TrainingBatches
 from fastif.scoring import Scorer
 from workers.results import explain_items
@@ -206,7 +206,7 @@ def test_factors_record_every_use_and_the_bias_joins_its_weight():
     s = torch.randn(5, dtype=torch.float64)
     torch.testing.assert_close(bias_contraction(s, grad, torch.tensor([1, 0])), grad[[1, 0]].sum(1) @ s)
     assert not FactoredScores(top, [top.dense.weight, nn.Parameter(torch.zeros(2))], [top.dense]).covers(
-        [(0, grad, bias_contraction)])
+        [Factor(0, grad, bias_contraction)])
 
 
 def test_first_token_block_and_top_give_the_full_models_logits(setup):

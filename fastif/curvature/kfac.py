@@ -46,7 +46,7 @@ damped identity; ``KroneckerFactors.uncovered`` names them.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -183,10 +183,13 @@ class KroneckerFactors:
         return means
 
     def inverse_apply(self, vectors: torch.Tensor, damping: float | Sequence[float], decay: Sequence[float],
-                      kind: str = "ekfac") -> torch.Tensor:
+                      kind: str = "ekfac", rotated: Collection[int] = ()) -> torch.Tensor:
         """(C + λI)⁻¹ v for each row of ``vectors`` [m, P], C the fitted curvature plus the L2 term (``decay[pos]`` = wd or 0).
 
         ``damping`` is one λ, or one per parameter (``block_means`` × a ratio: Kronfluence's per-module heuristic).
+        The blocks of the weights at positions ``rotated`` are left in their eigenbasis: their slots (and a joined
+        bias's, its last input column) hold M = (Q_Gᵀ V Q_A) / (Λ + λ), without the back rotation Q_G M Q_Aᵀ
+        (fastif/rotated.py scores candidates against M).
         """
         sizes = [int(torch.Size(s).numel()) for s in self.shapes]
         out = torch.empty_like(vectors)
@@ -205,7 +208,9 @@ class KroneckerFactors:
                     v = chunk[rows].reshape(-1, *self.shapes[position]).to(block.q_a.dtype)
                     if block.bias is not None:
                         v = torch.cat([v, chunks[block.bias][rows].to(v.dtype).unsqueeze(-1)], dim=-1)
-                    solved = block.q_g @ rotated_rows(block, v).mul_(inverse) @ block.q_a.T
+                    solved = rotated_rows(block, v).mul_(inverse)
+                    if position not in rotated:
+                        solved = block.q_g @ solved @ block.q_a.T
                     if block.bias is not None:
                         targets[block.bias][rows] = solved[..., -1]
                         solved = solved[..., :-1]

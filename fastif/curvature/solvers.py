@@ -14,7 +14,7 @@ that names itself and reports its own convergence:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -105,8 +105,9 @@ class KroneckerSolver:
     decay: Sequence[float]
     name: str = "ekfac"  # or "kfac"
 
-    def solve(self, vectors: torch.Tensor, on_step: StepCallback | None = None) -> Solution:
-        solved = self.factors.inverse_apply(vectors, self.damping, self.decay, self.name)
+    def solve(self, vectors: torch.Tensor, on_step: StepCallback | None = None, rotated: Collection[int] = ()) -> Solution:
+        """``rotated``: the weights whose blocks stay in their eigenbasis (``KroneckerFactors.inverse_apply``)."""
+        solved = self.factors.inverse_apply(vectors, self.damping, self.decay, self.name, rotated)
         if on_step is not None:
             on_step(1, 1)
         # A per-block λ is reported as its mean over the parameters.
