@@ -39,10 +39,10 @@ from .modeling import Classifier, load_classifier
 from .params import select_influence_params
 from .prefix import PrefixStore
 from .prepared_model import PreparedModel
-from .rotated import RotatedBlocks
 from .progress import ProgressCallback, stage_callback
 from .query import (Candidates, Influence, Query, QueryPlan, Solver, TensorCache, feature_distances, group_key,
                     influences_of, query_key, solver_config, through_cache)
+from .rotated import RotatedBlocks
 from .scoring import Scorer
 from .staged_build import StagedBuild
 from .training_set import TrainingSetBuild

@@ -58,13 +58,16 @@ class Scorer:
         self.batches = batches
         self.factored = factored if batches.with_prefix else None  # factors start from the prefix's activations
         self.device = objective.classifier.device
+        self._rotatable: RotatedBlocks | None = None  # found once per set of factors
 
     def rotatable(self, factors: KroneckerFactors) -> RotatedBlocks | None:
         """The blocks whose rows may stay in EK-FAC's eigenbasis when scored here (None: the JVP path scores)."""
         if self.factored is None:
             return None
-        batch, hidden = self.batches([0])  # every example has two tokens or more: a per-token use shows as such
-        return RotatedBlocks.single_pair(factors, self.factored.factors(batch, hidden))
+        if self._rotatable is None or self._rotatable.factors is not factors:
+            batch, hidden = self.batches([0])  # every example has two tokens or more: a per-token use shows as such
+            self._rotatable = RotatedBlocks.single_pair(factors, self.factored.factors(batch, hidden))
+        return self._rotatable
 
     def score_rows(self, s_tests: torch.Tensor, candidates: Sequence[Sequence[int]], batch_size: int = 64,
                    on_progress: ProgressCallback | None = None, rotated: RotatedBlocks | None = None) -> list[np.ndarray]:
