@@ -333,15 +333,19 @@ class InfluenceEngine:
         # A rotated row has s_test's norm: the eigenbases are orthonormal.
         return influences_of(found, scores, s_tests, cached, diagnostics, seconds)
 
-    def _rotated_for(self, plan: QueryPlan, found: list[Candidates], solver: Solver) -> RotatedBlocks | None:
-        """The blocks worth leaving in EK-FAC's eigenbasis for these rows and candidates (fastif/rotated.py), if any."""
+    def rotation_for(self, solver: Solver, rows: int, candidates: int) -> RotatedBlocks | None:
+        """The blocks worth leaving in EK-FAC's eigenbasis (fastif/rotated.py) for ``rows`` rows solved by ``solver``
+        and scored on ``candidates`` distinct training examples; None where s_test itself costs less, or where
+        the solver is not EK-FAC or K-FAC. Pass it to ``solve`` and ``score_rows`` alike, and cache none of those rows."""
         if solver_config(solver).solver not in ("ekfac", "kfac"):
             return None
+        self._require_prepared()
         rotatable = self._stages.scorer.rotatable(self.factors())
-        if rotatable is None:
-            return None
+        return rotatable if rotatable is not None and rotatable.worth_it(rows, candidates) else None
+
+    def _rotated_for(self, plan: QueryPlan, found: list[Candidates], solver: Solver) -> RotatedBlocks | None:
         distinct = len(np.unique(np.concatenate([f.indices for f in found]))) if found else 0
-        return rotatable if rotatable.worth_it(len(plan.keys), distinct) else None
+        return self.rotation_for(solver, len(plan.keys), distinct)
 
     def analyze(self, queries: Sequence[Query], k: int | None = 1000, solver: Solver = SolverConfig(), group: bool = False,
                 cache: TensorCache | None = None,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from api_schemas.quality import MAX_HELD_OUT, MIN_TRAIN_SAMPLE
 from fastif import CancelledError, FastIFError, InfluenceEngine, Query
 from fastif.progress import ProgressCallback
 from fastif.quality import columnwise_spearman, eval_set, lds, random_subsets, retrained_test_losses
+from fastif.rotated import RotatedBlocks
 
 from .configs import inputs_as_queries, retrain_config, solver_config
 from .data_files import load
@@ -79,15 +81,25 @@ def _check_cancel(run: JobRun, stage: str, done: int, total: int) -> None:
         raise CancelledError(f"cancelled at {stage}")
 
 
-def _scores(engine: InfluenceEngine, s_tests: torch.Tensor, indices: np.ndarray,
+
+class Solved(NamedTuple):
+    """A configuration's solved rows, and the EK-FAC blocks they hold in its eigenbasis (None: s_test itself)."""
+
+    rows: torch.Tensor
+    rotated: RotatedBlocks | None
+
+
+def _scores(engine: InfluenceEngine, solved: Solved, indices: np.ndarray,
             on_progress: ProgressCallback | None) -> np.ndarray:
-    """I(z_i, z_t) for each row of ``s_tests`` and each training index of ``indices``: [q, len(indices)]."""
+    """I(z_i, z_t) for each solved row and each training index of ``indices``: [q, len(indices)]."""
+    s_tests, rotated = solved
     rows = len(s_tests)
     per_group = max(1, SCORE_PAIRS // max(1, len(indices)))
     out = np.zeros((rows, len(indices)), dtype=np.float64)
     for begin in range(0, rows, per_group):
         end = min(rows, begin + per_group)
-        scored = engine.score_rows(s_tests[begin:end], [indices] * (end - begin), on_progress=on_progress)
+        scored = engine.score_rows(s_tests[begin:end], [indices] * (end - begin), on_progress=on_progress,
+                                   rotated=rotated)
         out[begin:end] = np.stack(scored)
     return out
 
@@ -122,21 +134,24 @@ def _warm_up(engine: InfluenceEngine, config) -> None:
 
 
 def _measure(run: JobRun, engine: InfluenceEngine, model: Model, named, plan, sample: np.ndarray,
-             subsets: np.ndarray, losses: np.ndarray) -> tuple[dict, np.ndarray, torch.Tensor]:
-    """One configuration's LDS item, its scores of the sample [q, n] and its s_test rows."""
+             subsets: np.ndarray, losses: np.ndarray) -> tuple[dict, np.ndarray, Solved]:
+    """One configuration's LDS item, its scores of the sample [q, n] and its solved rows."""
     config = solver_config(named)
     fit = _fit_seconds(engine, model, config.solver)
     _warm_up(engine, config)
     progress = _staged(run, f"scoring {named.name}")
     clock = time.perf_counter()
-    solution = engine.solve(plan.vectors, config, on_progress=progress)
-    scores = _scores(engine, solution.vectors, sample, progress)
+    # Every row is scored on the same sample: EK-FAC's rows stay in its eigenbasis where that costs less.
+    rotated = engine.rotation_for(config, len(plan.vectors), len(sample))
+    solution = engine.solve(plan.vectors, config, on_progress=progress, rotated=rotated)
+    solved = Solved(solution.vectors, rotated)
+    scores = _scores(engine, solved, sample, progress)
     per_query = (time.perf_counter() - clock) / len(plan.vectors)
     result = lds(scores, subsets, losses)
     item = {"lds": result.mean, "lds_stderr": None if result.num_inputs < 2 else result.standard_error,
             "per_input": list(result.per_input), "constant": result.constant, "seconds_fit": fit,
             "seconds_per_query": per_query, "solver": solution.diagnostics()}
-    return item, scores, solution.vectors
+    return item, scores, solved
 
 
 def run_quality(run: JobRun) -> Items:
@@ -169,7 +184,7 @@ def run_quality(run: JobRun) -> Items:
     q = len(queries)
     reference = request.reference
     measured: dict[str, str] = {}  # settings identity -> the first configuration measured with them
-    items, scores_of, s_tests_of = [], {}, {}
+    items, scores_of, solved_of = [], {}, {}
     clock = time.perf_counter()
     for number, named in enumerate(request.configurations):
         _check_cancel(run, f"scoring {named.name}", number, len(request.configurations))
@@ -180,11 +195,11 @@ def run_quality(run: JobRun) -> Items:
             done = next(item for item in items if item["name"] == first)
             items.append({**done, **head, "same_as": first})
             if first in scores_of:
-                scores_of[named.name], s_tests_of[named.name] = scores_of[first], s_tests_of[first]
+                scores_of[named.name], solved_of[named.name] = scores_of[first], solved_of[first]
             continue
         measured[identity] = named.name
         try:
-            item, scores_of[named.name], s_tests_of[named.name] = _measure(
+            item, scores_of[named.name], solved_of[named.name] = _measure(
                 run, engine, model, named, plan, sample, subsets, losses)
         except CancelledError:
             raise
@@ -203,7 +218,7 @@ def run_quality(run: JobRun) -> Items:
     if len(sample) == num_train:
         full = scores_of[reference]
     else:
-        full = _scores(engine, s_tests_of[reference], np.arange(num_train, dtype=np.int64), _staged(run, "knn recall"))
+        full = _scores(engine, solved_of[reference], np.arange(num_train, dtype=np.int64), _staged(run, "knn recall"))
     recalls = knn_recall(engine, plan.search, full, request.knn_k, request.top)
     seconds["knn_recall"] = time.perf_counter() - clock
 
