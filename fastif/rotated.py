@@ -46,7 +46,7 @@ class RotatedBlocks:
             mine = [u for u in uses if u.position == position]
             if len(mine) != 1 or mine[0].pairs is None:
                 continue
-            left, _ = mine[0].pairs(mine[0].grad, torch.arange(1))
+            left, _ = mine[0].pairs(mine[0].grad, torch.arange(1, device=mine[0].grad.device))
             if left.shape[1] != 1:
                 continue
             if block.bias is not None and [u.joins for u in uses if u.position == block.bias] != [position]:
@@ -106,11 +106,8 @@ class RotatedBlocks:
         its dot product with a rotated row is ⟨decay × θ, s_test⟩."""
         flat = (objective.decay_flat * objective.theta()).clone()
         views = objective.unflatten(flat)
-        for position in self.positions:
+        for position, matrix in self.blocks(views).items():
             block = self.factors.kronecker[position]
-            matrix = views[position]
-            if block.bias is not None:
-                matrix = torch.cat([matrix, views[block.bias].unsqueeze(-1)], dim=-1)
             turned = block.q_g.T @ matrix.to(block.q_g.dtype) @ block.q_a
             if block.bias is not None:
                 views[block.bias].copy_(turned[:, -1])

@@ -69,7 +69,7 @@ def test_rotating_pays_for_rows_that_share_candidates_and_not_for_one_row(engine
     assert not RotatedBlocks(engine.factors(), ()).worth_it(100, 1)
 
 
-def test_analyze_without_a_cache_rotates_and_answers_as_with_one(engine, monkeypatch):
+def test_analyze_without_a_cache_rotates_where_it_pays_and_scores_as_s_test_does(engine, monkeypatch):
     """Six inputs over every example rotate; one input with all 40 does not; either way the scores are s_test's."""
     calls = []
     real = RotatedBlocks.rotate
