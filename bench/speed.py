@@ -85,8 +85,8 @@ def _run_engine(engine, query: Query, lissa: LissaConfig, k: int) -> dict:
     """One query through the engine's steps, timed end to end (gradients, s_test, kNN, scoring)."""
     clock = Clock()
     plan = engine.plan([query])
-    s_tests, diagnostics, cached = engine.cached_s_test(plan, lissa)
-    influence = engine.influences(plan, s_tests, k, diagnostics, cached)[0]
+    s_tests, diagnostics, cached, factors = engine.cached_s_test(plan, lissa)
+    influence = engine.influences(plan, s_tests, k, diagnostics, cached, factors=factors)[0]
     converged = bool(diagnostics["converged"])
     seconds = clock.seconds
     return {"seconds": seconds, "stages": {k: float(v) for k, v in influence.seconds.items()},

@@ -20,6 +20,7 @@ from .artefacts import search_vectors
 from .data import resolve_label
 from .encoding import Tokenized, collate, length_batches, tokenize
 from .errors import CancelledError
+from .factored import FactoredScores
 from .knn import SearchQuery
 from .objective import InfluenceObjective
 from .prefix import PrefixStore
@@ -155,3 +156,27 @@ def test_gradients(objective: InfluenceObjective, encoded: EncodedQueries, pad_i
         hidden = None if encoded.hidden is None else encoded.hidden[i : i + 1, : batch.input_ids.shape[1]]
         grads[row] = objective.gradient(batch, hidden)
     return grads
+
+
+def test_gradient_factors(factored: FactoredScores, encoded: EncodedQueries, pad_id: int,
+                          rows: Sequence[int]) -> list[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """Each of ``rows``' gradient of every matrix parameter as factors: position -> (L [out, t], R [in, t]) with
+    the gradient L Rᵀ (fastif/factored.py), from one forward and backward of them all.
+
+    A first-token block's is one pair (t = 1), a folded key's or value's one per head; EK-FAC rotates
+    them instead of the dense gradient (fastif/curvature/kfac.py ``solved_rows``, which checks each against it).
+    """
+    batch = collate(encoded.tokens, list(rows), pad_id, factored.params[0].device)
+    hidden = encoded.hidden[list(rows), : batch.input_ids.shape[1]]
+    uses = factored.factors(batch, hidden)
+    counts = {}
+    for use in uses:
+        counts[use.position] = counts.get(use.position, 0) + 1
+    per_row: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in rows]
+    for use in uses:
+        if use.pairs is None or counts[use.position] != 1:
+            continue  # a parameter used twice: its gradient is the sum, left to the dense path
+        left, right = use.pairs(use.grad, torch.arange(len(rows), device=use.grad.device))
+        for row in range(len(rows)):
+            per_row[row][use.position] = (left[row].T, right[row].T)
+    return per_row

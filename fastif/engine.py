@@ -28,10 +28,11 @@ from .artefacts import Artefacts, ArtefactStore
 from .batches import TrainingBatches
 from .config import DataSpec, IndexConfig, InfluenceSpec, SolverConfig
 from .curvature import KroneckerFactors, Solution, Spectrum, solver_for
+from .curvature.kfac import GradientFactors, RowFactors
 from .curvature.solvers import CurvatureSource, KroneckerSolver
 from .curvature.training import TrainingCurvature
 from .data import Example, Examples, load_examples, texts_of
-from .encoded import EncodedQueries, encode_queries, test_gradients
+from .encoded import EncodedQueries, encode_queries, test_gradient_factors, test_gradients
 from .encoding import Batch, Tokenized, collate, tokenize
 from .fingerprint import combine, file_digest, model_digest
 from .knn import SearchQuery
@@ -40,9 +41,8 @@ from .params import select_influence_params
 from .prefix import PrefixStore
 from .prepared_model import PreparedModel
 from .progress import ProgressCallback, stage_callback
-from .query import (Candidates, Influence, Query, QueryPlan, Solver, TensorCache, feature_distances, group_key,
-                    influences_of, query_key, solver_config, through_cache)
-from .rotated import RotatedBlocks
+from .query import (Candidates, Influence, Query, QueryPlan, Solver, SolvedTests, TensorCache, feature_distances,
+                    group_key, influences_of, query_key, solver_config, through_cache)
 from .scoring import Scorer
 from .staged_build import StagedBuild
 from .training_set import TrainingSetBuild
@@ -210,20 +210,19 @@ class InfluenceEngine:
         """Whether the build's curvature (the Gauss-Newton spectrum and EK-FAC's factors) is on disk, by whoever measured it."""
         return self.store.has_curvature("gauss-newton", self.names)
 
-    def solve(self, vectors: torch.Tensor, solver: Solver = SolverConfig(),
-              on_progress: ProgressCallback | None = None, rotated: RotatedBlocks | None = None) -> Solution:
+    def solve(self, vectors: torch.Tensor, solver: Solver = SolverConfig(), on_progress: ProgressCallback | None = None,
+              gradient_factors: Sequence[GradientFactors | None] | None = None) -> Solution:
         """s_test = (C + λI)⁻¹ v for each row of ``vectors``, by the solver ``solver`` names (fastif/curvature).
 
-        ``rotated`` (EK-FAC and K-FAC only): these blocks of the rows stay in the eigenbasis (fastif/rotated.py).
+        EK-FAC and K-FAC rotate the rows' ``gradient_factors`` where given (``QueryPlan.factors``), and give each
+        row's blocks of low rank as factors (``Solution.factors``): pass them to ``score_rows``.
         """
         self._require_prepared()
         vectors = vectors.to(self.classifier.device)
         inverse = solver_for(solver_config(solver), self.curvature)
-        if rotated is None:
-            return inverse.solve(vectors, stage_callback(on_progress, "s_test"))
-        if not isinstance(inverse, KroneckerSolver):
-            raise ValueError(f"only EK-FAC and K-FAC leave rows in their eigenbasis, not {solver_config(solver).solver}")
-        return inverse.solve(vectors, stage_callback(on_progress, "s_test"), rotated.positions)
+        if isinstance(inverse, KroneckerSolver):
+            return inverse.solve(vectors, stage_callback(on_progress, "s_test"), gradient_factors)
+        return inverse.solve(vectors, stage_callback(on_progress, "s_test"))
 
     # -- the query, step by step ------------------------------------------------------
     def encode(self, queries: Sequence[Query]) -> EncodedQueries:
@@ -251,11 +250,12 @@ class InfluenceEngine:
         return self.score_rows(s_test.unsqueeze(0), [indices], batch_size, on_progress)[0]
 
     def score_rows(self, s_tests: torch.Tensor, candidates: Sequence[Sequence[int]], batch_size: int = 64,
-                   on_progress: ProgressCallback | None = None, rotated: RotatedBlocks | None = None) -> list[np.ndarray]:
-        """The scores of each row of ``s_tests`` [m, P] on its own training indices (fastif/scoring.py); ``rotated``:
-        the rows hold these blocks in the eigenbasis (``solve``)."""
+                   on_progress: ProgressCallback | None = None,
+                   factors: Sequence[RowFactors | None] | None = None) -> list[np.ndarray]:
+        """The scores of each row of ``s_tests`` [m, P] on its own training indices (fastif/scoring.py); ``factors``:
+        the rows' blocks of low rank (``Solution.factors``), through which their candidates are contracted for less."""
         self._require_prepared()
-        return self._stages.scorer.score_rows(s_tests, candidates, batch_size, on_progress, rotated)
+        return self._stages.scorer.score_rows(s_tests, candidates, batch_size, on_progress, factors)
 
     def scores_by_jvp(self, s_test: torch.Tensor, indices: Sequence[int], batch_size: int = 64,
                       on_progress: ProgressCallback | None = None, tokens: Tokenized | None = None,
@@ -283,81 +283,63 @@ class InfluenceEngine:
     def cached_s_test(
         self, plan: QueryPlan, solver: Solver, cache: TensorCache | None = None,
         on_progress: ProgressCallback | None = None, extra_key: dict | None = None,
-        rotated: RotatedBlocks | None = None,
-    ) -> tuple[torch.Tensor, dict, list[bool]]:
-        """s_test of every row of the plan, from ``cache`` where present; (s_tests, solver diagnostics, cached per row).
+    ) -> SolvedTests:
+        """s_test of every row of the plan, from ``cache`` where present, with the solver's diagnostics, which rows
+        came from the cache, and the low-rank factors of the rows solved now (``solve``; the cache holds s_test only).
 
         The diagnostics are the solver's own (``Solution.diagnostics``) for the rows it
         solved now; when every row came from the cache they say only which solver it was.
-        ``rotated`` rows (``solve``) are not s_test itself, and never go through a cache.
         """
-        if rotated is not None and cache is not None:
-            raise ValueError("rows left in the eigenbasis are not s_test: they are never cached")
         clock = time.perf_counter()
         config = solver_config(solver)
         solver_key = {**config.cache_identity(), **(extra_key or {})}
         diagnostics = {"solver": config.solver, "curvature": config.curvature, "converged": True}
         if config.damping is None:
             diagnostics.update(damping_scope=config.damping_scope, damping_ratio=config.damping_ratio)
+        factors: list[RowFactors | None] = [None] * len(plan.keys)
 
         def solve(missing: list[int]) -> torch.Tensor:
-            solution = self.solve(plan.vectors[missing], config, on_progress, rotated)
+            # All rows missing: the plan's own [q, P] tensor, not a copy (fresh pages cost about 0.6 ms per MiB).
+            vectors = plan.vectors if len(missing) == len(plan.vectors) else plan.vectors[missing]
+            solution = self.solve(vectors, config, on_progress, self._gradient_factors(plan, config, missing))
             diagnostics.update(solution.diagnostics())
+            for row, found in zip(missing, solution.factors or []):
+                factors[row] = found
             return solution.vectors
 
         stacked, missing = through_cache(cache, "s_test", [{**key, **solver_key} for key in plan.keys], solve,
                                          self.classifier.device)
         plan.seconds["s_test"] = time.perf_counter() - clock
-        return stacked, diagnostics, [i not in missing for i in range(len(plan.keys))]
+        return SolvedTests(stacked, diagnostics, [i not in missing for i in range(len(plan.keys))], factors)
+
+    def _gradient_factors(self, plan: QueryPlan, config: SolverConfig, rows: list[int]) -> list[GradientFactors] | None:
+        """The factors of the test gradients of ``rows`` (fastif/encoded.py), for EK-FAC and K-FAC to rotate: where the
+        scorer has per-example factors and each row is one input's gradient (not a group's mean)."""
+        factored, encoded = self.prepared.factored, plan.encoded
+        if (config.solver not in ("ekfac", "kfac") or factored is None or encoded.hidden is None
+                or len(plan.vectors) != len(encoded.labels_used)):
+            return None
+        return test_gradient_factors(factored, encoded, self.pad_id, rows)
 
     def influences(
         self, plan: QueryPlan, s_tests: torch.Tensor, k: int | None, diagnostics: dict | bool, cached: Sequence[bool],
-        on_progress: ProgressCallback | None = None,
+        on_progress: ProgressCallback | None = None, factors: Sequence[RowFactors | None] | None = None,
     ) -> list[Influence]:
-        """kNN candidates and their scores for every row of the plan."""
-        return self._scored(plan, self._found(plan, k), s_tests, diagnostics, cached, on_progress)
-
-    def _found(self, plan: QueryPlan, k: int | None) -> list[Candidates]:
+        """kNN candidates and their scores for every row of the plan (``factors``: as ``score_rows`` takes them)."""
         clock = time.perf_counter()
         found = [self.candidates(query, k) for query in plan.search]
         plan.seconds["knn"] = time.perf_counter() - clock
-        return found
-
-    def _scored(self, plan: QueryPlan, found: list[Candidates], s_tests: torch.Tensor, diagnostics: dict | bool,
-                cached: Sequence[bool], on_progress: ProgressCallback | None = None,
-                rotated: RotatedBlocks | None = None) -> list[Influence]:
         clock = time.perf_counter()
-        scores = self.score_rows(s_tests, [f.indices for f in found], on_progress=on_progress, rotated=rotated)
+        scores = self.score_rows(s_tests, [f.indices for f in found], on_progress=on_progress, factors=factors)
         # Like gradients and s_test, kNN and scoring run for all rows at once: whole-job seconds.
         seconds = {**plan.seconds, "scoring": time.perf_counter() - clock}
-        # A rotated row has s_test's norm: the eigenbases are orthonormal.
         return influences_of(found, scores, s_tests, cached, diagnostics, seconds)
-
-    def rotation_for(self, solver: Solver, rows: int, candidates: int) -> RotatedBlocks | None:
-        """The blocks worth leaving in EK-FAC's eigenbasis (fastif/rotated.py) for ``rows`` rows solved by ``solver``
-        and scored on ``candidates`` distinct training examples; None where s_test itself costs less, or where
-        the solver is not EK-FAC or K-FAC. Pass it to ``solve`` and ``score_rows`` alike, and cache none of those rows."""
-        if solver_config(solver).solver not in ("ekfac", "kfac"):
-            return None
-        self._require_prepared()
-        rotatable = self._stages.scorer.rotatable(self.factors())
-        return rotatable if rotatable is not None and rotatable.worth_it(rows, candidates) else None
-
-    def _rotated_for(self, plan: QueryPlan, found: list[Candidates], solver: Solver) -> RotatedBlocks | None:
-        distinct = len(np.unique(np.concatenate([f.indices for f in found]))) if found else 0
-        return self.rotation_for(solver, len(plan.keys), distinct)
 
     def analyze(self, queries: Sequence[Query], k: int | None = 1000, solver: Solver = SolverConfig(), group: bool = False,
                 cache: TensorCache | None = None,
                 on_progress: ProgressCallback | None = None) -> tuple[EncodedQueries, list[Influence]]:
-        """FastIF's query: kNN candidates, s_test, scores; one Influence per query (one for a group).
-
-        Without a cache, EK-FAC's rows for many inputs that share candidates stay in its eigenbasis and the
-        candidates are rotated instead (fastif/rotated.py): the same scores for less work.
-        """
+        """FastIF's query: s_test, kNN candidates, scores; one Influence per query (one for a group)."""
         self.prepare(on_progress)
         plan = self.plan(queries, group, cache)
-        found = self._found(plan, k)
-        rotated = self._rotated_for(plan, found, solver) if cache is None else None
-        s_tests, diagnostics, cached = self.cached_s_test(plan, solver, cache, on_progress, rotated=rotated)
-        return plan.encoded, self._scored(plan, found, s_tests, diagnostics, cached, on_progress, rotated)
+        s_tests, diagnostics, cached, factors = self.cached_s_test(plan, solver, cache, on_progress)
+        return plan.encoded, self.influences(plan, s_tests, k, diagnostics, cached, on_progress, factors)

@@ -80,9 +80,15 @@ class FactoredScores:
                  skip: Collection[int] = ()) -> torch.Tensor:
         """⟨∇θ L(z_i), s⟩ of batch entries ``rows`` for one direction, given as per-parameter views (but the
         parameters at positions ``skip``)."""
+        return FactoredScores.contract_many(uses, [d.unsqueeze(0) for d in direction], rows, skip)[:, 0]
+
+    @staticmethod
+    def contract_many(uses: list[Factor], directions: list[torch.Tensor], rows: torch.Tensor,
+                      skip: Collection[int] = ()) -> torch.Tensor:
+        """``contract`` for R directions at once, each parameter's given stacked [R, *shape]: [len(rows), R]."""
         with torch.no_grad():
-            total = torch.zeros(len(rows), dtype=direction[0].dtype, device=direction[0].device)
+            total = torch.zeros(len(rows), len(directions[0]), dtype=directions[0].dtype, device=directions[0].device)
             for use in uses:
                 if use.position not in skip:
-                    total += use.contract(direction[use.position], use.grad, rows)
+                    total += use.contract(directions[use.position], use.grad, rows)
         return total

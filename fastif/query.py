@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -59,6 +59,16 @@ class QueryPlan:
     search: list[SearchQuery]  # the kNN query of each row
     keys: list[dict]  # cache identity of each row
     seconds: dict[str, float]
+
+
+class SolvedTests(NamedTuple):
+    """s_test of a plan's rows [rows, P], the solver's diagnostics, which rows came from a cache, and the low-rank
+    factors of the rows solved now (fastif/curvature/kfac.py ``RowFactors``; None for a cached row or another solver)."""
+
+    vectors: torch.Tensor
+    diagnostics: dict
+    cached: list[bool]
+    factors: list[dict | None]
 
 
 @dataclass

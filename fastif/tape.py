@@ -18,10 +18,15 @@ import torch.nn.functional as F
 from torch import nn
 
 Contraction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-"""``contract(s, grad, rows)``: ⟨this use's per-example gradient, s⟩ for batch entries ``rows`` [n] -> [n].
+"""``contract(s, grad, rows)``: ⟨this use's per-example gradient, s_r⟩ for batch entries ``rows`` [n] and
+each direction s_r of ``s`` [R, *the parameter's shape] -> [n, R].
 
-``s`` has the parameter's shape, ``grad`` is ∂L/∂(the use's output) for the whole batch.
+``grad`` is ∂L/∂(the use's output) for the whole batch. Many directions at once share the
+candidates' side of each product: rows of a job that list the same candidates.
 """
+
+# A Linear's contraction forms [n·t, R, out] at a time: directions go in groups that keep it this small.
+_LINEAR_ELEMENTS = 2**22
 Pairs = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """``pairs(grad, rows) -> (left [n, t, out], right [n, t, in])``: a matrix parameter's per-example gradient
 as Σ_t left_t right_tᵀ (for a Linear weight, δ_t x_tᵀ over tokens). The Kronecker factors of
@@ -57,17 +62,30 @@ class Tape:
 
 
 def _summed_over_tokens(picked: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    return picked.reshape(len(picked), -1, picked.shape[-1]).sum(1) @ s
+    return picked.reshape(len(picked), -1, picked.shape[-1]).sum(1) @ s.T
 
 
 def bias_contraction(s: torch.Tensor, grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """A bias added along the last dimension: Σ_t δ_t · s."""
+    """A bias added along the last dimension: Σ_t δ_t · s_r."""
     return _summed_over_tokens(grad[rows], s)
+
+
+def linear_contraction(x: torch.Tensor, s: torch.Tensor, grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """A Linear weight with input ``x``: Σ_t δ_t · (S_r x_t), as one product per group of directions."""
+    inputs, grads = x[rows].reshape(-1, x.shape[-1]), grad[rows].reshape(-1, grad.shape[-1])
+    directions, out = len(s), s.shape[1]
+    step = max(1, _LINEAR_ELEMENTS // max(1, len(inputs) * out))
+    parts = []
+    for start in range(0, directions, step):
+        group = s[start : start + step]
+        products = (inputs @ group.reshape(-1, group.shape[-1]).T).view(len(inputs), len(group), out)
+        parts.append((products * grads.unsqueeze(1)).sum(-1))
+    return torch.cat(parts, dim=1).view(len(rows), -1, directions).sum(1)
 
 
 def _record_linear(tape: Tape, module: nn.Linear, x: torch.Tensor, output: torch.Tensor) -> None:
     x = x.detach()
-    tape(module.weight, output, lambda s, grad, rows: ((x[rows] @ s.T) * grad[rows]).reshape(len(rows), -1).sum(1),
+    tape(module.weight, output, lambda s, grad, rows: linear_contraction(x, s, grad, rows),
          lambda grad, rows: (grad[rows].reshape(len(rows), -1, grad.shape[-1]), x[rows].reshape(len(rows), -1, x.shape[-1])))
     if module.bias is not None:
         tape(module.bias, output, bias_contraction, joins=module.weight)
@@ -77,7 +95,7 @@ def _record_layer_norm(tape: Tape, module: nn.LayerNorm, x: torch.Tensor, output
     normalized = F.layer_norm(x.detach(), module.normalized_shape, eps=module.eps)
 
     def scale(s: torch.Tensor, grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return _summed_over_tokens(grad[rows] * normalized[rows], s)  # Σ_t (δ_t ⊙ x̂_t) · s
+        return _summed_over_tokens(grad[rows] * normalized[rows], s)  # Σ_t (δ_t ⊙ x̂_t) · s_r
 
     if module.weight is not None:
         tape(module.weight, output, scale)

@@ -1,4 +1,5 @@
-"""EK-FAC's rotation through the factors of a low-rank gradient (fastif/curvature/kfac.py ``rotated_rows``).
+"""EK-FAC's rotation through the factors of a low-rank gradient, and its truncated inverse (fastif/curvature/kfac.py
+``solved_rows``, ``inverse_factors``).
 
 The tiny models of the other engine tests have blocks too small for factors to pay off, so
 here the blocks have MiniLM's shapes (384 and 1536 wide) with random orthogonal eigenbases,
@@ -12,7 +13,7 @@ import torch
 
 from fastif.curvature import KroneckerFactors
 from fastif.curvature import kfac
-from fastif.curvature.kfac import KroneckerBlock, low_rank_budget, low_rank_factors, rotated_rows
+from fastif.curvature.kfac import KroneckerBlock, low_rank_budget, low_rank_factors, solved_rows
 
 
 def orthogonal(size: int, seed: int) -> torch.Tensor:
@@ -52,15 +53,104 @@ def test_the_budget_tries_factors_only_where_they_save_work():
     assert 1 <= low_rank_budget(384, 385) < low_rank_budget(1536, 385) == low_rank_budget(384, 1537) <= 32
 
 
-def test_rows_rotate_as_densely_whatever_their_rank_and_low_rank_ones_through_factors(monkeypatch):
+def structured_eigenvalues(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """EK-FAC-like eigenvalues: large in a few directions, fast-decaying, not one Kronecker product (two of them)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def spectrum(size: int) -> torch.Tensor:
+        return torch.logspace(0, -6, size, dtype=torch.float64)[torch.randperm(size, generator=generator)]
+
+    return (torch.outer(spectrum(rows), spectrum(cols)) + 0.5 * torch.outer(spectrum(rows), spectrum(cols))).float()
+
+
+def explicit(block: KroneckerBlock, matrix: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """Q_G [(Q_Gᵀ V Q_A) ⊙ W] Q_Aᵀ in float64."""
+    q_g, q_a = block.q_g.double(), block.q_a.double()
+    return q_g @ ((q_g.T @ matrix.double() @ q_a) * inverse.double()) @ q_a.T
+
+
+def relative(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got.double() - expected).norm() / expected.norm())
+
+
+@pytest.mark.parametrize("tolerance", [1e-2, 1e-3])
+def test_the_truncated_inverse_matches_the_damped_inverse_to_the_tolerance_at_the_least_rank(tolerance):
+    eigenvalues, shift = structured_eigenvalues(1536, 385, seed=1), 1e-3
+    exact = 1.0 / (eigenvalues.double() + shift)
+    u, v = kfac.inverse_factors(eigenvalues, shift, tolerance)
+    assert float((u.double() @ v.double().T - exact).abs().max()) <= tolerance * float(exact.max()) * 1.001
+    rank = u.shape[1]
+    left, singular, right = torch.linalg.svd(exact, full_matrices=False)
+    fewer = (left[:, : rank - 1] * singular[: rank - 1]) @ right[: rank - 1]
+    assert float((fewer - exact).abs().max()) > tolerance * float(exact.max())  # one less is not enough
+    assert 2 <= rank <= 64
+
+
+def test_no_truncated_inverse_where_none_is_asked_for_worth_having_or_finite():
+    eigenvalues = structured_eigenvalues(384, 385, seed=2)
+    assert kfac.inverse_factors(eigenvalues, 1e-3, 0.0) is None
+    noise = torch.rand(384, 385, generator=torch.Generator().manual_seed(3))  # no structure: full rank
+    assert kfac.inverse_factors(noise, 1e-3, 1e-6) is None
+    assert kfac.inverse_factors(torch.zeros(384, 385), 0.0, 1e-3) is None
+    assert kfac.inverse_factors(eigenvalues[:8, :9], 1e-3, 1e-3) is None  # a tiny block: no rank pays
+
+
+def test_rows_are_solved_exactly_or_through_the_truncated_inverse_where_their_factors_make_that_cheaper(monkeypatch):
     found = []
     monkeypatch.setattr(kfac, "low_rank_factors", lambda m, r: found.append(low_rank_factors(m, r)) or found[-1])
     kron = block(1536, 385)
+    kron.corrected = structured_eigenvalues(1536, 385, seed=4)
+    inverse = 1.0 / (kron.corrected + 1e-3)
+    low = kfac.inverse_factors(kron.corrected, 1e-3, 1e-3)
+    truncated = low[0].double() @ low[1].double().T
     rows = torch.stack([of_rank(1, 1536, 385, 1), torch.randn(1536, 385), of_rank(2, 1536, 385, 2), torch.zeros(1536, 385)])
-    rotated = rotated_rows(kron, rows)
-    dense = kron.q_g.double().T @ rows.double() @ kron.q_a.double()
-    assert float((rotated.double() - dense).norm() / dense.norm()) < 1e-5
+
+    exact, none = solved_rows(kron, rows, inverse, None)
+    assert none == [None] * 4
+    for row in range(3):
+        assert relative(exact[row], explicit(kron, rows[row], inverse)) < 1e-5
     assert [None if f is None else f[0].shape[1] for f in found] == [1, None, 2, 0]
+
+    solved, factors = solved_rows(kron, rows, inverse, low)
+    assert factors[1] is None  # dense: no factors
+    assert relative(solved[1], explicit(kron, rows[1], inverse)) < 1e-5
+    for row in (0, 2):
+        assert relative(solved[row], explicit(kron, rows[row], truncated)) < 1e-5
+        left, right = factors[row]
+        assert left.shape[1] == right.shape[1] == (row // 2 + 1) * low[0].shape[1]
+        torch.testing.assert_close(left @ right.T, solved[row])
+    assert float(solved[3].abs().max()) == 0.0
+
+
+def test_given_factors_are_used_once_checked_and_wrong_ones_are_not(monkeypatch):
+    calls = []
+    monkeypatch.setattr(kfac, "low_rank_factors", lambda m, r: calls.append(1) or low_rank_factors(m, r))
+    kron = block(1536, 385, seed=2)
+    kron.corrected = structured_eigenvalues(1536, 385, seed=5)
+    kron.bias = 7  # the last input column is a joined bias, whose input is always 1
+    inverse = 1.0 / (kron.corrected + 1e-3)
+    low = kfac.inverse_factors(kron.corrected, 1e-3, 1e-3)
+    g, x = torch.randn(1536, 1), torch.randn(384, 1)
+    rows = torch.stack([g @ torch.cat([x, torch.ones(1, 1)]).T, torch.randn(1536, 385)])
+    given = [(g, x), (g, x)]  # right for the first row, wrong for the second
+    solved, factors = solved_rows(kron, rows, inverse, low, given)
+    assert len(calls) == 1  # cross approximation for the second row only
+    truncated = low[0].double() @ low[1].double().T
+    assert relative(solved[0], explicit(kron, rows[0], truncated)) < 1e-5 and factors[0] is not None
+    assert relative(solved[1], explicit(kron, rows[1], inverse)) < 1e-5 and factors[1] is None
+
+
+def test_a_gradient_of_many_pairs_is_rotated_through_them_with_the_exact_inverse():
+    """A folded key's gradient has one pair per head (12): through W's factors its answer would have rank 12·r, more
+    work than the dense back rotation; rotating only the gradient's factors is cheaper and exact."""
+    kron = block(384, 385, seed=6)
+    kron.corrected = structured_eigenvalues(384, 385, seed=7)
+    inverse = 1.0 / (kron.corrected + 1e-3)
+    low = kfac.inverse_factors(kron.corrected, 1e-3, 1e-3)
+    left, right = torch.randn(384, 12), torch.randn(385, 12)
+    solved, factors = solved_rows(kron, (left @ right.T).unsqueeze(0), inverse, low, [(left, right)])
+    assert factors == [None]
+    assert relative(solved[0], explicit(kron, left @ right.T, inverse)) < 1e-5
 
 
 def test_inverse_apply_of_low_rank_gradients_is_the_damped_inverse_in_float64():
@@ -73,7 +163,7 @@ def test_inverse_apply_of_low_rank_gradients_is_the_damped_inverse_in_float64():
     gradient = of_rank(1, 384, 1537, seed=4)  # [W | b] of one token: δ [x; 1]ᵀ
     vectors = torch.cat([gradient[:, :-1].reshape(1, -1), gradient[:, -1].reshape(1, -1), torch.randn(1, 384)], dim=1)
     damping, decay = (0.5, 0.5, 0.2), (0.01, 0.0, 0.0)
-    solved = factors.inverse_apply(vectors, damping, decay)
+    solved, _ = factors.inverse_apply(vectors, damping, decay)
     q_g, q_a = kron.q_g.double(), kron.q_a.double()
     inner = (q_g.T @ gradient.double() @ q_a) / (kron.corrected.double() + 0.5 + 0.01)
     expected = q_g @ inner @ q_a.T
@@ -91,10 +181,10 @@ def test_many_rows_are_solved_in_groups_each_as_if_alone():
     gradients = [of_rank(1 + i % 3, 384, 1537, seed=10 + i) if i % 4 else torch.randn(384, 1537) for i in range(20)]
     vectors = torch.stack([torch.cat([g[:, :-1].reshape(-1), g[:, -1]]) for g in gradients])
     assert len(kfac._row_groups(len(vectors), 384 * 1537 * 4)) > 1  # several groups, with rows of both kinds
-    solved = factors.inverse_apply(vectors, 0.5, (0.01, 0.0))
+    solved, _ = factors.inverse_apply(vectors, 0.5, (0.01, 0.0))
     q_g, q_a = kron.q_g.double(), kron.q_a.double()
     for row, gradient in enumerate(gradients):
         expected = q_g @ ((q_g.T @ gradient.double() @ q_a) / (kron.corrected.double() + 0.51)) @ q_a.T
         got = torch.cat([solved[row, : 384 * 1536].reshape(384, 1536), solved[row, 384 * 1536 :].reshape(384, 1)], dim=1)
         assert float((got.double() - expected).norm() / expected.norm()) < 1e-5, row
-        torch.testing.assert_close(factors.inverse_apply(vectors[row : row + 1], 0.5, (0.01, 0.0))[0], solved[row])
+        torch.testing.assert_close(factors.inverse_apply(vectors[row : row + 1], 0.5, (0.01, 0.0))[0][0], solved[row])

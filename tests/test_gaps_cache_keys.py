@@ -106,7 +106,7 @@ def request(**fields) -> InfluenceRequest:
 def solve(engine, req: InfluenceRequest, cache=None):
     queries = [Query(i.text, i.text_pair, i.label) for i in req.inputs]
     plan = engine.plan(queries, req.group, cache)
-    s_tests, _, cached = engine.cached_s_test(plan, solver_config(req), cache)
+    s_tests, _, cached, _ = engine.cached_s_test(plan, solver_config(req), cache)
     return s_tests, cached
 
 

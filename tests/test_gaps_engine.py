@@ -203,8 +203,8 @@ def test_factors_record_every_use_and_the_bias_joins_its_weight():
     grad = torch.randn(2, 3, 5, dtype=torch.float64)
     left, right = tape.uses[0].pairs(grad, torch.tensor([1]))
     assert left.shape == (1, 3, 5) and right.shape == (1, 3, 4) and torch.equal(left[0], grad[1])
-    s = torch.randn(5, dtype=torch.float64)
-    torch.testing.assert_close(bias_contraction(s, grad, torch.tensor([1, 0])), grad[[1, 0]].sum(1) @ s)
+    s = torch.randn(2, 5, dtype=torch.float64)  # two directions at once
+    torch.testing.assert_close(bias_contraction(s, grad, torch.tensor([1, 0])), grad[[1, 0]].sum(1) @ s.T)
     assert not FactoredScores(top, [top.dense.weight, nn.Parameter(torch.zeros(2))], [top.dense]).covers(
         [Factor(0, grad, bias_contraction)])
 
@@ -263,7 +263,7 @@ def test_candidates_and_influences_of_a_plan(setup):
     assert len(some.indices) == 5
     np.testing.assert_allclose(some.distances, feature_distances(engine.features, some.indices, plan.search[1].feature))
     solving = time.perf_counter()
-    s_tests, diagnostics, cached = engine.cached_s_test(plan, CG)
+    s_tests, diagnostics, cached, _ = engine.cached_s_test(plan, CG)
     assert 0 <= plan.seconds["s_test"] <= time.perf_counter() - solving
     assert cached == [False] * 3 and diagnostics["solver"] == "cg" and diagnostics["curvature"] == "gauss-newton"
     assert "damping_scope" not in diagnostics and diagnostics["damping"] == 0.5
@@ -307,14 +307,14 @@ def test_a_partly_cached_plan_solves_only_the_missing_rows(setup):
     engine.cached_s_test(first, CG, memory)
     plan = engine.plan([Query(t) for t in TEXTS], cache=memory)
     memory.puts.clear()
-    s_tests, _, cached = engine.cached_s_test(plan, CG, memory, extra_key=None)
+    s_tests, _, cached, _ = engine.cached_s_test(plan, CG, memory, extra_key=None)
     assert cached == [True, False, False] and memory.puts == ["s_test", "s_test"]
-    uncached, _, _ = engine.cached_s_test(engine.plan([Query(t) for t in TEXTS]), CG)
+    uncached, _, _, _ = engine.cached_s_test(engine.plan([Query(t) for t in TEXTS]), CG)
     torch.testing.assert_close(s_tests, uncached, rtol=1e-5, atol=1e-8)
-    _, everything_cached, all_hit = engine.cached_s_test(plan, CG, memory)
+    _, everything_cached, all_hit, _ = engine.cached_s_test(plan, CG, memory)
     assert all_hit == [True] * 3
     assert everything_cached == {"solver": "cg", "curvature": "gauss-newton", "converged": True}  # no solver ran
-    _, _, other = engine.cached_s_test(plan, CG, memory, extra_key={"parallel": 2})
+    _, _, other, _ = engine.cached_s_test(plan, CG, memory, extra_key={"parallel": 2})
     assert other == [False, False, False]
 
 

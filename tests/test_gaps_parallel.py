@@ -297,8 +297,8 @@ def test_one_unsettled_shard_makes_the_job_unconverged_whichever_finishes_last(c
     original = worker_engine.cached_s_test
 
     def second_shard_unsettled(plan, solver, cache=None, on_progress=None, extra_key=None):
-        s_tests, diagnostics, cached = original(plan, solver, cache, on_progress, extra_key)
-        return s_tests, {**diagnostics, "converged": solver.lissa.seed == LISSA["seed"]}, cached
+        s_tests, diagnostics, cached, factors = original(plan, solver, cache, on_progress, extra_key)
+        return s_tests, {**diagnostics, "converged": solver.lissa.seed == LISSA["seed"]}, cached, factors
 
     monkeypatch.setattr(worker_engine, "cached_s_test", second_shard_unsettled)
     job_id, transport = start(ctx, model, TEXTS[:1], 2)

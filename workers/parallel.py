@@ -138,7 +138,7 @@ def _stest_work(run: JobRun, request: InfluenceRequest, shard: int, send: SendTa
         engine, cache = engine_and_cache(run, ready_model(run, request.model_id))
         plan = engine.plan(queries_of(request), request.group, cache)
         # Each shard's own estimate is cached under its own seed, like any single-worker s_test.
-        s_tests, diagnostics, _ = engine.cached_s_test(plan, shard_seed_config(request, shard), cache, run.progress)
+        s_tests, diagnostics, _, _ = engine.cached_s_test(plan, shard_seed_config(request, shard), cache, run.progress)
         client = run.ctx.redis_bytes
         ttl = run.ctx.settings.result_ttl_s
         client.set(shard_state(run.job_id, "stest", shard), save_tensors({"s_test": s_tests.cpu().contiguous()}), ex=ttl)

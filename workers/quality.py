@@ -30,7 +30,6 @@ from api_schemas.quality import MAX_HELD_OUT, MIN_TRAIN_SAMPLE
 from fastif import CancelledError, FastIFError, InfluenceEngine, Query
 from fastif.progress import ProgressCallback
 from fastif.quality import columnwise_spearman, eval_set, lds, random_subsets, retrained_test_losses
-from fastif.rotated import RotatedBlocks
 
 from .configs import inputs_as_queries, retrain_config, solver_config
 from .data_files import load
@@ -83,23 +82,23 @@ def _check_cancel(run: JobRun, stage: str, done: int, total: int) -> None:
 
 
 class Solved(NamedTuple):
-    """A configuration's solved rows, and the EK-FAC blocks they hold in its eigenbasis (None: s_test itself)."""
+    """A configuration's s_test rows, and their blocks of low rank as factors (``Solution.factors``; None: none)."""
 
     rows: torch.Tensor
-    rotated: RotatedBlocks | None
+    factors: list | None
 
 
 def _scores(engine: InfluenceEngine, solved: Solved, indices: np.ndarray,
             on_progress: ProgressCallback | None) -> np.ndarray:
     """I(z_i, z_t) for each solved row and each training index of ``indices``: [q, len(indices)]."""
-    s_tests, rotated = solved
+    s_tests, factors = solved
     rows = len(s_tests)
     per_group = max(1, SCORE_PAIRS // max(1, len(indices)))
     out = np.zeros((rows, len(indices)), dtype=np.float64)
     for begin in range(0, rows, per_group):
         end = min(rows, begin + per_group)
         scored = engine.score_rows(s_tests[begin:end], [indices] * (end - begin), on_progress=on_progress,
-                                   rotated=rotated)
+                                   factors=factors[begin:end] if factors is not None else None)
         out[begin:end] = np.stack(scored)
     return out
 
@@ -141,10 +140,8 @@ def _measure(run: JobRun, engine: InfluenceEngine, model: Model, named, plan, sa
     _warm_up(engine, config)
     progress = _staged(run, f"scoring {named.name}")
     clock = time.perf_counter()
-    # Every row is scored on the same sample: EK-FAC's rows stay in its eigenbasis where that costs less.
-    rotated = engine.rotation_for(config, len(plan.vectors), len(sample))
-    solution = engine.solve(plan.vectors, config, on_progress=progress, rotated=rotated)
-    solved = Solved(solution.vectors, rotated)
+    solution = engine.solve(plan.vectors, config, on_progress=progress)
+    solved = Solved(solution.vectors, solution.factors)
     scores = _scores(engine, solved, sample, progress)
     per_query = (time.perf_counter() - clock) / len(plan.vectors)
     result = lds(scores, subsets, losses)

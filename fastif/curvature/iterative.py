@@ -39,6 +39,8 @@ class Solution:
     residual: float | None = None  # CG: the largest relative residual ‖v − (C + λI)x‖ / ‖v‖ over the rows
     scale: float | None = None  # LiSSA: the scale it ran at
     retries: int = 0  # LiSSA at derived knobs: how many times it restarted at 10× the scale
+    # EK-FAC and K-FAC: per row, its blocks that are of low rank, as factors (fastif/curvature/kfac.py ``RowFactors``)
+    factors: list[dict] | None = None
 
     def diagnostics(self) -> dict:
         """The fields a result reports about its s_test."""

@@ -26,9 +26,13 @@ the block in that basis. Then
 
 costs four small matrix products per block: a query's s_test without LiSSA. A test
 gradient of a first-token block is one outer product l rᵀ (one token), so its rotation
-Q_Gᵀ V Q_A is (Q_Gᵀ l)(Q_Aᵀ r)ᵀ: ``rotated`` finds such factors of each row by cross
-approximation and rotates them instead, which skips half of the dense products where
-they cost most (the feed-forward blocks), and rotates densely whatever is not of low rank.
+Q_Gᵀ V Q_A is (Q_Gᵀ l)(Q_Aᵀ r)ᵀ: ``solved_rows`` finds such factors of each row by cross
+approximation and rotates them instead, and rotates densely whatever is not of low rank.
+With the damped inverse's eigenvalues W = 1/(Λ + λ) taken at low rank too
+(``inverse_factors``: a truncated SVD, to a tolerance of W's largest entry), such a row's
+answer is itself of low rank, which is cheap to form and to score candidates against
+(fastif/low_rank_scoring.py): the feed-forward blocks' dense back rotation, 80 % of a MiniLM
+input's s_test, and their per-(input, candidate) contraction go.
 
 A bias whose gradient is the sum of its weight's output-side factors (a Linear's
 bias, and the folded value bias) joins its weight's block as one more input column
@@ -46,7 +50,7 @@ damped identity; ``KroneckerFactors.uncovered`` names them.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,23 +113,110 @@ def low_rank_factors(matrix: torch.Tensor, max_rank: int, tol: float | None = No
     return None
 
 
-def rotated_rows(block: KroneckerBlock, vectors: torch.Tensor) -> torch.Tensor:
-    """Q_Gᵀ V Q_A for each [out, in] matrix of ``vectors`` [m, out, in]: through its factors where it has low rank.
+# The damped inverse's eigenvalues of a big block are kept to this rank at most; past it, exactly.
+_MAX_INVERSE_RANK = 64
 
-    On CPU only: each step of the factorisation waits for its pivot, which a GPU would pay for in
-    round trips, and the budget is measured on one CPU core.
+
+def inverse_factors(eigenvalues: torch.Tensor, shift: float, tolerance: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """U [out, r], V [in, r] with U Vᵀ = 1/(Λ + shift) to ``tolerance`` of its largest entry (1/λ), at the least
+    rank r that reaches it (a truncated SVD); None where that takes a rank past the one worth having.
+
+    1/(Λ + λ) is 1/λ wherever λ swamps the curvature and falls only where Λ is large, which EK-FAC's
+    eigenvalues are in a few of their eigenvectors' directions: on MiniLM's blocks ranks 2-41 reach 1e-3.
+    """
+    inverse = 1.0 / (eigenvalues.double() + shift)
+    limit = min(_MAX_INVERSE_RANK, inverse.numel() // (2 * sum(inverse.shape)))
+    if tolerance <= 0 or limit < 1 or not bool(torch.isfinite(inverse).all()):
+        return None
+    u, s, vh = torch.linalg.svd(inverse, full_matrices=False)
+    residual, bound = inverse.clone(), tolerance * float(inverse.max())
+    for rank in range(1, limit + 1):
+        residual.sub_(torch.outer(u[:, rank - 1] * s[rank - 1], vh[rank - 1]))
+        if float(residual.abs().max()) <= bound:
+            root = s[:rank].sqrt()
+            return (u[:, :rank] * root).to(eigenvalues.dtype), (vh[:rank].T * root).to(eigenvalues.dtype)
+    return None
+
+
+@dataclass(frozen=True)
+class LowRankBlock:
+    """One row's s_test over a Kronecker block as ``left @ right.T``: the weight [out, in] and, when a bias is joined
+    (``bias``: its position), the bias as the last column."""
+
+    left: torch.Tensor  # [out, k]
+    right: torch.Tensor  # [in(+1), k]
+    bias: int | None
+
+
+RowFactors = dict[int, LowRankBlock]  # by the weight's position: the blocks of a row that are low rank
+
+
+GradientFactors = dict[int, tuple[torch.Tensor, torch.Tensor]]  # weight position -> (L [out, t], R [in, t]): L Rᵀ
+
+
+def _checked(factors: tuple[torch.Tensor, torch.Tensor] | None, matrix: torch.Tensor,
+             joined: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Given factors of a row's gradient (``GradientFactors``), if they rebuild ``matrix`` (a joined bias: its
+    last column, whose input is 1) to 1e-4 of its norm; else None."""
+    if factors is None:
+        return None
+    left, right = factors[0].to(matrix.dtype), factors[1].to(matrix.dtype)
+    if joined:
+        right = torch.cat([right, torch.ones_like(right[:1])], dim=0)
+    if right.shape[0] != matrix.shape[1] or left.shape[0] != matrix.shape[0]:
+        return None
+    error = float((left @ right.T - matrix).norm())
+    return (left, right) if error <= 1e-4 * float(matrix.norm()) else None
+
+
+def solved_rows(block: KroneckerBlock, vectors: torch.Tensor, inverse: torch.Tensor,
+                low_rank_inverse: tuple[torch.Tensor, torch.Tensor] | None,
+                given: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None) -> tuple[torch.Tensor, list]:
+    """Q_G [(Q_Gᵀ V Q_A) ⊙ W] Q_Aᵀ for each [out, in] matrix V of ``vectors`` [m, out, in], W = ``inverse``;
+    and each row's factors (left, right), left @ right.T its answer, where it has them (else None).
+
+    A row of low rank t (a first-token block's test gradient: δ xᵀ, t = 1; a folded key's: one pair
+    per head) is rotated through its factors ĝ = Q_Gᵀ L, â = Q_Aᵀ R: ``given`` per row (from the
+    test inputs' forward, checked here against V), else found by cross approximation. With
+    W ≈ Σ_k u_k v_kᵀ (``low_rank_inverse``) its answer is then Σ_{s,k} Q_G(ĝ_s ⊙ u_k) [Q_A(â_s ⊙ v_k)]ᵀ:
+    rank t·r, for t·r·(out² + in²) multiply-adds in place of out·in·(out + in), and the scorer
+    (fastif/low_rank_scoring.py) contracts candidates with its factors. Cross approximation is
+    tried on CPU only: each step waits for its pivot, which a GPU would pay for in round trips, and
+    the budget is measured on one CPU core.
     """
     budget = low_rank_budget(*vectors.shape[1:]) if vectors.device.type == "cpu" else 0
-    if budget == 0:
-        return block.q_g.T @ vectors @ block.q_a
-    rotated = torch.empty_like(vectors)
+    given = [None] * len(vectors) if given is None else given
+    joined = block.bias is not None
+    if budget == 0 and not any(g is not None for g in given):
+        return block.q_g @ ((block.q_g.T @ vectors @ block.q_a) * inverse) @ block.q_a.T, [None] * len(vectors)
+    solved, found = torch.empty_like(vectors), []
+    out, width = vectors.shape[1:]
     for row, matrix in enumerate(vectors):
-        factors = low_rank_factors(matrix, budget)
-        if factors is None:
-            rotated[row] = block.q_g.T @ matrix @ block.q_a
-        else:
-            rotated[row] = (block.q_g.T @ factors[0]) @ (block.q_a.T @ factors[1]).T
-    return rotated
+        factors = _checked(given[row], matrix, joined)
+        if factors is None and budget:
+            factors = low_rank_factors(matrix, budget)
+        # Each way's multiply-adds; the least wins. Through W's factors the answer has rank t·r; through
+        # the gradient's alone the back rotation stays dense (the folded keys and values: t = 12, r ≈ 25).
+        dense = 2 * out * width * (out + width)
+        rank = factors[0].shape[1] if factors is not None else 0
+        rotated = rank * (out * out + width * width) + out * width * (rank + out + width) if factors is not None else dense
+        low_rank = (rank * (out * out + width * width) * (1 + low_rank_inverse[0].shape[1])
+                    + out * width * rank * low_rank_inverse[0].shape[1]) if factors is not None and low_rank_inverse is not None else dense
+        if min(rotated, low_rank) >= dense:
+            solved[row] = block.q_g @ ((block.q_g.T @ matrix @ block.q_a) * inverse) @ block.q_a.T
+            found.append(None)
+            continue
+        g, a = block.q_g.T @ factors[0], block.q_a.T @ factors[1]  # [out, t], [in, t]
+        if rotated <= low_rank:
+            solved[row] = block.q_g @ ((g @ a.T) * inverse) @ block.q_a.T
+            found.append(None)
+            continue
+        u, v = low_rank_inverse
+        left = block.q_g @ (g.unsqueeze(2) * u.unsqueeze(1)).reshape(len(g), -1)
+        right = block.q_a @ (a.unsqueeze(2) * v.unsqueeze(1)).reshape(len(a), -1)
+        solved[row] = left @ right.T
+        found.append((left, right))
+    return solved, found
 
 
 # A block's products for this many bytes of rows at a time: malloc keeps temporaries of up to 32 MiB in its heap
@@ -149,6 +240,7 @@ class KroneckerFactors:
     diagonal: dict[int, torch.Tensor]  # position -> Λ with the parameter's shape
     examples: int
     uncovered: list[str] = field(default_factory=list)
+    _inverses: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # _low_rank_inverse's
 
     @property
     def num_params(self) -> int:
@@ -183,16 +275,19 @@ class KroneckerFactors:
         return means
 
     def inverse_apply(self, vectors: torch.Tensor, damping: float | Sequence[float], decay: Sequence[float],
-                      kind: str = "ekfac", rotated: Collection[int] = ()) -> torch.Tensor:
-        """(C + λI)⁻¹ v for each row of ``vectors`` [m, P], C the fitted curvature plus the L2 term (``decay[pos]`` = wd or 0).
+                      kind: str = "ekfac", tolerance: float = 0.0,
+                      gradient_factors: Sequence[GradientFactors | None] | None = None) -> tuple[torch.Tensor, list[RowFactors]]:
+        """(C + λI)⁻¹ v for each row of ``vectors`` [m, P], C the fitted curvature plus the L2 term (``decay[pos]`` = wd or 0);
+        and each row's blocks that came out of low rank, as factors (``solved_rows``).
 
         ``damping`` is one λ, or one per parameter (``block_means`` × a ratio: Kronfluence's per-module heuristic).
-        The blocks of the weights at positions ``rotated`` are left in their eigenbasis: their slots (and a joined
-        bias's, its last input column) hold M = (Q_Gᵀ V Q_A) / (Λ + λ), without the back rotation Q_G M Q_Aᵀ
-        (fastif/rotated.py scores candidates against M).
+        ``tolerance`` > 0: a block's damped inverse eigenvalues 1/(Λ + λ) are taken at low rank to that fraction of
+        their largest (``inverse_factors``), where a rank worth having reaches it; 0: exactly.
+        ``gradient_factors``: per row, factors of its blocks' gradients where known (checked before use).
         """
         sizes = [int(torch.Size(s).numel()) for s in self.shapes]
         out = torch.empty_like(vectors)
+        rows_factors: list[RowFactors] = [{} for _ in range(len(vectors))]
         fallback = self.mean_eigenvalue(kind)
         dampings = [float(damping)] * len(sizes) if isinstance(damping, (int, float)) else [float(d) for d in damping]
         chunks, targets = torch.split(vectors, sizes, dim=1), torch.split(out, sizes, dim=1)
@@ -204,13 +299,17 @@ class KroneckerFactors:
             if position in self.kronecker:
                 block = self.kronecker[position]
                 inverse = 1.0 / (block.eigenvalues(kind) + shift)
+                low_rank_inverse = self._low_rank_inverse(position, kind, shift, tolerance)
                 for rows in _row_groups(len(vectors), inverse.numel() * inverse.element_size()):
                     v = chunk[rows].reshape(-1, *self.shapes[position]).to(block.q_a.dtype)
                     if block.bias is not None:
                         v = torch.cat([v, chunks[block.bias][rows].to(v.dtype).unsqueeze(-1)], dim=-1)
-                    solved = rotated_rows(block, v).mul_(inverse)
-                    if position not in rotated:
-                        solved = block.q_g @ solved @ block.q_a.T
+                    given = [gradient_factors[row].get(position) if gradient_factors and gradient_factors[row] else None
+                             for row in range(len(vectors))[rows]]
+                    solved, found = solved_rows(block, v, inverse, low_rank_inverse, given)
+                    for row, factors in zip(range(len(vectors))[rows], found):
+                        if factors is not None:
+                            rows_factors[row][position] = LowRankBlock(*factors, bias=block.bias)
                     if block.bias is not None:
                         targets[block.bias][rows] = solved[..., -1]
                         solved = solved[..., :-1]
@@ -219,7 +318,15 @@ class KroneckerFactors:
                 target.copy_(chunk / (self.diagonal[position].reshape(1, -1) + shift))
             else:
                 target.copy_(chunk / (fallback + shift))
-        return out
+        return out, rows_factors
+
+    def _low_rank_inverse(self, position: int, kind: str, shift: float,
+                          tolerance: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``inverse_factors`` of a block, computed once per damping (an SVD per block: about 0.1 s for MiniLM's widest)."""
+        key = (position, kind, shift, tolerance)
+        if key not in self._inverses:
+            self._inverses[key] = inverse_factors(self.kronecker[position].eigenvalues(kind), shift, tolerance)
+        return self._inverses[key]
 
     # -- storage: safetensors beside the other artefacts ---------------------------------
     def save(self, path: Path) -> None:

@@ -41,7 +41,7 @@ def _per_example_gradient(uses: list[Use], grads: dict[int, torch.Tensor], shape
     zero = torch.zeros(shape, dtype=grads[id(uses[0].output)].dtype, device=rows.device)
 
     def contracted(s: torch.Tensor) -> torch.Tensor:
-        return sum(use.contract(s, grads[id(use.output)], rows) for use in uses)
+        return sum(use.contract(s.unsqueeze(0), grads[id(use.output)], rows)[:, 0] for use in uses)
 
     return torch.func.jacrev(contracted)(zero).reshape(len(rows), -1)
 
@@ -175,8 +175,10 @@ def fit_factors(
         eig_a, q_a = torch.linalg.eigh(a_cov[pos] / count)
         eig_g, q_g = torch.linalg.eigh(g_cov[pos] / count)
         dtype = params[pos].dtype
-        kronecker[pos] = KroneckerBlock(q_a=q_a.to(dtype), eig_a=eig_a.clamp_min(0).to(dtype),
-                                        q_g=q_g.to(dtype), eig_g=eig_g.clamp_min(0).to(dtype), bias=(bias_of or {}).get(pos))
+        # Row-major, as a stored file loads them (eigh's are column-major): the same products, bit for bit.
+        kronecker[pos] = KroneckerBlock(q_a=q_a.to(dtype).contiguous(), eig_a=eig_a.clamp_min(0).to(dtype),
+                                        q_g=q_g.to(dtype).contiguous(), eig_g=eig_g.clamp_min(0).to(dtype),
+                                        bias=(bias_of or {}).get(pos))
 
     # Pass 2: EK-FAC's eigenvalues, the second moments of the gradients in the Kronecker eigenbasis.
     corrected: dict[int, torch.Tensor] = {pos: torch.zeros(len(b.q_g), len(b.q_a), dtype=torch.float64)

@@ -14,7 +14,7 @@ that names itself and reports its own convergence:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -24,7 +24,7 @@ from ..config import CGConfig, SolverConfig
 from ..errors import LissaDivergedError
 from .damping import damping_of, lissa_knobs
 from .iterative import HVP, FusedStep, Solution, StepCallback, conjugate_gradient, lissa
-from .kfac import KroneckerFactors
+from .kfac import GradientFactors, KroneckerFactors
 from .spectrum import Spectrum
 
 
@@ -104,17 +104,21 @@ class KroneckerSolver:
     damping: float | tuple[float, ...]
     decay: Sequence[float]
     name: str = "ekfac"  # or "kfac"
+    tolerance: float = 0.0  # the damped inverse's eigenvalues at low rank to this fraction (0: exactly)
 
-    def solve(self, vectors: torch.Tensor, on_step: StepCallback | None = None, rotated: Collection[int] = ()) -> Solution:
-        """``rotated``: the weights whose blocks stay in their eigenbasis (``KroneckerFactors.inverse_apply``)."""
-        solved = self.factors.inverse_apply(vectors, self.damping, self.decay, self.name, rotated)
+    def solve(self, vectors: torch.Tensor, on_step: StepCallback | None = None,
+              gradient_factors: Sequence[GradientFactors | None] | None = None) -> Solution:
+        """The rows' blocks that came out of low rank are also kept as factors (``Solution.factors``);
+        ``gradient_factors``: the rows' gradients' own factors where known (``KroneckerFactors.inverse_apply``)."""
+        solved, factors = self.factors.inverse_apply(vectors, self.damping, self.decay, self.name, self.tolerance,
+                                                     gradient_factors)
         if on_step is not None:
             on_step(1, 1)
         # A per-block λ is reported as its mean over the parameters.
         damping = self.damping if isinstance(self.damping, float) else float(
             sum(d * float(torch.Size(s).numel()) for d, s in zip(self.damping, self.factors.shapes)) / self.factors.num_params)
         return Solution(vectors=solved.to(vectors.dtype), converged=True, iterations=1, solver=self.name,
-                        damping=damping)
+                        damping=damping, factors=factors)
 
 
 @dataclass(frozen=True)
@@ -136,7 +140,7 @@ def solver_for(config: SolverConfig, source: CurvatureSource) -> InverseSolver:
     if config.damping is None and config.damping_scope == "block":  # (SolverConfig allows it for ekfac and kfac only)
         factors = source.factors()
         dampings = tuple(config.damping_ratio * mean for mean in factors.block_means(config.solver))
-        return KroneckerSolver(factors, dampings, source.decay, config.solver)
+        return KroneckerSolver(factors, dampings, source.decay, config.solver, config.inverse_rank_tolerance)
     relative = config.damping is None and not config.lissa_absolute
     spectrum = source.spectrum(config.curvature) if relative or (config.solver == "lissa" and not config.lissa_absolute) else None
     damping = damping_of(config, spectrum)
@@ -147,5 +151,5 @@ def solver_for(config: SolverConfig, source: CurvatureSource) -> InverseSolver:
         cg = CGConfig(damping=damping, tol=config.cg_tol, max_iter=config.cg_max_iter)
         return ConjugateGradientSolver(source.full_product(config.curvature), cg)
     if config.solver in ("ekfac", "kfac"):
-        return KroneckerSolver(source.factors(), damping, source.decay, config.solver)
+        return KroneckerSolver(source.factors(), damping, source.decay, config.solver, config.inverse_rank_tolerance)
     return IdentitySolver(damping)

@@ -54,7 +54,7 @@ def round_influence(
 ) -> RoundInfluence:
     """s_test of the anchors' mean gradient on the live model, and both sides' candidates scored by it."""
     plan = engine.plan(anchors, group=True, cache=cache)
-    s_tests, diagnostics, _ = engine.cached_s_test(plan, solver, cache, on_progress)
+    s_tests, diagnostics, _, _ = engine.cached_s_test(plan, solver, cache, on_progress)
     query = plan.search[0]
     aligned, _ = candidates.nearest(query, k, side="aligned")
     opposed, _ = candidates.nearest(query, k, side="opposed")
