@@ -62,6 +62,8 @@ DEFAULT_SOLVER: SolverName = "ekfac"
 # `fastif bench lds`: λ of each EK-FAC / K-FAC block 10 × its mean eigenvalue; for the other solvers 0.1 × the
 # whole curvature's mean eigenvalue.
 DEFAULT_DAMPING_RATIO: dict[str, float] = {"block": 10.0, "curvature": 0.1}
+# fastif.config.DEFAULT_INVERSE_RANK_TOLERANCE (a test checks that they agree), measured by `fastif bench batch`.
+DEFAULT_INVERSE_RANK_TOLERANCE = 1e-3
 
 
 class SolverSettings(RequestModel):
@@ -87,6 +89,10 @@ class SolverSettings(RequestModel):
     damping_scope: Literal["curvature", "block"] | None = Field(None, description=(
         "what damping_ratio multiplies: each parameter block's own mean eigenvalue (ekfac and kfac; their default) "
         "or the whole curvature's (the other solvers' default)"))
+    inverse_rank_tolerance: Annotated[FiniteFloat, Field(ge=0, lt=1)] = Field(DEFAULT_INVERSE_RANK_TOLERANCE, description=(
+        "ekfac and kfac: each block's damped inverse eigenvalues 1/(Λ + λ) are taken at the least rank that matches "
+        "them to this fraction of their largest, which makes a query's s_test and scoring several times cheaper; "
+        "0: exactly. At the default the scores agree with the exact ones to about 1e-4 of their spread"))
     lissa: LissaConfig = Field(default_factory=LissaConfig)
     cg: CGSettings = Field(default_factory=CGSettings)
 

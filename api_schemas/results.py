@@ -45,6 +45,7 @@ class Diagnostics(ResponseModel):
     curvature: str | None = None
     damping_scope: str | None = None  # when λ was relative: to the whole curvature or to each block
     damping_ratio: FiniteFloat | None = None
+    inverse_rank_tolerance: FiniteFloat | None = None  # ekfac, kfac: as the request gave it (0: the exact inverse)
     iterations: int | None = None
     damping: FiniteFloat | None = None  # λ (per-block λ: their mean over the parameters)
     relative_residual: FiniteFloat | None = None

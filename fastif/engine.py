@@ -296,6 +296,8 @@ class InfluenceEngine:
         diagnostics = {"solver": config.solver, "curvature": config.curvature, "converged": True}
         if config.damping is None:
             diagnostics.update(damping_scope=config.damping_scope, damping_ratio=config.damping_ratio)
+        if config.solver in ("ekfac", "kfac"):
+            diagnostics["inverse_rank_tolerance"] = config.inverse_rank_tolerance
         factors: list[RowFactors | None] = [None] * len(plan.keys)
 
         def solve(missing: list[int]) -> torch.Tensor:

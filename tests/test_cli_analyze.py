@@ -160,6 +160,7 @@ def invoke(files, *extra: str):
     (("--params", "bert.nowhere"), "'bert.nowhere'"),
     (("--k", "-1"), "--k must be >= 0"),
     (("--scale", "0.05", "--depth", "300"), "raise 'scale'"),
+    (("--inverse-rank-tolerance", "1.5"), "inverse_rank_tolerance must be in [0, 1)"),
 ])
 def test_more_errors_in_process(files, extra, message):
     result = invoke(files, "--text", TEXTS[0], *extra)

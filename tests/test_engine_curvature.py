@@ -305,14 +305,20 @@ def test_per_block_damping_is_each_blocks_mean_eigenvalue_times_the_ratio(top):
 
 def test_the_api_and_the_engine_default_alike():
     from api_schemas import InfluenceRequest
-    from api_schemas.influence import DEFAULT_DAMPING_RATIO
+    from api_schemas.influence import DEFAULT_DAMPING_RATIO, DEFAULT_INVERSE_RANK_TOLERANCE
     from fastif.config import DEFAULT_DAMPING_RATIO as ENGINE_RATIO
+    from fastif.config import DEFAULT_INVERSE_RANK_TOLERANCE as ENGINE_TOLERANCE
     from workers.configs import solver_config
 
-    assert DEFAULT_DAMPING_RATIO == ENGINE_RATIO
+    assert DEFAULT_DAMPING_RATIO == ENGINE_RATIO and DEFAULT_INVERSE_RANK_TOLERANCE == ENGINE_TOLERANCE
     for solver in ("ekfac", "kfac", "lissa", "cg", "identity"):
         request = InfluenceRequest.model_validate({"model_id": "m", "inputs": [{"text": "a"}], "solver": solver})
         assert solver_config(request) == SolverConfig(solver=solver, lissa=solver_config(request).lissa)
+    exact = InfluenceRequest.model_validate({"model_id": "m", "inputs": [{"text": "a"}], "inverse_rank_tolerance": 0})
+    assert solver_config(exact).inverse_rank_tolerance == 0.0
+    for bad in (-0.1, 1.0, "a lot"):
+        with pytest.raises(ValueError, match="inverse_rank_tolerance"):
+            InfluenceRequest.model_validate({"model_id": "m", "inputs": [{"text": "a"}], "inverse_rank_tolerance": bad})
 
 
 @pytest.mark.parametrize("tokens", [1, 5])

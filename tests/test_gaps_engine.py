@@ -269,6 +269,7 @@ def test_candidates_and_influences_of_a_plan(setup):
     assert "damping_scope" not in diagnostics and diagnostics["damping"] == 0.5
     relative = engine.cached_s_test(plan, EKFAC)[1]
     assert relative["damping_scope"] == "block" and relative["damping_ratio"] == 10.0
+    assert relative["inverse_rank_tolerance"] == 1e-3 and "inverse_rank_tolerance" not in diagnostics  # ekfac's only
     seen, began = [], time.perf_counter()
     influences = engine.influences(plan, s_tests, 6, diagnostics, [True, False, True],
                                    on_progress=lambda stage, done, total: seen.append((stage, done, total)) and False)

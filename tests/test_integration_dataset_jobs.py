@@ -69,7 +69,8 @@ def shard_fields(live_stack, job_id: str, field: str) -> dict[int, str]:  # noqa
 
 def assert_same_items(items: list[dict], reference: list[dict]) -> None:
     """The same examples in the same order, and the same scores to float32's rounding of the item's largest one
-    (a shard of many inputs may score in EK-FAC's eigenbasis, a job of a few through s_test: fastif/rotated.py)."""
+    (a shard of many inputs scores all its rows against each chunk of candidates at once, a job of a few one row at a
+    time: fastif/scoring.py)."""
     assert [i["input_index"] for i in items] == list(range(len(reference)))
     for ours, theirs in zip(items, reference, strict=True):
         assert ours["label_used"] == theirs["label_used"]

@@ -167,6 +167,7 @@ def test_the_build_measured_the_curvature_and_the_default_is_ekfac(live_stack, m
     diagnostics = item["diagnostics"]
     assert diagnostics["solver"] == "ekfac" and diagnostics["curvature"] == "gauss-newton" and diagnostics["converged"]
     assert (diagnostics["damping_scope"], diagnostics["damping_ratio"]) == ("block", 10.0) and diagnostics["damping"] > 0
+    assert diagnostics["inverse_rank_tolerance"] == 1e-3
     argv = [sys.executable, "-m", "fastif_cli.main", "analyze", "--model", str(live_stack.data_root / "model"),
             "--train", str(live_stack.data_root / "train.jsonl"), "--k", "20", "--top", "5", "--json", "--text", text]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300)

@@ -36,7 +36,8 @@ def solver_config(request: SolverSettings, seed_offset: int = 0) -> SolverConfig
     return SolverConfig(solver=request.solver, curvature=request.curvature, damping=damping,
                         damping_ratio=request.damping_ratio, damping_scope=request.damping_scope, lissa=engine_lissa,
                         lissa_absolute=lissa.absolute and request.solver == "lissa",
-                        cg_tol=request.cg.tol, cg_max_iter=request.cg.max_iter)
+                        cg_tol=request.cg.tol, cg_max_iter=request.cg.max_iter,
+                        inverse_rank_tolerance=request.inverse_rank_tolerance)
 
 
 def queries_of(request: InfluenceRequest) -> list[Query]:
