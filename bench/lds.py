@@ -112,8 +112,10 @@ def entries(config: LdsConfig) -> list[Entry]:
     slow = config.slow_inputs
     cg = dict(solver="cg", curvature="gauss-newton", cg_max_iter=config.cg_max_iter)
     rows = [
-        Entry("lds_default", "the engine's default, `SolverConfig()`: EK-FAC, λ per block 10 × its mean eigenvalue",
-              SolverConfig()),
+        Entry("lds_default", "the engine's default, `SolverConfig()`: EK-FAC, λ per block 10 × its mean eigenvalue, "
+              "the damped inverse at low rank to 1e-3 of its largest entry", SolverConfig()),
+        Entry("lds_ekfac_exact_inverse", "the default with the damped inverse exactly (`inverse_rank_tolerance` 0)",
+              SolverConfig(inverse_rank_tolerance=0.0)),
         Entry("lds_fastif_paper_config",
               f"FastIF's paper: LiSSA on the Hessian, damp 5e-3, scale 1e4 (λ = 50), depth {config.lissa_depth}, B 1",
               SolverConfig.fastif_paper(depth=config.lissa_depth), inputs=slow),

@@ -214,7 +214,7 @@ class InfluenceEngine:
               gradient_factors: Sequence[GradientFactors | None] | None = None) -> Solution:
         """s_test = (C + λI)⁻¹ v for each row of ``vectors``, by the solver ``solver`` names (fastif/curvature).
 
-        EK-FAC and K-FAC rotate the rows' ``gradient_factors`` where given (``QueryPlan.factors``), and give each
+        EK-FAC and K-FAC rotate the rows' ``gradient_factors`` where given (``gradient_factors()``), and give each
         row's blocks of low rank as factors (``Solution.factors``): pass them to ``score_rows``.
         """
         self._require_prepared()
@@ -303,7 +303,7 @@ class InfluenceEngine:
         def solve(missing: list[int]) -> torch.Tensor:
             # All rows missing: the plan's own [q, P] tensor, not a copy (fresh pages cost about 0.6 ms per MiB).
             vectors = plan.vectors if len(missing) == len(plan.vectors) else plan.vectors[missing]
-            solution = self.solve(vectors, config, on_progress, self._gradient_factors(plan, config, missing))
+            solution = self.solve(vectors, config, on_progress, self.gradient_factors(plan, config, missing))
             diagnostics.update(solution.diagnostics())
             for row, found in zip(missing, solution.factors or []):
                 factors[row] = found
@@ -314,11 +314,12 @@ class InfluenceEngine:
         plan.seconds["s_test"] = time.perf_counter() - clock
         return SolvedTests(stacked, diagnostics, [i not in missing for i in range(len(plan.keys))], factors)
 
-    def _gradient_factors(self, plan: QueryPlan, config: SolverConfig, rows: list[int]) -> list[GradientFactors] | None:
-        """The factors of the test gradients of ``rows`` (fastif/encoded.py), for EK-FAC and K-FAC to rotate: where the
-        scorer has per-example factors and each row is one input's gradient (not a group's mean)."""
+    def gradient_factors(self, plan: QueryPlan, solver: Solver, rows: Sequence[int]) -> list[GradientFactors] | None:
+        """The factors of the test gradients of the plan's ``rows`` (fastif/encoded.py), for ``solve`` to rotate: where
+        the solver is EK-FAC or K-FAC, the scorer has per-example factors, and each row is one input's gradient (not
+        a group's mean); else None."""
         factored, encoded = self.prepared.factored, plan.encoded
-        if (config.solver not in ("ekfac", "kfac") or factored is None or encoded.hidden is None
+        if (solver_config(solver).solver not in ("ekfac", "kfac") or factored is None or encoded.hidden is None
                 or len(plan.vectors) != len(encoded.labels_used)):
             return None
         return test_gradient_factors(factored, encoded, self.pad_id, rows)

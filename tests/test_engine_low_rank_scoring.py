@@ -67,7 +67,7 @@ def test_given_factors_change_how_s_test_is_computed_not_what_it_is(engine):
     plan = engine.plan(QUERIES)
     exact = SolverConfig(inverse_rank_tolerance=0.0)
     dense = engine.solve(plan.vectors, exact).vectors
-    through = engine.solve(plan.vectors, exact, gradient_factors=engine._gradient_factors(plan, exact, list(range(6))))
+    through = engine.solve(plan.vectors, exact, gradient_factors=engine.gradient_factors(plan, exact, list(range(6))))
     torch.testing.assert_close(through.vectors, dense, rtol=1e-4, atol=1e-6 * float(dense.abs().max()))
 
 
@@ -127,7 +127,7 @@ def test_the_truncated_inverse_moves_each_block_of_s_test_no_further_than_its_to
     from fastif.curvature import solver_for
 
     plan = engine.plan(QUERIES)
-    given = engine._gradient_factors(plan, TRUNCATED, list(range(len(QUERIES))))
+    given = engine.gradient_factors(plan, TRUNCATED, list(range(len(QUERIES))))
     exact = engine.solve(plan.vectors, SolverConfig(inverse_rank_tolerance=0.0)).vectors
     approx = engine.solve(plan.vectors, TRUNCATED, gradient_factors=given).vectors
     assert not torch.equal(approx, exact)  # the tolerance does truncate
