@@ -17,9 +17,9 @@ from .batches import TrainingBatches
 from .curvature.kfac import RowFactors
 from .encoding import Batch, Tokenized, length_batches
 from .errors import CancelledError
-from .factored import FactoredScores
-from .objective import InfluenceObjective
+from .factored import Factor, FactoredScores
 from .low_rank_scoring import SinglePairBlocks
+from .objective import InfluenceObjective
 from .progress import ProgressCallback
 
 
@@ -53,6 +53,7 @@ def place(lists: Sequence[np.ndarray], union: np.ndarray, chunks: Sequence[Seque
 
 
 CHUNK_TOKENS = 16384
+RowGroup = tuple[set[int], list[int], list[torch.Tensor]]  # the positions skipped, the rows, their directions [R, *shape]
 
 
 class Scorer:
@@ -96,7 +97,7 @@ class Scorer:
         skips = [single.covered(f) for f in rows_factors]
         joined = {p for f in rows_factors for p, block in f.items() if block.bias is not None}
         stacked = single.stack(rows_factors) if single.positions else {}
-        groups = self._groups(s_tests, skips)
+        groups: list[RowGroup] | None = None  # found on first use
         total, done = sum(len(c) for c in lists), 0
         for number, chunk in enumerate(chunks):
             batch, hidden = self.batches(union[chunk].tolist())
@@ -107,10 +108,8 @@ class Scorer:
             # half the work: rows that share candidates (a many-input job) share the calls too.
             grid = None
             if 2 * wanted >= len(chunk) * len(lists):
-                every = torch.arange(len(chunk), device=self.device)
-                grid = torch.zeros(len(chunk), len(lists), dtype=s_tests.dtype, device=self.device)
-                for skip, members, views in groups:
-                    grid[:, members] = self.factored.contract_many(uses, views, every, skip)
+                groups = self._groups(s_tests, skips) if groups is None else groups
+                grid = self._all_against_all(uses, groups, len(chunk), len(lists), s_tests.dtype)
                 if stacked:
                     grid += single.contract_all(pairs, stacked, len(lists)).to(grid.dtype)
             for row, placement in enumerate(placements):
@@ -129,7 +128,17 @@ class Scorer:
                 raise CancelledError("cancelled while scoring")
         return scores
 
-    def _groups(self, s_tests: torch.Tensor, skips: list[set[int]]) -> list[tuple[set[int], list[int], list[torch.Tensor]]]:
+    def _all_against_all(self, uses: list[Factor], groups: list[RowGroup], candidates: int, rows: int,
+                         dtype: torch.dtype) -> torch.Tensor:
+        """⟨∇θ L(z_i), s_j⟩ of every candidate i of the batch and every row j, but the parameters each row skips:
+        [candidates, rows], one contraction per use for each group of rows."""
+        every = torch.arange(candidates, device=self.device)
+        grid = torch.zeros(candidates, rows, dtype=dtype, device=self.device)
+        for skip, members, directions in groups:
+            grid[:, members] = self.factored.contract_many(uses, directions, every, skip)
+        return grid
+
+    def _groups(self, s_tests: torch.Tensor, skips: list[set[int]]) -> list[RowGroup]:
         """The rows that skip the same parameters, with their directions per parameter stacked [R, *shape] (views of
         ``s_tests`` where the group is every row)."""
         groups: dict[frozenset[int], list[int]] = {}

@@ -169,6 +169,19 @@ def _checked(factors: tuple[torch.Tensor, torch.Tensor] | None, matrix: torch.Te
     return (left, right) if error <= 1e-4 * float(matrix.norm()) else None
 
 
+def _cheapest_way(out: int, width: int, rank: int | None, inverse_rank: int | None) -> str:
+    """The way to solve a row's [out, width] block in the fewest multiply-adds: "dense" (rotate it, then back),
+    "rotated" (rotate its rank-t factors, back densely) or "low rank" (with W's rank-r factors too: an answer
+    of rank t·r, formed from its factors). The folded keys and values (t = 12, r ≈ 25) go "rotated"."""
+    costs = {"dense": 2 * out * width * (out + width)}
+    if rank is not None:
+        turn = rank * (out * out + width * width)
+        costs["rotated"] = turn + out * width * (rank + out + width)
+        if inverse_rank is not None:
+            costs["low rank"] = turn + rank * inverse_rank * (out * out + width * width + out * width)
+    return min(costs, key=costs.get)  # the first of equals: dense before rotated before low rank
+
+
 def solved_rows(block: KroneckerBlock, vectors: torch.Tensor, inverse: torch.Tensor,
                 low_rank_inverse: tuple[torch.Tensor, torch.Tensor] | None,
                 given: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None) -> tuple[torch.Tensor, list]:
@@ -180,12 +193,14 @@ def solved_rows(block: KroneckerBlock, vectors: torch.Tensor, inverse: torch.Ten
     test inputs' forward, checked here against V), else found by cross approximation. With
     W ≈ Σ_k u_k v_kᵀ (``low_rank_inverse``) its answer is then Σ_{s,k} Q_G(ĝ_s ⊙ u_k) [Q_A(â_s ⊙ v_k)]ᵀ:
     rank t·r, for t·r·(out² + in²) multiply-adds in place of out·in·(out + in), and the scorer
-    (fastif/low_rank_scoring.py) contracts candidates with its factors. Cross approximation is
-    tried on CPU only: each step waits for its pivot, which a GPU would pay for in round trips, and
-    the budget is measured on one CPU core.
+    (fastif/low_rank_scoring.py) contracts candidates with its factors. All of this is on CPU
+    only, where it was measured: each step of cross approximation waits for its pivot, which a GPU
+    would pay for in round trips, and a GPU keeps its one batched product for all rows.
     """
-    budget = low_rank_budget(*vectors.shape[1:]) if vectors.device.type == "cpu" else 0
-    given = [None] * len(vectors) if given is None else given
+    on_cpu = vectors.device.type == "cpu"
+    budget = low_rank_budget(*vectors.shape[1:]) if on_cpu else 0
+    # Elsewhere one batched product for all rows, as before factors: a loop of small products is unmeasured there.
+    given = [None] * len(vectors) if given is None or not on_cpu else given
     joined = block.bias is not None
     if budget == 0 and not any(g is not None for g in given):
         return block.q_g @ ((block.q_g.T @ vectors @ block.q_a) * inverse) @ block.q_a.T, [None] * len(vectors)
@@ -195,19 +210,14 @@ def solved_rows(block: KroneckerBlock, vectors: torch.Tensor, inverse: torch.Ten
         factors = _checked(given[row], matrix, joined)
         if factors is None and budget:
             factors = low_rank_factors(matrix, budget)
-        # Each way's multiply-adds; the least wins. Through W's factors the answer has rank t·r; through
-        # the gradient's alone the back rotation stays dense (the folded keys and values: t = 12, r ≈ 25).
-        dense = 2 * out * width * (out + width)
-        rank = factors[0].shape[1] if factors is not None else 0
-        rotated = rank * (out * out + width * width) + out * width * (rank + out + width) if factors is not None else dense
-        low_rank = (rank * (out * out + width * width) * (1 + low_rank_inverse[0].shape[1])
-                    + out * width * rank * low_rank_inverse[0].shape[1]) if factors is not None and low_rank_inverse is not None else dense
-        if min(rotated, low_rank) >= dense:
+        way = _cheapest_way(out, width, factors[0].shape[1] if factors is not None else None,
+                            low_rank_inverse[0].shape[1] if low_rank_inverse is not None else None)
+        if way == "dense":
             solved[row] = block.q_g @ ((block.q_g.T @ matrix @ block.q_a) * inverse) @ block.q_a.T
             found.append(None)
             continue
         g, a = block.q_g.T @ factors[0], block.q_a.T @ factors[1]  # [out, t], [in, t]
-        if rotated <= low_rank:
+        if way == "rotated":
             solved[row] = block.q_g @ ((g @ a.T) * inverse) @ block.q_a.T
             found.append(None)
             continue
