@@ -91,7 +91,7 @@ class SolverConfig:
     cg_max_iter: int = 200
     # EK-FAC and K-FAC: each block's damped inverse eigenvalues 1/(Λ + λ) at the least rank that matches them to this
     # fraction of their largest (fastif/curvature/kfac.py ``inverse_factors``); 0: exactly. At 1e-3 the scores on
-    # `fastif bench batch`'s model match the exact ones to 3e-6 of their spread, for a fraction of the work.
+    # `fastif bench batch`'s model match the exact ones to 8e-5 of their spread, for a fraction of the work.
     inverse_rank_tolerance: float = DEFAULT_INVERSE_RANK_TOLERANCE
 
     def __post_init__(self) -> None:

@@ -316,10 +316,11 @@ class InfluenceEngine:
 
     def gradient_factors(self, plan: QueryPlan, solver: Solver, rows: Sequence[int]) -> list[GradientFactors] | None:
         """The factors of the test gradients of the plan's ``rows`` (fastif/encoded.py), for ``solve`` to rotate: where
-        the solver is EK-FAC or K-FAC, the scorer has per-example factors, and each row is one input's gradient (not
-        a group's mean); else None."""
+        the solver is EK-FAC or K-FAC, on CPU (``solved_rows`` uses them there only), the scorer has per-example
+        factors, and each row is one input's gradient (not a group's mean); else None."""
         factored, encoded = self.prepared.factored, plan.encoded
         if (solver_config(solver).solver not in ("ekfac", "kfac") or factored is None or encoded.hidden is None
+                or self.classifier.device.type != "cpu"
                 or len(plan.vectors) != len(encoded.labels_used)):
             return None
         return test_gradient_factors(factored, encoded, self.pad_id, rows)

@@ -116,13 +116,15 @@ class PreparedModel:
         objective = self.objective
         owners = sorted({name.rsplit(".", 1)[0] for name in objective.names})
         factored = FactoredScores(objective.top, objective.params, [self.model.get_submodule(owner) for owner in owners])
-        direction = torch.randn(objective.num_params, generator=torch.Generator().manual_seed(0))
-        direction = direction.to(self.classifier.device)
+        # Two directions at once: scoring contracts many rows in one call (``contract_many``).
+        directions = torch.randn(2, objective.num_params, generator=torch.Generator().manual_seed(0))
+        directions = directions.to(self.classifier.device)
         uses = factored.factors(probe, hidden)
         if not factored.covers(uses):
             return None
-        fast = factored.contract(uses, objective.unflatten(direction), torch.arange(len(probe)))
-        reference = objective.directional_derivatives(probe, hidden, direction, with_l2=False)
+        stacked = [torch.stack(views) for views in zip(*(objective.unflatten(d) for d in directions))]
+        fast = factored.contract_many(uses, stacked, torch.arange(len(probe)))
+        reference = torch.stack([objective.directional_derivatives(probe, hidden, d, with_l2=False) for d in directions], 1)
         if torch.allclose(fast, reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max())):
             return factored
         return None

@@ -53,6 +53,8 @@ def place(lists: Sequence[np.ndarray], union: np.ndarray, chunks: Sequence[Seque
 
 
 CHUNK_TOKENS = 16384
+# Rows contracted together against a chunk: a folded key's product holds [rows, heads, head_size, chunk] at once.
+GRID_ROWS = 64
 RowGroup = tuple[set[int], list[int], list[torch.Tensor]]  # the positions skipped, the rows, their directions [R, *shape]
 
 
@@ -139,18 +141,21 @@ class Scorer:
         return grid
 
     def _groups(self, s_tests: torch.Tensor, skips: list[set[int]]) -> list[RowGroup]:
-        """The rows that skip the same parameters, with their directions per parameter stacked [R, *shape] (views of
-        ``s_tests`` where the group is every row)."""
-        groups: dict[frozenset[int], list[int]] = {}
+        """The rows that skip the same parameters, up to GRID_ROWS at a time, with their directions per parameter
+        stacked [R, *shape] (views of ``s_tests`` where the rows are consecutive)."""
+        alike: dict[frozenset[int], list[int]] = {}
         for row, skip in enumerate(skips):
-            groups.setdefault(frozenset(skip), []).append(row)
-        out = []
-        for skip, members in groups.items():
-            rows = s_tests if len(members) == len(s_tests) else s_tests[members]
-            views = [chunk.view(len(members), *shape) for chunk, shape in
-                     zip(torch.split(rows, self.objective.sizes, dim=1), self.objective.shapes)]
-            out.append((set(skip), members, views))
-        return out
+            alike.setdefault(frozenset(skip), []).append(row)
+        groups = []
+        for skip, rows in alike.items():
+            for start in range(0, len(rows), GRID_ROWS):
+                members = rows[start : start + GRID_ROWS]
+                consecutive = members == list(range(members[0], members[-1] + 1))
+                picked = s_tests[members[0] : members[-1] + 1] if consecutive else s_tests[members]
+                directions = [chunk.view(len(members), *shape) for chunk, shape in
+                              zip(torch.split(picked, self.objective.sizes, dim=1), self.objective.shapes)]
+                groups.append((set(skip), members, directions))
+        return groups
 
     def scores_by_jvp(
         self,

@@ -65,8 +65,9 @@ def run(**opts) -> None:
                             depth=opts["depth"], batch_size=opts["batch_size"], repeats=opts["repeats"], seed=opts["seed"])
         solver = SolverConfig(solver=opts["solver"], curvature=opts["curvature"],
                               damping=lissa.damping if absolute else opts["damping"], damping_ratio=opts["damping_ratio"],
-                              damping_scope=opts["damping_scope"], inverse_rank_tolerance=opts["inverse_rank_tolerance"],
-                              lissa=lissa, lissa_absolute=absolute)
+                              damping_scope=opts["damping_scope"], lissa=lissa, lissa_absolute=absolute,
+                              **({"inverse_rank_tolerance": opts["inverse_rank_tolerance"]}
+                                 if opts["inverse_rank_tolerance"] is not None else {}))
         spec = InfluenceSpec(params=tuple(opts["params"]) if opts["params"] else "auto",
                              weight_decay=opts["weight_decay"], max_length=opts["max_length"])
     except ValueError as err:

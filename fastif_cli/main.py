@@ -46,8 +46,9 @@ def analyze(
     damping_ratio: Annotated[Optional[float], typer.Option(help="λ relative to the mean eigenvalue (default: the service's)")] = None,
     damping_scope: Annotated[Optional[str], typer.Option(help="curvature: the whole curvature's mean eigenvalue; block "
                                                          "(ekfac, kfac): each block's own")] = None,
-    inverse_rank_tolerance: Annotated[float, typer.Option(help="ekfac, kfac: the damped inverse's eigenvalues at the "
-                                                          "least rank matching them to this fraction; 0: exactly")] = 1e-3,
+    inverse_rank_tolerance: Annotated[Optional[float], typer.Option(
+        help="ekfac, kfac: the damped inverse's eigenvalues at the least rank matching them to this fraction; "
+             "0: exactly (default: the service's, 1e-3)")] = None,
     damp: Annotated[Optional[float], typer.Option(help="LiSSA damp, with --scale: used exactly (FastIF: 0.005)")] = None,
     scale: Annotated[Optional[float], typer.Option(help="LiSSA scale, with --damp (FastIF: 1e4)")] = None,
     depth: Annotated[int, typer.Option(help="LiSSA steps J")] = 1000,

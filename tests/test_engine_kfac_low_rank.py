@@ -172,6 +172,20 @@ def test_inverse_apply_of_low_rank_gradients_is_the_damped_inverse_in_float64():
     assert torch.allclose(solved[0, 384 * 1537 :], vectors[0, 384 * 1537 :] / (diagonal + 0.2))
 
 
+def test_a_process_keeps_the_latest_truncated_inverses_only(monkeypatch):
+    """Each request may name its own damping: the truncated inverses kept are bounded, the answers unchanged."""
+    monkeypatch.setattr(kfac, "_KEPT_INVERSES", 2)
+    kron = block(384, 385, seed=8)
+    kron.corrected = structured_eigenvalues(384, 385, seed=9)
+    factors = KroneckerFactors(names=["w"], shapes=[(384, 385)], kronecker={0: kron}, diagonal={}, examples=10)
+    vectors = of_rank(1, 384, 385, seed=10).reshape(1, -1)
+    first, _ = factors.inverse_apply(vectors, 1e-3, (0.0,), tolerance=1e-3)
+    for damping in (2e-3, 3e-3, 4e-3):
+        factors.inverse_apply(vectors, damping, (0.0,), tolerance=1e-3)
+    assert len(factors._inverses) == 2
+    torch.testing.assert_close(factors.inverse_apply(vectors, 1e-3, (0.0,), tolerance=1e-3)[0], first)
+
+
 def test_many_rows_are_solved_in_groups_each_as_if_alone():
     """A job's rows go through a block a group at a time (bounded temporaries); every row's answer is its own."""
     kron = block(384, 1537, seed=5)

@@ -85,12 +85,17 @@ def test_rows_of_low_rank_blocks_carry_factors_that_rebuild_them(engine):
             torch.testing.assert_close(rebuilt, views[position])
 
 
-@pytest.mark.parametrize("shared", [True, False], ids=["rows-share-candidates", "rows-apart"])
-def test_scores_through_the_factors_are_the_jvps_of_the_same_s_test(engine, shared):
-    """Rows that share their candidates are scored all against all (a few large products), rows that do not one by
-    one: either way each score is -⟨∇L(z_i), s_test⟩ by forward mode, L2 term included."""
+@pytest.mark.parametrize("shared, grid_rows, some_cached", [(True, 64, False), (True, 4, False), (False, 64, False),
+                                                           (True, 64, True)],
+                         ids=["rows-share-candidates", "in-groups-of-4-rows", "rows-apart", "some-rows-without-factors"])
+def test_scores_through_the_factors_are_the_jvps_of_the_same_s_test(engine, shared, grid_rows, some_cached, monkeypatch):
+    """Rows that share their candidates are scored all against all (a few large products, in groups of at most
+    GRID_ROWS rows), rows that do not one by one: either way each score is -⟨∇L(z_i), s_test⟩ by forward mode."""
+    monkeypatch.setattr("fastif.scoring.GRID_ROWS", grid_rows)
     plan = engine.plan(QUERIES)
     s_tests, _, _, factors = engine.cached_s_test(plan, TRUNCATED)
+    if some_cached:  # rows from a cache have no factors: scored densely, beside the others
+        factors = [None if row in (1, 3) else f for row, f in enumerate(factors)]
     candidates = [list(range(40))] * 6 if shared else [list(range(row * 6, row * 6 + 6)) for row in range(6)]
     scores = engine.score_rows(s_tests, candidates, factors=factors)
     for row in range(6):

@@ -115,6 +115,7 @@ def low_rank_factors(matrix: torch.Tensor, max_rank: int, tol: float | None = No
 
 # The damped inverse's eigenvalues of a big block are kept to this rank at most; past it, exactly.
 _MAX_INVERSE_RANK = 64
+_KEPT_INVERSES = 64  # truncated inverses a process keeps (8 dampings of MiniLM's 8 blocks), oldest dropped first
 
 
 def inverse_factors(eigenvalues: torch.Tensor, shift: float, tolerance: float) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -335,6 +336,8 @@ class KroneckerFactors:
         """``inverse_factors`` of a block, computed once per damping (an SVD per block: about 0.1 s for MiniLM's widest)."""
         key = (position, kind, shift, tolerance)
         if key not in self._inverses:
+            if len(self._inverses) >= _KEPT_INVERSES:  # each request may name its own damping: keep the latest
+                self._inverses.pop(next(iter(self._inverses)))
             self._inverses[key] = inverse_factors(self.kronecker[position].eigenvalues(kind), shift, tolerance)
         return self._inverses[key]
 
