@@ -53,7 +53,7 @@ def run(setup, out: Path, config: BatchConfig | None = None) -> dict:
         engine.analyze([Query(setup.test_rows[-1].text)], k=config.k, solver=LissaConfig(depth=2))
         engine.analyze([Query(setup.test_rows[-1].text)], k=config.k, solver=SolverConfig())  # fits EK-FAC once
         # One job of each size, on inputs the timed jobs do not use: a size's first job in a process paid up to
-        # 1.5 s more than the next ones (first products of its shapes, first allocations), which a worker pays once.
+        # 1.5 s more than the next ones (cause not measured), which a worker pays once.
         spare = setup.test_rows[needed:]
         for size in config.sizes:
             if len(spare) >= size + 1:

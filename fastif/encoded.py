@@ -8,6 +8,7 @@ gradients.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 
 from . import knn
 from .artefacts import search_vectors
+from .curvature.kfac import GradientFactors
 from .data import resolve_label
 from .encoding import Tokenized, collate, length_batches, tokenize
 from .errors import CancelledError
@@ -159,7 +161,7 @@ def test_gradients(objective: InfluenceObjective, encoded: EncodedQueries, pad_i
 
 
 def test_gradient_factors(factored: FactoredScores, encoded: EncodedQueries, pad_id: int,
-                          rows: Sequence[int]) -> list[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+                          rows: Sequence[int]) -> list[GradientFactors]:
     """Each of ``rows``' gradient of every matrix parameter as factors: position -> (L [out, t], R [in, t]) with
     the gradient L Rᵀ (fastif/factored.py), from one forward and backward of them all.
 
@@ -169,10 +171,8 @@ def test_gradient_factors(factored: FactoredScores, encoded: EncodedQueries, pad
     batch = collate(encoded.tokens, list(rows), pad_id, factored.params[0].device)
     hidden = encoded.hidden[list(rows), : batch.input_ids.shape[1]]
     uses = factored.factors(batch, hidden)
-    counts = {}
-    for use in uses:
-        counts[use.position] = counts.get(use.position, 0) + 1
-    per_row: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in rows]
+    counts = Counter(use.position for use in uses)
+    per_row: list[GradientFactors] = [{} for _ in rows]
     for use in uses:
         if use.pairs is None or counts[use.position] != 1:
             continue  # a parameter used twice: its gradient is the sum, left to the dense path
