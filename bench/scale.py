@@ -32,6 +32,7 @@ import httpx
 import numpy as np
 
 from fastif.prefix import prefix_file
+from fastif.stored_set import SETS_FOLDER
 from fastif_cli.stack import free_port, start_stack
 
 from .common import Clock, bars, fmt, headline_block, log, spearman, table, write_results
@@ -213,16 +214,17 @@ def time_queries(client: httpx.Client, model_id: str, config: ScaleConfig, texts
 
 # -- layouts ------------------------------------------------------------------------------------------
 def bytes_per_example(state: Path, fingerprints: dict[str, str], size: int) -> dict[str, float]:
-    """What each layout keeps per example: its fingerprint's folder; recomputed activations share float32's folder,
-    less its activations."""
+    """What each layout keeps per example: its fingerprint's folder and the stored training set (one, which every
+    layout of the data shares); recomputed activations share float32's folder, less its activations."""
     folders = {layout: state / "artefacts" / fingerprint for layout, fingerprint in fingerprints.items()}
 
     def total(folder: Path, skip: str = "") -> int:
         return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name != skip)
 
+    stored_set = sum(total(folder) for folder in (state / "artefacts" / SETS_FOLDER).iterdir() if folder.is_dir())
     sizes = {layout: total(folder) for layout, folder in folders.items() if layout != "recompute"}
     sizes["recompute"] = total(folders["float32"], skip="prefix.npy")
-    return {layout: sizes[layout] / size for layout in LAYOUTS}
+    return {layout: (sizes[layout] + stored_set) / size for layout in LAYOUTS}
 
 
 def prefix_bytes_per_example(state: Path, fingerprints: dict[str, str], size: int) -> dict[str, float]:

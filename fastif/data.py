@@ -51,8 +51,8 @@ class TextColumn(_Rows[str]):
     paper's 400K examples that is tens of MB. A slice gives a list of ``str`` (what a tokenizer call takes).
     """
 
-    def __init__(self, data: bytes, offsets: np.ndarray):
-        self.data = data
+    def __init__(self, data: bytes | np.ndarray, offsets: np.ndarray):
+        self.data = data  # bytes, or uint8 (a memory map of a stored set: fastif/stored_set.py)
         self.offsets = offsets  # int64 [rows + 1]
 
     @classmethod
@@ -66,7 +66,7 @@ class TextColumn(_Rows[str]):
         return len(self.offsets) - 1
 
     def _row(self, row: int) -> str:
-        return self.data[self.offsets[row] : self.offsets[row + 1]].decode("utf-8")
+        return bytes(self.data[self.offsets[row] : self.offsets[row + 1]]).decode("utf-8")
 
 
 class _TextColumnBuilder:

@@ -34,6 +34,7 @@ from .curvature.training import TrainingCurvature
 from .data import Example, Examples, load_examples, texts_of
 from .encoded import EncodedQueries, encode_queries, test_gradient_factors, test_gradients
 from .encoding import Batch, Tokenized, collate, tokenize
+from .errors import DataError
 from .fingerprint import combine, file_digest, model_digest
 from .knn import SearchQuery
 from .modeling import Classifier, load_classifier
@@ -45,6 +46,7 @@ from .query import (Candidates, Influence, Query, QueryPlan, Solver, SolvedTests
                     group_key, influences_of, query_key, solver_config, through_cache)
 from .scoring import Scorer
 from .staged_build import StagedBuild
+from .stored_set import StoredSet, open_set, save_set, set_folder
 from .training_set import TrainingSetBuild
 
 PROBE_EXAMPLES = 8  # the fast paths are checked on the two longest of the first this many training examples
@@ -67,17 +69,21 @@ class InfluenceEngine:
     its weights or outputs.
     """
 
-    def __init__(self, classifier: Classifier, train: Sequence[Example], spec: InfluenceSpec = InfluenceSpec(),
-                 index_config: IndexConfig = IndexConfig(), artefact_dir: Path | None = None, data_digest: str = "",
-                 compile_hvp: bool = False):
+    def __init__(self, classifier: Classifier, train: Sequence[Example] | StoredSet,
+                 spec: InfluenceSpec = InfluenceSpec(), index_config: IndexConfig = IndexConfig(),
+                 artefact_dir: Path | None = None, data_digest: str = "", compile_hvp: bool = False):
+        """``train``: examples, tokenised here; or a stored set, tokenised at ``spec.max_length`` by the classifier's
+        tokenizer (``from_paths`` opens one, fastif/stored_set.py)."""
         keep_freed_memory()
         self.classifier = classifier
         self.model = classifier.model
-        self.train = Examples.of(train)
+        self.stored_set = train if isinstance(train, StoredSet) else None
+        self.train = train.examples if isinstance(train, StoredSet) else Examples.of(train)
         self.spec = spec
         self.index_config = index_config
         texts, pairs = texts_of(self.train)
-        self.tokens = tokenize(classifier.tokenizer, texts, pairs, self.train.labels, spec.max_length)
+        self.tokens = train.tokens if isinstance(train, StoredSet) else tokenize(
+            classifier.tokenizer, texts, pairs, self.train.labels, spec.max_length)
         self.pad_id = classifier.tokenizer.pad_token_id or 0
         probe = sorted(range(min(self.num_train, PROBE_EXAMPLES)), key=lambda i: -len(self.tokens.input_ids[i]))[:2]
         self.prepared = PreparedModel(classifier, select_influence_params(self.model, spec.params),
@@ -110,9 +116,16 @@ class InfluenceEngine:
     def from_paths(cls, model_dir: str | Path, data: DataSpec, spec: InfluenceSpec = InfluenceSpec(),
                    index_config: IndexConfig = IndexConfig(), artefact_dir: Path | None = None,
                    device: str | None = None, compile_hvp: bool = False) -> InfluenceEngine:
+        """With an ``artefact_dir``, the training set is read and tokenised once and then mapped from there by every
+        process (fastif/stored_set.py)."""
         classifier = load_classifier(model_dir, device)
-        train = load_examples(data, classifier.label2id)
+        if not Path(data.path).exists():
+            raise DataError(f"{data.path}: no such file")
         digest = combine(file=file_digest(Path(data.path)), spec=data.__dict__)
+        if artefact_dir is None:
+            train = load_examples(data, classifier.label2id)
+        else:
+            train = _stored_set(classifier, data, spec.max_length, digest, Path(artefact_dir))
         return cls(classifier, train, spec, index_config, artefact_dir, data_digest=digest, compile_hvp=compile_hvp)
 
     def _stages_over(self, prefix: PrefixStore | None, recompute: bool = False) -> _Stages:
@@ -155,6 +168,11 @@ class InfluenceEngine:
         """This layout's build, staged in the artefact folder in shards any process may write (``encode_shard``)."""
         return self.build.staged()
 
+    def bytes_on_disk(self) -> int:
+        """What this model's artefacts take on disk: every layout and index kept for its fingerprint, and the stored
+        training set they share with other fingerprints of the same data."""
+        return self.store.bytes_on_disk() + (self.stored_set.bytes_on_disk() if self.stored_set is not None else 0)
+
     def built(self) -> bool:
         """Whether this layout's artefacts are stored complete (``prepare`` then only loads them)."""
         return self.build.stored() is not None
@@ -168,6 +186,7 @@ class InfluenceEngine:
         loaded, as ``prepare`` would."""
         if self.index is None:
             self._use(self.build.finish())
+            release_freed_memory()  # what building the index freed: the curvature's fit comes next, on this process
 
     def _use(self, artefacts: Artefacts) -> None:
         self.features, self.gradient_keys, self.prefix_store = artefacts.features, artefacts.gradient_keys, artefacts.prefix
@@ -347,3 +366,18 @@ class InfluenceEngine:
         plan = self.plan(queries, group, cache)
         s_tests, diagnostics, cached, factors = self.cached_s_test(plan, solver, cache, on_progress)
         return plan.encoded, self.influences(plan, s_tests, k, diagnostics, cached, on_progress, factors)
+
+
+def _stored_set(classifier: Classifier, data: DataSpec, max_length: int, data_digest: str, artefact_dir: Path) -> StoredSet:
+    """The training set of ``data`` as stored under ``artefact_dir``: read and tokenised here if nobody did yet."""
+    folder = set_folder(artefact_dir, combine(data=data_digest, model=model_digest(classifier.path),
+                                              max_length=max_length))
+    stored = open_set(folder)
+    if stored is None:
+        examples = load_examples(data, classifier.label2id)
+        texts, pairs = texts_of(examples)
+        save_set(folder, examples, tokenize(classifier.tokenizer, texts, pairs, examples.labels, max_length))
+        del examples, texts, pairs
+        release_freed_memory()  # the set read and tokenised here is mapped from its files from now on
+        stored = open_set(folder)
+    return stored

@@ -2,7 +2,9 @@
 
 A build writes, per training example: its first-token feature and gradient key, the faiss
 index's copy of the key and its id, and (unless ``prefix: "recompute"``) the frozen prefix's
-activations, ``tokens × hidden`` numbers in ``prefix_dtype``. The API imports neither torch
+activations, ``tokens × hidden`` numbers in ``prefix_dtype``; and once per data file, the
+stored training set (fastif/stored_set.py): its texts, token ids and segment ids, offsets and
+labels. The API imports neither torch
 nor a tokenizer, so the count of tokens is bounded from above: at most ``max_length`` per
 example, and at most one per 3 bytes of the data file plus the two special tokens
 (WordPiece and BPE average about 4 characters of English per token). The estimate errs on
@@ -71,7 +73,10 @@ def build_size(data_root: Path, body: ModelCreate) -> BuildSize | None:
     # An IVF build holds its training sample in a scratch file while it trains: 64 keys a cell, 4·√N cells.
     sample = min(examples, 256 * math.isqrt(examples)) * key
     prefix = 0 if body.index.prefix == "recompute" else tokens * hidden * DTYPE_BYTES[body.index.prefix_dtype]
-    return BuildSize(examples=examples, tokens=tokens, bytes=examples * per_example + sample + prefix)
+    # The texts take at most the file's bytes; ids and segment ids at most 4 bytes a token each; five arrays of
+    # offsets and the labels 8 bytes an example each.
+    stored_set = data_bytes + 8 * tokens + 48 * examples
+    return BuildSize(examples=examples, tokens=tokens, bytes=examples * per_example + sample + prefix + stored_set)
 
 
 def check_room(data_root: Path, state_root: Path, body: ModelCreate) -> BuildSize | None:

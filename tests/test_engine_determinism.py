@@ -10,6 +10,7 @@ import torch
 
 from fastif import CancelledError, DataSpec, InfluenceEngine, InfluenceSpec, LissaConfig, LissaDivergedError, Query
 from fastif.curvature import lissa_generator
+from fastif.stored_set import SETS_FOLDER
 from tiny import make_tiny_family, sentences, write_jsonl
 
 NUM_TRAIN = 30
@@ -138,7 +139,8 @@ def test_other_params_or_data_get_other_artefacts(files, tmp_path):
     other_train = write_jsonl(tmp_path / "other.jsonl", sentences(NUM_TRAIN, seed=99))
     other = InfluenceEngine.from_paths(model, DataSpec(str(other_train)), InfluenceSpec(), artefact_dir=tmp_path, device="cpu")
     assert other.fingerprint not in (base.fingerprint, head_only.fingerprint)
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == sorted([base.fingerprint, head_only.fingerprint])
+    folders = sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and p.name != SETS_FOLDER)
+    assert folders == sorted([base.fingerprint, head_only.fingerprint])
 
 
 def test_lissa_with_a_tiny_scale_stops_and_names_scale(engine, vectors):

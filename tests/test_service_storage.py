@@ -42,11 +42,13 @@ def test_the_estimate_bounds_what_the_build_writes(data_root):
     assert size.tokens == min(examples * 32, data_bytes // 3 + 2 * examples)
     per_example = 384 * 4 + 2 * (2 * 384 * 4) + 16  # feature, key and the index's copy of it with its id, prefix offset
     sample = min(examples, 256 * math.isqrt(examples)) * 2 * 384 * 4  # an IVF's training sample, in a scratch file
-    assert size.bytes == examples * per_example + sample + size.tokens * 384 * 4
+    # The stored training set: texts (at most the file), ids and segment ids, offsets and labels.
+    stored_set = data_bytes + 8 * size.tokens + 48 * examples
+    assert size.bytes == examples * per_example + sample + size.tokens * 384 * 4 + stored_set
     half = build_size(data_root, ModelCreate.model_validate(body(prefix_dtype="bfloat16")))
     none = build_size(data_root, ModelCreate.model_validate(body(prefix="recompute")))
-    assert half.bytes == examples * per_example + sample + size.tokens * 384 * 2
-    assert none.bytes == examples * per_example + sample
+    assert half.bytes == examples * per_example + sample + size.tokens * 384 * 2 + stored_set
+    assert none.bytes == examples * per_example + sample + stored_set
 
 
 def test_a_build_the_volume_cannot_hold_is_refused_and_nothing_is_recorded(data_root, redis_client, redis_url,

@@ -159,6 +159,6 @@ def _finish(run: JobRun, model_id: str, engine: InfluenceEngine) -> Items:
     curvature = {"spectra": {"gauss-newton": spectrum.to_dict()}, "ekfac_examples": factors.examples,
                  "ekfac_uncovered": factors.uncovered, "seconds": seconds}
     run.ctx.models.set_ready(model_id, engine.fingerprint, engine.num_train, engine.classifier.labels, curvature,
-                             index.to_dict(), engine.store.bytes_on_disk())
+                             index.to_dict(), engine.bytes_on_disk())
     return [{"model_id": model_id, "fingerprint": engine.fingerprint, "num_train": engine.num_train,
              "num_params": engine.num_params}]
