@@ -10,6 +10,7 @@ to arrays in memory. Queries read the finished arrays read-only.
 from __future__ import annotations
 
 from . import knn
+from .allocator import release_freed_memory
 from .artefacts import Artefacts, ArtefactStore, index_name, search_vectors
 from .config import IndexConfig
 from .encoded import allocate_set, encode_set, open_set
@@ -70,6 +71,9 @@ class TrainingSetBuild:
         encode_set(self.model, self.tokens, self.pad_id, batch_size, on_progress, into=open_set(folder, self.prefix_dtype),
                    rows=build.shards[shard])
         build.mark_done(shard)
+        # Batches of every padded width leave free chunks of every size on the heap, which the raised trim
+        # threshold (fastif/allocator.py) would keep: without this a worker's memory crept up shard after shard.
+        release_freed_memory()
 
     def finish(self, build: StagedBuild | None = None) -> Artefacts:
         """Once every shard is written (by any process): the index over the staged vectors, all moved into place.
