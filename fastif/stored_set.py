@@ -58,8 +58,11 @@ def save_set(folder: Path, examples: Examples, tokens: Tokenized) -> None:
         return
     folder.parent.mkdir(parents=True, exist_ok=True)
     for stale in folder.parent.glob(".writing-*"):  # left by a process that died while writing
-        if time.time() - stale.stat().st_mtime > STALE_BUILD_S:
-            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            if time.time() - stale.stat().st_mtime > STALE_BUILD_S:
+                shutil.rmtree(stale, ignore_errors=True)
+        except FileNotFoundError:  # another process removed it meanwhile
+            pass
     scratch = Path(tempfile.mkdtemp(prefix=".writing-", dir=folder.parent))
     try:
         arrays = {"labels": examples.labels, **_column("texts", examples.texts), **_ragged("input-ids", tokens.input_ids)}

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import gc
 import json
+import os
+import time
 import tracemalloc
 
 import numpy as np
@@ -18,6 +20,7 @@ from fastif import engine as engine_module
 from fastif.data import Examples, load_examples, texts_of
 from fastif.encoding import tokenize
 from fastif.modeling import load_classifier
+from fastif.staged_build import STALE_BUILD_S
 from fastif.stored_set import SETS_FOLDER, open_set, save_set
 from tiny import make_tiny_family, sentences, write_jsonl
 
@@ -58,7 +61,12 @@ def test_only_a_whole_set_of_this_version_opens_and_a_second_writer_keeps_the_fi
     examples = Examples.of(EXAMPLES)
     tokens = tokenized(model_dir, examples)
     assert open_set(tmp_path / "set") is None
+    for name, age_s in [(".writing-dead", 2 * STALE_BUILD_S), (".writing-live", 60)]:  # a writer died; one writes now
+        (tmp_path / name).mkdir()
+        os.utime(tmp_path / name, (time.time() - age_s, time.time() - age_s))
     save_set(tmp_path / "set", examples, tokens)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".writing-live", "set"]
+    (tmp_path / ".writing-live").rmdir()
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "set").iterdir()}
     save_set(tmp_path / "set", examples, tokens)  # another process writing the same set meanwhile
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "set").iterdir()} == before
