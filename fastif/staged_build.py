@@ -93,9 +93,17 @@ class StagedBuild:
         return folder_lock(self.folder)
 
     def _remove_stale(self) -> None:
-        for stale in [*self.folder.glob(".building-*"), *self.folder.glob(".allocating-*")]:
+        remove_stale(self.folder, ".building-*", ".allocating-*")
+
+
+def remove_stale(folder: Path, *patterns: str) -> None:
+    """Remove what matches ``patterns`` in ``folder`` and nobody touched for STALE_BUILD_S: a writer's that died."""
+    for stale in [path for pattern in patterns for path in folder.glob(pattern)]:
+        try:
             if time.time() - stale.stat().st_mtime > STALE_BUILD_S:
                 shutil.rmtree(stale, ignore_errors=True)
+        except FileNotFoundError:  # another process removed it meanwhile
+            pass
 
 
 @contextmanager

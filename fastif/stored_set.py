@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import torch
 
 from .data import Examples, TextColumn
 from .encoding import Ragged, Tokenized
-from .staged_build import STALE_BUILD_S
+from .staged_build import remove_stale
 
 SET_VERSION = 1
 SETS_FOLDER = "training-sets"  # under the artefact folder, beside the fingerprints' folders
@@ -57,12 +56,7 @@ def save_set(folder: Path, examples: Examples, tokens: Tokenized) -> None:
     if _complete(folder):
         return
     folder.parent.mkdir(parents=True, exist_ok=True)
-    for stale in folder.parent.glob(".writing-*"):  # left by a process that died while writing
-        try:
-            if time.time() - stale.stat().st_mtime > STALE_BUILD_S:
-                shutil.rmtree(stale, ignore_errors=True)
-        except FileNotFoundError:  # another process removed it meanwhile
-            pass
+    remove_stale(folder.parent, ".writing-*")  # left by a process that died while writing
     scratch = Path(tempfile.mkdtemp(prefix=".writing-", dir=folder.parent))
     try:
         arrays = {"labels": examples.labels, **_column("texts", examples.texts), **_ragged("input-ids", tokens.input_ids)}
