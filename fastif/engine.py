@@ -35,7 +35,7 @@ from .data import Example, Examples, load_examples, texts_of
 from .encoded import EncodedQueries, encode_queries, test_gradient_factors, test_gradients
 from .encoding import Batch, Tokenized, collate, tokenize
 from .errors import DataError
-from .fingerprint import combine, file_digest, model_digest
+from .fingerprint import combine, file_digest, model_files_digest
 from .knn import SearchQuery
 from .modeling import Classifier, load_classifier
 from .params import select_influence_params
@@ -71,9 +71,11 @@ class InfluenceEngine:
 
     def __init__(self, classifier: Classifier, train: Sequence[Example] | StoredSet,
                  spec: InfluenceSpec = InfluenceSpec(), index_config: IndexConfig = IndexConfig(),
-                 artefact_dir: Path | None = None, data_digest: str = "", compile_hvp: bool = False):
+                 artefact_dir: Path | None = None, data_digest: str = "", model_digest: str = "",
+                 compile_hvp: bool = False):
         """``train``: examples, tokenised here; or a stored set, tokenised at ``spec.max_length`` by the classifier's
-        tokenizer (``from_paths`` opens one, fastif/stored_set.py)."""
+        tokenizer (``from_paths`` opens one, fastif/stored_set.py). ``data_digest`` and ``model_digest``: the
+        training file's and the model files' digests where the caller has them (else computed here)."""
         keep_freed_memory()
         self.classifier = classifier
         self.model = classifier.model
@@ -92,7 +94,7 @@ class InfluenceEngine:
         self.names, self.objective, self.factored = self.prepared.names, self.prepared.objective, self.prepared.factored
         self.stack, self.first_token, self.prefix = self.prepared.stack, self.prepared.first_token, self.prepared.prefix
         self.fingerprint = combine(
-            model=model_digest(classifier.path),
+            model=model_digest or model_files_digest(classifier.path),
             params=self.names,
             weight_decay=spec.weight_decay,
             max_length=spec.max_length,
@@ -121,12 +123,13 @@ class InfluenceEngine:
         classifier = load_classifier(model_dir, device)
         if not Path(data.path).exists():
             raise DataError(f"{data.path}: no such file")
-        digest = combine(file=file_digest(Path(data.path)), spec=data.__dict__)
+        digest, model = combine(file=file_digest(Path(data.path)), spec=data.__dict__), model_files_digest(classifier.path)
         if artefact_dir is None:
             train = load_examples(data, classifier.label2id)
         else:
-            train = _stored_set(classifier, data, spec.max_length, digest, Path(artefact_dir))
-        return cls(classifier, train, spec, index_config, artefact_dir, data_digest=digest, compile_hvp=compile_hvp)
+            train = _stored_set(classifier, data, spec.max_length, digest, model, Path(artefact_dir))
+        return cls(classifier, train, spec, index_config, artefact_dir, data_digest=digest, model_digest=model,
+                   compile_hvp=compile_hvp)
 
     def _stages_over(self, prefix: PrefixStore | None, recompute: bool = False) -> _Stages:
         batches = TrainingBatches(self.tokens, self.pad_id, self.classifier.device, prefix,
@@ -368,10 +371,10 @@ class InfluenceEngine:
         return plan.encoded, self.influences(plan, s_tests, k, diagnostics, cached, on_progress, factors)
 
 
-def _stored_set(classifier: Classifier, data: DataSpec, max_length: int, data_digest: str, artefact_dir: Path) -> StoredSet:
+def _stored_set(classifier: Classifier, data: DataSpec, max_length: int, data_digest: str, model_digest: str,
+                artefact_dir: Path) -> StoredSet:
     """The training set of ``data`` as stored under ``artefact_dir``: read and tokenised here if nobody did yet."""
-    folder = set_folder(artefact_dir, combine(data=data_digest, model=model_digest(classifier.path),
-                                              max_length=max_length))
+    folder = set_folder(artefact_dir, combine(data=data_digest, model=model_digest, max_length=max_length))
     stored = open_set(folder)
     if stored is None:
         examples = load_examples(data, classifier.label2id)

@@ -20,7 +20,7 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def model_digest(model_dir: Path) -> str:
+def model_files_digest(model_dir: Path) -> str:
     """Weights, config and tokenizer files of a model directory."""
     digest = hashlib.sha256()
     for child in sorted(model_dir.iterdir()):

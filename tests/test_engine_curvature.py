@@ -185,10 +185,55 @@ def test_ekfac_ranks_like_the_explicit_ggn_inverse(standard):
         assert rho > spearmanr(graddot[row].numpy(), exact[row].numpy()).statistic
 
 
+@pytest.fixture(scope="module")
+def three_labels(tmp_path_factory):
+    """A three-label classifier: the fit's expectation over labels takes two backward passes (C − 1), not one."""
+    from transformers import BertForSequenceClassification
+
+    root = tmp_path_factory.mktemp("three-labels")
+    folder = make_tiny_family(root / "model", "bert", seed=3, initializer_range=0.3, layers=2)
+    names = ["negative", "neutral", "positive"]
+    torch.manual_seed(4)
+    model = BertForSequenceClassification.from_pretrained(folder, num_labels=3, id2label=dict(enumerate(names)),
+                                                          label2id={n: i for i, n in enumerate(names)},
+                                                          ignore_mismatched_sizes=True)
+    model.save_pretrained(folder)
+    rows = [{**row, "label": "neutral"} if i % 3 == 0 else row for i, row in enumerate(sentences(NUM_TRAIN, seed=5))]
+    files = (folder, write_jsonl(root / "train.jsonl", rows), rows, root)
+    engine = engine_of(files)
+    assert engine.classifier.labels == names
+    return engine, explicit_ggn(Reference(folder, engine.names), rows)
+
+
 def test_ekfac_eigenvalues_are_the_exact_diagonal_in_its_basis(top):
     """Per Kronecker block ([W | b] where the bias joined), Λ = diag((Q_G ⊗ Q_A)ᵀ G_block (Q_G ⊗ Q_A)) of the explicit
     G; the diagonal blocks (LayerNorm, the key bias) equal diag(G)."""
     engine, ref, ggn = top
+    assert_eigenvalues_are_the_exact_diagonal(engine, ggn)
+
+
+def test_ekfac_with_three_labels_is_exact_in_its_basis_and_in_its_trace(three_labels):
+    engine, ggn = three_labels
+    assert_eigenvalues_are_the_exact_diagonal(engine, ggn)
+    assert engine.factors().trace("ekfac") == pytest.approx(float(ggn.trace()), rel=1e-4)
+
+
+def test_the_labels_expectation_is_rank_c_minus_one():
+    """Σ_k d_k d_kᵀ = diag p − p pᵀ from C − 1 directions, for peaked, flat and certain predictions."""
+    from fastif.curvature.kfac_fit import _logit_directions
+
+    generator = torch.Generator().manual_seed(0)
+    for classes in (2, 3, 5):
+        logits = torch.randn(6, classes, generator=generator, dtype=torch.float64) * 4
+        probs = torch.cat([torch.softmax(logits, dim=-1), torch.full((1, classes), 1 / classes, dtype=torch.float64),
+                           torch.eye(classes, dtype=torch.float64)[:1]])
+        directions = _logit_directions(probs)
+        assert directions.shape == (len(probs), classes, classes - 1)
+        expected = torch.diag_embed(probs) - probs.unsqueeze(-1) * probs.unsqueeze(-2)
+        torch.testing.assert_close(directions @ directions.transpose(-1, -2), expected, atol=1e-12, rtol=1e-10)
+
+
+def assert_eigenvalues_are_the_exact_diagonal(engine: InfluenceEngine, ggn: torch.Tensor) -> None:
     factors = engine.factors()
     starts = np.cumsum([0, *engine.objective.sizes])
     decay = torch.cat([torch.full((size,), d, dtype=torch.float64) for size, d in zip(engine.objective.sizes, engine.curvature.decay)])

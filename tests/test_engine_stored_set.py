@@ -93,8 +93,12 @@ def test_engines_over_one_data_file_tokenise_it_once_and_give_the_same_answers(m
 
     monkeypatch.setattr(engine_module, "tokenize", refuse)
     monkeypatch.setattr(engine_module, "load_examples", refuse)
+    hashed = []
+    digest = engine_module.model_files_digest
+    monkeypatch.setattr(engine_module, "model_files_digest", lambda path: hashed.append(path) or digest(path))
     second = InfluenceEngine.from_paths(model_dir, spec, InfluenceSpec(params=("classifier",)),
                                         artefact_dir=tmp_path / "artefacts", device="cpu")
+    assert len(hashed) == 1  # the model's files are read once for the set's key and the fingerprint
     assert second.fingerprint != first.fingerprint and list(second.train) == list(first.train)
     assert first.fingerprint == in_memory.fingerprint  # where the set comes from changes no artefact
     first.prepare()

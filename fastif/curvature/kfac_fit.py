@@ -1,14 +1,18 @@
 """Fitting K-FAC's factors and EK-FAC's eigenvalues from a tape of each parameter's uses.
 
 ``fit_factors`` runs the training set through the model twice with every use of an
-influence parameter recorded on a ``Tape`` (fastif/tape.py), backpropagating each
-class's loss in turn so that the expectation over labels is exact (weighted by the
-model's probabilities). Pass 1 sums the covariances A (inputs) and G (output
-gradients) of each matrix block, joining a bias to its weight's block as a constant
-input column, and the exact diagonal of every other parameter; their
-eigendecompositions follow. Pass 2 sums the second moments of the per-example
-gradients in those eigenbases: EK-FAC's corrected eigenvalues. What the blocks
-approximate and how they are applied is in fastif/curvature/kfac.py.
+influence parameter recorded on a ``Tape`` (fastif/tape.py). The expectation over labels
+is exact: Σ_c p_c ∇L_c ∇L_cᵀ = Jᵀ (diag p − p pᵀ) J for the logits' Jacobian J, and that
+C × C matrix has rank C − 1 (ones span its null space), so C − 1 backward passes of
+its scaled eigenvectors, each weighted 1 / (C − 1), give it: one pass fewer than
+backpropagating each class's loss (half the work for two labels). The weights sum to 1
+like the labels' probabilities, so a factor that does not depend on the gradient (a
+Linear's inputs, the folded key's queries) is weighted as before. Pass 1 sums the
+covariances A (inputs) and G (output gradients) of each matrix block, joining a bias to
+its weight's block as a constant input column, and the exact diagonal of every other
+parameter; their eigendecompositions follow. Pass 2 sums the second moments of the
+per-example gradients in those eigenbases: EK-FAC's corrected eigenvalues. What the
+blocks approximate and how they are applied is in fastif/curvature/kfac.py.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..encoding import Batch
@@ -71,13 +74,14 @@ def _joined_biases(uses: dict[int, list[Use]], position: dict[int, int], shapes)
 
 
 class _Pass:
-    """One forward of a batch with its uses recorded, and the per-class backward of each label's loss."""
+    """One forward of a batch with its uses recorded, and the backward passes that give the labels' expectation."""
 
     def __init__(self, forward: Forward, modules: Sequence[nn.Module], position: dict[int, int]):
         self.forward, self.modules, self.position = forward, modules, position
 
-    def classes(self, batch: Batch, hidden: torch.Tensor | None):
-        """Yields (uses by position, ∂L_c/∂outputs, p_c per example) for each class c."""
+    def directions(self, batch: Batch, hidden: torch.Tensor | None):
+        """Yields (uses by position, Jᵀ d_k per output, weight 1 / K per example) for K = max(C − 1, 1) directions with
+        Σ_k d_k d_kᵀ / K = diag p − p pᵀ: the loss's Gauss-Newton matrix in the logits, from the model's probabilities p."""
         tape = Tape()
         handles = recording(tape, self.modules)
         try:
@@ -88,13 +92,23 @@ class _Pass:
                 handle.remove()
         uses = _uses_by_position(tape, self.position)
         outputs = list({id(u.output): u.output for group in uses.values() for u in group}.values())
-        probs = torch.softmax(logits.detach().double(), dim=-1).to(logits.dtype)
-        classes = logits.shape[-1]
-        for c in range(classes):
-            target = torch.full((len(logits),), c, dtype=torch.long, device=logits.device)
-            loss = F.cross_entropy(logits, target, reduction="sum")  # summed: each row's own gradient
-            grads = torch.autograd.grad(loss, outputs, retain_graph=c < classes - 1)
-            yield uses, dict(zip((id(o) for o in outputs), grads)), probs[:, c]
+        directions = _logit_directions(torch.softmax(logits.detach().double(), dim=-1))
+        count = directions.shape[-1]
+        directions = (directions * count**0.5).to(logits.dtype)
+        weight = torch.full((len(logits),), 1 / count, dtype=logits.dtype, device=logits.device)
+        for k in range(count):
+            grads = torch.autograd.grad(logits, outputs, grad_outputs=directions[..., k].contiguous(),
+                                        retain_graph=k < count - 1)
+            yield uses, dict(zip((id(o) for o in outputs), grads)), weight
+
+
+def _logit_directions(probs: torch.Tensor) -> torch.Tensor:
+    """[n, C, max(C − 1, 1)]: per example, directions d_k with Σ_k d_k d_kᵀ = diag p − p pᵀ (the cross-entropy's
+    Hessian in the logits, PSD with the ones vector in its null space: its smallest eigenvalue, left out)."""
+    covariance = torch.diag_embed(probs) - probs.unsqueeze(-1) * probs.unsqueeze(-2)
+    values, vectors = torch.linalg.eigh(covariance)
+    keep = max(probs.shape[-1] - 1, 1)
+    return vectors[..., -keep:] * values[..., -keep:].clamp_min(0).sqrt().unsqueeze(-2)
 
 
 def _weighted_gram(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -117,7 +131,8 @@ def _rotated_second_moment(left: torch.Tensor, right: torch.Tensor, weight: torc
     """
     if left.shape[1] == 1:
         return (weight[:, None] * left[:, 0] ** 2).T @ right[:, 0] ** 2
-    return torch.einsum("n,nab->ab", weight, torch.einsum("nta,ntb->nab", left, right) ** 2)
+    # squared in place: the [n, a, b] products are the largest tensors of the fit
+    return torch.einsum("n,nab->ab", weight, torch.einsum("nta,ntb->nab", left, right).square_())
 
 
 def fit_factors(
@@ -147,7 +162,7 @@ def fit_factors(
     # Pass 1: the covariances A and G of the matrix blocks; the exact diagonal of the others.
     for number, (batch, hidden) in enumerate(batches()):
         rows = torch.arange(len(batch), device=batch.input_ids.device)
-        for uses, grads, weight in passes.classes(batch, hidden):
+        for uses, grads, weight in passes.directions(batch, hidden):
             if bias_of is None:
                 bias_of = _joined_biases(uses, position, shapes)
             joined_biases = set(bias_of.values())
@@ -186,7 +201,7 @@ def fit_factors(
     if kronecker:
         for number, (batch, hidden) in enumerate(batches()):
             rows = torch.arange(len(batch), device=batch.input_ids.device)
-            for uses, grads, weight in passes.classes(batch, hidden):
+            for uses, grads, weight in passes.directions(batch, hidden):
                 with torch.no_grad():
                     for pos, block in kronecker.items():
                         if pos not in uses:
