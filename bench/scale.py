@@ -298,6 +298,8 @@ def run_standalone(data: Path | None, quick: bool, out: Path, config: ScaleConfi
         **{f"peak_build_rss_mib_{size}": round(max(two[size]["peak_rss_mib"]), 1) for size in config.sizes},
         "peak_build_rss_ratio_largest_vs_smallest": round(max(two[largest]["peak_rss_mib"]) / max(two[smallest]["peak_rss_mib"]), 3),
         **{f"peak_build_anon_mib_{size}": round(two[size]["peak_anon_mib"], 1) for size in config.sizes},
+        # The memory a worker holds itself (VmHWM above also counts the mapped artefacts' pages, which the kernel drops at will).
+        "peak_build_anon_ratio_largest_vs_smallest": round(two[largest]["peak_anon_mib"] / two[smallest]["peak_anon_mib"], 3),
         **{f"bytes_per_example_{layout}": round(value, 1) for layout, value in layout_bytes.items()},
         **{f"prefix_bytes_per_example_{layout}": round(value, 1) for layout, value in prefix_bytes.items()},
         "spearman_float16_vs_float32_min": round(min(agreement), 5),
