@@ -68,10 +68,13 @@ def shard_records(live_stack, job_id: str) -> dict[int, dict]:  # noqa: F811
     return shards
 
 
-def test_two_workers_build_in_shards_what_one_process_builds(live_stack, tmp_path):  # noqa: F811
-    model = live_stack.register(name="sharded", index={"shard_examples": 16})  # 60 examples: 4 shards
+def test_two_workers_build_in_shards_what_one_process_builds(live_stack, wide_model, tmp_path):  # noqa: F811
+    # Shards that take about a second each: shards of a few milliseconds could all go to the worker that
+    # was idle while the other still ran the build task that sent them.
+    model = live_stack.register(name="sharded", model_path=wide_model[0], train="long-1k.jsonl",
+                                index={"shard_examples": 256})  # 1,024 examples: 4 shards
     assert model["status"] == "ready", model["error"]
-    assert model["examples_encoded"] == model["num_train"] == 60
+    assert model["examples_encoded"] == model["num_train"] == 1024
     shards = shard_records(live_stack, model["build_job_id"])
     assert sorted(shards) == [0, 1, 2, 3]
     assert {s["worker"].split(":", 1)[1].split("@")[0] for s in shards.values()} == {"worker0", "worker1"}
