@@ -98,13 +98,14 @@ def _wait(client: httpx.Client, path: str, done, timeout_s: float, interval_s: f
         interval_s = min(max(interval_s, 0.1 * clock.seconds), max_interval_s)
 
 
-def register(client: httpx.Client, body: dict, timeout_s: float) -> tuple[dict, float]:
+def register(client: httpx.Client, body: dict, timeout_s: float, max_poll_s: float = 0.1) -> tuple[dict, float]:
+    """The model registered and ready, and the seconds to it as polled (every ``max_poll_s`` at most)."""
     clock = Clock()
     response = client.post("/v1/models", json=body)
     if response.status_code != 202:
         raise ServiceBenchError(f"registering the model: HTTP {response.status_code}: {response.text[:300]}")
     model_id = response.json()["id"]
-    model, _ = _wait(client, f"/v1/models/{model_id}", lambda m: m["status"] != "building", timeout_s, 0.5)
+    model, _ = _wait(client, f"/v1/models/{model_id}", lambda m: m["status"] != "building", timeout_s, 0.5, max_poll_s)
     if model["status"] != "ready":
         raise ServiceBenchError(f"the model build failed: {model.get('error')}")
     return model, clock.seconds

@@ -17,10 +17,12 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import torch
 
 from . import knn
 from .config import IndexConfig
-from .curvature import KroneckerFactors, Spectrum
+from .curvature import EIGENVALUE_PARTS, KroneckerFactors, Spectrum
+from .curvature.kfac import load_tensors, save_tensors
 from .prefix import PrefixStore, write_meta
 from .staged_build import StagedBuild, folder_lock
 
@@ -141,6 +143,39 @@ class ArtefactStore:
         path = self.factors_file
         loaded = KroneckerFactors.load(path) if path is not None else None
         return loaded if loaded is not None and loaded.names == names else None
+
+    # EK-FAC's fit in steps (fastif/curvature/kfac_fit.py ``FactorFit``), which the workers of a build share:
+    # the bases, then each part of the eigenvalues' sums; removed once the factors they make are saved.
+    @property
+    def _bases_file(self) -> Path:
+        return self.folder / "ekfac-bases.safetensors"
+
+    def _eigenvalue_part_file(self, part: int) -> Path:
+        return self.folder / f"ekfac-eigenvalues-{part}-of-{EIGENVALUE_PARTS}.safetensors"
+
+    def load_factor_bases(self, names: list[str]) -> KroneckerFactors | None:
+        loaded = KroneckerFactors.load(self._bases_file) if self.folder is not None else None
+        return loaded if loaded is not None and loaded.names == names else None
+
+    def save_factor_bases(self, bases: KroneckerFactors) -> None:
+        if self.folder is not None:
+            bases.save(self._bases_file)
+
+    def load_eigenvalue_part(self, part: int, names: list[str]) -> dict[int, torch.Tensor] | None:
+        loaded = load_tensors(self._eigenvalue_part_file(part)) if self.folder is not None else None
+        if loaded is None or loaded[1]["names"] != names:
+            return None
+        return {names.index(name): sums for name, sums in loaded[0].items()}
+
+    def save_eigenvalue_part(self, part: int, names: list[str], sums: dict[int, torch.Tensor]) -> None:
+        if self.folder is not None:
+            save_tensors(self._eigenvalue_part_file(part), {names[pos]: s for pos, s in sums.items()}, {"names": names})
+
+    def remove_factor_steps(self) -> None:
+        """The fit's steps, once the factors are saved (a process combining them at the same time finds those)."""
+        if self.folder is not None:
+            for path in (self._bases_file, *map(self._eigenvalue_part_file, range(EIGENVALUE_PARTS))):
+                path.unlink(missing_ok=True)
 
     def has_curvature(self, curvature: str, names: list[str]) -> bool:
         """Whether the spectrum of ``curvature`` and EK-FAC's factors of these parameters are both stored."""

@@ -106,14 +106,31 @@ def tokenize(
     ids, types = _RaggedBuilder(), _RaggedBuilder()
     for start in range(0, len(texts), TOKENIZE_CHUNK):
         chunk = slice(start, start + TOKENIZE_CHUNK)
-        encoded = tokenizer(list(texts[chunk]), list(pairs[chunk]) if pairs is not None else None, truncation=True,
-                            max_length=max_length)
-        ids.extend(encoded["input_ids"])
-        if encoded.get("token_type_ids") is not None:
-            types.extend(encoded["token_type_ids"])
+        chunk_ids, chunk_types = _encode(tokenizer, texts[chunk], pairs[chunk] if pairs is not None else None, max_length)
+        ids.extend(chunk_ids)
+        if chunk_types is not None:
+            types.extend(chunk_types)
     segments = types.build() if types.lengths else None
     return Tokenized(input_ids=ids.build(), token_type_ids=segments if segments is not None and segments.flat.any() else None,
                      labels=torch.as_tensor(np.asarray(labels, dtype=np.int64)))
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], pairs: Sequence[str] | None,
+            max_length: int) -> tuple[list[list[int]], list[list[int]] | None]:
+    """Token ids of one chunk, and segment ids where the model takes them: what ``tokenizer(texts, pairs,
+    truncation=True, max_length=max_length)`` gives.
+
+    A fast tokenizer's own Rust tokenizer encodes the chunk, once the tokenizer has set it up (truncation,
+    special tokens) as for any call, on one empty text: turning each encoding into Python dicts was half of
+    the time (1.0 of 2.4 s for SST-2's 67,349 sentences; 0.15 s against 0.06 s per 4,096).
+    """
+    segments = "token_type_ids" in tokenizer.model_input_names
+    if not tokenizer.is_fast:
+        encoded = tokenizer(list(texts), list(pairs) if pairs is not None else None, truncation=True, max_length=max_length)
+        return encoded["input_ids"], encoded.get("token_type_ids") if segments else None
+    tokenizer([""], [""] if pairs is not None else None, truncation=True, max_length=max_length)
+    encodings = tokenizer.backend_tokenizer.encode_batch(list(zip(texts, pairs)) if pairs is not None else list(texts))
+    return [e.ids for e in encodings], [e.type_ids for e in encodings] if segments else None
 
 
 def collate(tokens: Tokenized, indices: Sequence[int], pad_id: int, device: torch.device) -> Batch:

@@ -228,6 +228,20 @@ class InfluenceEngine:
         """EK-FAC's factors of the Gauss-Newton matrix (fitted by fastif/curvature/kfac_fit.py) once and kept with the artefacts."""
         return self._stages.curvature.factors(on_progress)
 
+    # EK-FAC's fit in steps that processes sharing the artefacts may split (the sharded build, workers/build.py):
+    # the bases, then each of EIGENVALUE_PARTS parts; the process that finds every part saved combines them.
+    def fit_factor_bases(self, on_progress: ProgressCallback | None = None) -> None:
+        """Pass 1 of EK-FAC's fit (the eigenbases), fitted unless stored, and stored beside the artefacts."""
+        self._stages.curvature.factor_bases(on_progress)
+
+    def fit_eigenvalue_part(self, part: int, on_progress: ProgressCallback | None = None) -> None:
+        """Part ``part`` of pass 2 (``EIGENVALUE_PARTS``), fitted unless stored, and stored; the bases too if missing."""
+        self._stages.curvature.fit_eigenvalue_part(part, on_progress)
+
+    def combine_factors(self) -> bool:
+        """Whether EK-FAC's factors are stored: combined and saved now if every part is (see ``fit_eigenvalue_part``)."""
+        return self._stages.curvature.combine_factors() is not None
+
     def curvature_stored(self) -> bool:
         """Whether the build's curvature (the Gauss-Newton spectrum and EK-FAC's factors) is on disk, by whoever measured it."""
         return self.store.has_curvature("gauss-newton", self.names)

@@ -17,6 +17,7 @@ ACCEL_QUEUE = "accel"
 BUILD_MODEL = "fastif.build_model"  # (model_id)
 BUILD_SHARD = "fastif.build_shard"  # (job_id, model_id, shard): one shard of a build (workers/build.py)
 BUILD_SPECTRUM = "fastif.build_spectrum"  # (job_id, model_id): a build's spectrum, beside its EK-FAC fit
+BUILD_EIGENVALUES = "fastif.build_eigenvalues"  # (job_id, model_id, part): a part of a build's EK-FAC fit
 INFLUENCE = "fastif.influence"  # (job_id)
 EXPLAIN = "fastif.explain"  # (job_id)
 GRAPH = "fastif.graph"  # (job_id)
@@ -46,6 +47,7 @@ def make_celery(settings: Settings) -> Celery:
         task_queues={name: {"exchange": name, "routing_key": name} for name in (CPU_QUEUE, ACCEL_QUEUE)},
         task_default_queue=ACCEL_QUEUE,
         task_routes={BUILD_MODEL: {"queue": CPU_QUEUE}, BUILD_SHARD: {"queue": CPU_QUEUE}, BUILD_SPECTRUM: {"queue": CPU_QUEUE},
+                     BUILD_EIGENVALUES: {"queue": CPU_QUEUE},
                      "fastif.*": {"queue": ACCEL_QUEUE}},
         # Publishing must fail fast when Redis is down: the API answers 503 instead of hanging.
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},

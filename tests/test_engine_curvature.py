@@ -15,7 +15,7 @@ from scipy.stats import spearmanr
 
 from fastif import DataSpec, InfluenceEngine, InfluenceSpec, Query
 from fastif.config import SolverConfig
-from fastif.curvature import KroneckerFactors
+from fastif.curvature import EIGENVALUE_PARTS, FactorFit, KroneckerFactors
 from tiny import Reference, assert_close, make_tiny_family, sentences, write_jsonl
 
 NUM_TRAIN = 30
@@ -287,7 +287,7 @@ def test_factors_saved_and_loaded_give_identical_scores(files, monkeypatch):
     def refit(*args, **kwargs):
         raise AssertionError("the stored factors were fitted again instead of loaded")
 
-    monkeypatch.setattr("fastif.curvature.training.fit_factors", refit)  # loaded, not refitted: same numbers bit for bit
+    monkeypatch.setattr("fastif.curvature.training.FactorFit.bases", refit)  # loaded, not refitted: same numbers bit for bit
     _, after = second.analyze(queries, k=None, solver=config)
     for a, b in zip(before, after):
         np.testing.assert_array_equal(a.scores, b.scores)
@@ -379,3 +379,51 @@ def test_the_fits_batch_sums_equal_a_naive_loop_over_examples(tokens):
     torch.testing.assert_close(_weighted_gram(right, weight), gram)
     moment = sum(weight[n] * (sum(torch.outer(left[n, t], right[n, t]) for t in range(tokens)) ** 2) for n in range(6))
     torch.testing.assert_close(_rotated_second_moment(left, right, weight), moment)
+
+
+def test_ekfac_fitted_in_parts_by_separate_engines_is_one_engines_fit(tmp_path, monkeypatch):
+    """A build's workers share EK-FAC's fit over one artefact folder: one fits the bases, others the parts in any
+    order, the last combines. The factors are those one engine fits alone, bit for bit; the steps' files go."""
+    model = make_tiny_family(tmp_path / "model", "bert", seed=3, initializer_range=0.3, layers=2)
+    train = write_jsonl(tmp_path / "train.jsonl", sentences(300, seed=6, noise=0.15))  # 5 batches: every part has one
+
+    def engine(folder) -> InfluenceEngine:
+        made = InfluenceEngine.from_paths(model, DataSpec(str(train)), InfluenceSpec(), device="cpu", artefact_dir=folder)
+        made.prepare()
+        return made
+
+    alone = engine(None).factors()
+    shared = tmp_path / "artefacts"
+    first = engine(shared)
+    first.fit_factor_bases()
+    assert not first.combine_factors()
+    steps = first.artefact_dir
+    assert sorted(p.name for p in steps.glob("ekfac*")) == ["ekfac-bases.safetensors"]
+    order = [3, 0, 2, 1]
+    for part in order[:-1]:
+        worker = engine(shared)
+        worker.fit_eigenvalue_part(part)
+        assert not worker.combine_factors()  # a part is missing
+    monkeypatch.setattr(FactorFit, "bases", lambda *_a, **_k: pytest.fail("the stored bases were fitted again"))
+    last = engine(shared)
+    last.fit_eigenvalue_part(order[-1])
+    assert last.combine_factors()
+    assert sorted(p.name for p in steps.iterdir() if "ekfac" in p.name) == ["ekfac.safetensors"]  # no steps, no partials
+    assert first.combine_factors()  # another process finds its steps gone and the factors saved
+    for fitted in (last.factors(), engine(shared).factors()):
+        assert fitted.examples == alone.examples == 300 and sorted(fitted.kronecker) == sorted(alone.kronecker)
+        for position, block in alone.kronecker.items():
+            for part in ("q_a", "eig_a", "q_g", "eig_g", "corrected"):
+                assert torch.equal(getattr(fitted.kronecker[position], part), getattr(block, part)), part
+        assert sorted(fitted.diagonal) == sorted(alone.diagonal)
+        assert all(torch.equal(fitted.diagonal[p], d) for p, d in alone.diagonal.items())
+
+
+def test_the_parts_of_the_fit_share_its_batches_out():
+    for batches in (1, 4, 5, 11):
+        fit = FactorFit(lambda *_: None, [], [], [], lambda number: None, batches)
+        parts = [list(fit.part_batches(part)) for part in range(EIGENVALUE_PARTS)]
+        assert sorted(sum(parts, [])) == list(range(batches))  # each batch in exactly one part
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1  # evenly
+    with pytest.raises(ValueError, match="no eigenvalue part"):
+        fit.part_batches(EIGENVALUE_PARTS)

@@ -142,3 +142,25 @@ def _held_by_a_new_engine(model_dir, spec: DataSpec, artefacts) -> int:
     tracemalloc.stop()
     del engine
     return held
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_tokenize_gives_what_the_tokenizer_itself_gives(family, tmp_path):
+    """The build encodes chunks with the fast tokenizer's Rust side directly (fastif/encoding.py ``_encode``): the
+    same ids and segments as the tokenizer's own call, for single texts and pairs, truncated or not; none where the
+    model takes none (DistilBERT)."""
+    tokenizer = load_classifier(make_tiny_family(tmp_path / family, family), device="cpu").tokenizer
+    assert tokenizer.is_fast
+    rows = sentences(50, seed=4, noise=0.2)
+    texts, seconds = [r["text"] for r in rows], [r["text"] + " and then some more words" for r in reversed(rows)]
+    for pairs in (None, seconds):
+        for max_length in (6, 64):
+            tokens = tokenize(tokenizer, texts, pairs, [0] * len(texts), max_length)  # first: the tokenizer as it was
+            expected = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+            assert [list(tokens.input_ids[i]) for i in range(len(texts))] == expected["input_ids"]
+            if "token_type_ids" not in expected:
+                assert tokens.token_type_ids is None
+            elif pairs is None:  # all zero: none kept
+                assert tokens.token_type_ids is None and not any(map(any, expected["token_type_ids"]))
+            else:
+                assert [list(tokens.token_type_ids[i]) for i in range(len(texts))] == expected["token_type_ids"]

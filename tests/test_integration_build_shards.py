@@ -1,7 +1,8 @@
 """A registration built in shards by two real worker processes, also when one of them is killed mid-shard.
 
 What the workers write must equal, to the bit, what one process's ``prepare()`` writes: features,
-gradient keys, prefix activations and the faiss index.
+gradient keys, prefix activations and the faiss index; and the curvature they measure in parts (the
+spectrum, EK-FAC's bases and the parts of its second pass) what one process measures.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import pytest
 
 from fastif import DataSpec, IndexConfig, InfluenceEngine, InfluenceSpec
 from live_stack import live_stack, wait_for  # noqa: F401  (fixture)
-from tiny import assert_same_build, make_tiny_bert, sentences, write_jsonl
+from fastif.curvature import EIGENVALUE_PARTS
+from tiny import assert_same_build, assert_same_curvature, make_tiny_bert, sentences, write_jsonl
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -58,12 +60,13 @@ def one_process_build(data_root: Path, model: dict, tmp_path: Path) -> Influence
     return engine
 
 
-def shard_records(live_stack, job_id: str) -> dict[int, dict]:  # noqa: F811
+def shard_records(live_stack, job_id: str, task: str = "build") -> dict[int, dict]:  # noqa: F811
+    """What the job record says of each shard of ``task`` ("build", "eigenvalues"): its worker, its attempts."""
     record = live_stack.redis.hgetall(f"fastif:job:{job_id}")
     shards: dict[int, dict] = {}
     for key, value in record.items():
         part = key.split("_")
-        if part[0] == "build" and len(part) == 3:
+        if part[0] == task and len(part) == 3:
             shards.setdefault(int(part[1]), {})[part[2]] = value
     return shards
 
@@ -78,7 +81,11 @@ def test_two_workers_build_in_shards_what_one_process_builds(live_stack, wide_mo
     shards = shard_records(live_stack, model["build_job_id"])
     assert sorted(shards) == [0, 1, 2, 3]
     assert {s["worker"].split(":", 1)[1].split("@")[0] for s in shards.values()} == {"worker0", "worker1"}
-    assert_same_build(stored(live_stack.data_root, model), one_process_build(live_stack.data_root, model, tmp_path))
+    assert sorted(shard_records(live_stack, model["build_job_id"], "eigenvalues")) == list(range(EIGENVALUE_PARTS))
+    workers, one_process = stored(live_stack.data_root, model), one_process_build(live_stack.data_root, model, tmp_path)
+    assert_same_build(workers, one_process)
+    assert_same_curvature(workers, one_process)
+    assert not list(workers.artefact_dir.glob("ekfac-*"))  # the fit's steps, combined into its factors
 
 
 def pool_children(pid: int) -> list[int]:

@@ -273,3 +273,15 @@ def assert_same_build(actual, expected) -> None:
         np.testing.assert_array_equal(np.asarray(actual.prefix_store.flat), np.asarray(expected.prefix_store.flat))
         np.testing.assert_array_equal(actual.prefix_store.offsets, expected.prefix_store.offsets)
     assert faiss.serialize_index(actual.index).tobytes() == faiss.serialize_index(expected.index).tobytes()
+
+
+def assert_same_curvature(actual, expected) -> None:
+    """Two engines' spectra and EK-FAC factors are equal to the bit (the workers' and one process's: the same
+    sample, the same arithmetic)."""
+    assert actual.spectrum() == expected.spectrum()
+    mine, theirs = actual.factors(), expected.factors()
+    assert mine.examples == theirs.examples and sorted(mine.kronecker) == sorted(theirs.kronecker)
+    for position, block in theirs.kronecker.items():
+        for part in ("q_a", "eig_a", "q_g", "eig_g", "corrected"):
+            assert torch.equal(getattr(mine.kronecker[position], part), getattr(block, part)), part
+    assert all(torch.equal(mine.diagonal[p], d) for p, d in theirs.diagonal.items())

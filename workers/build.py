@@ -4,7 +4,8 @@ The training set is written in contiguous shards (fastif/staged_build.py) that a
 takes from the queue, as a small state machine on the job's phase (workers/shards.py):
 
     (none) --build task--> encode --the shard that finds no rows left--> finish-<shard>
-        --index built, spectrum task sent--> curvature-<shard> --the second of the two measured--> measured-by-<task>
+        --index built, spectrum task sent--> curvature-<shard>
+        --the curvature task that finds the spectrum and the factors saved--> measured-by-<task>
 
 - build (the job's task, ``run_build``): a build already stored is only loaded. Otherwise the
   shards not yet on disk (a build that stopped, or an earlier registration of the same model
@@ -14,14 +15,18 @@ takes from the queue, as a small state machine on the job's phase (workers/shard
   the same rows.
 - encode (``build_shard``): writes its rows unless they are marked written, then looks at the
   disk: the shard that finds every shard written wins encode -> finish-<its number>.
-- finish: the index over the staged vectors; then the curvature is measured on two workers at once:
-  the finishing shard fits EK-FAC's factors while a BUILD_SPECTRUM task (``build_spectrum``)
-  estimates the spectrum (the two are independent, and the factors take about three times as
-  long). Each saves its part beside the artefacts; the one that finds both saved moves the phase
-  to measured-by-<itself>, makes the model ready and stores the job's result (runner.finish).
-  If a worker dies anywhere here, its task's redelivery finds the phase naming it and goes on;
-  the spectrum task is sent before the phase moves past finish-<shard>, so a redelivered
-  finisher sends it again rather than never.
+- finish: the index over the staged vectors; then the curvature is measured by tasks any worker
+  takes, each saving its part beside the artefacts. A BUILD_SPECTRUM task (``build_spectrum``)
+  estimates the spectrum while the finishing shard fits the bases of EK-FAC's factors (the
+  eigenbases: the fit's first pass); then it sends one BUILD_EIGENVALUES task
+  (``build_eigenvalues``) per part of the second pass (``EIGENVALUE_PARTS``), which both workers
+  share once the spectrum is done. The part that finds every part saved combines the factors;
+  the task (spectrum or part) that finds the spectrum and the factors saved moves the phase to
+  measured-by-<itself>, makes the model ready and stores the job's result (runner.finish).
+  If a worker dies anywhere here, its task's redelivery finds the phase naming it and goes on,
+  loading what was saved: the spectrum task is sent before the phase moves past finish-<shard>,
+  and the parts after the bases are saved, so a redelivered finisher sends them again rather
+  than never (a part done twice saves the same sums).
 
 The job's progress and the model's ``examples_encoded`` count the examples written; the disk
 is the truth about which shards are done, so a copy of a shard that runs twice counts once.
@@ -34,7 +39,8 @@ import time
 from api_schemas import BuildResult, Model
 from fastif import InfluenceEngine, knn
 from fastif.artefacts import search_vectors
-from records.celery_app import BUILD_SHARD, BUILD_SPECTRUM
+from fastif.curvature import EIGENVALUE_PARTS
+from records.celery_app import BUILD_EIGENVALUES, BUILD_SHARD, BUILD_SPECTRUM
 from records.keys import shard_state
 
 from .registry import engine_for, forget
@@ -42,8 +48,8 @@ from .runner import HANDED_ON, HandedOn, Items, JobFailed, JobRun, finish
 from .shards import advance, phase_of, run_shard
 
 ENCODE = "encode"
-CURVATURE = "curvature-"  # + the finishing shard: its EK-FAC fit and the spectrum task run side by side
-MEASURED = "measured-by-"  # + "spectrum" or "shard-<s>": the task that found both parts saved, and finishes
+CURVATURE = "curvature-"  # + the finishing shard: the spectrum, EK-FAC's bases, then its parts, on any worker
+MEASURED = "measured-by-"  # + "spectrum" or "eigenvalues-<part>": the task that found the curvature saved, and finishes
 
 
 def run_build(run: JobRun, model_id: str, send) -> Items | HandedOn:
@@ -85,15 +91,16 @@ def build_shard(job_id: str, model_id: str, shard: int, on_failure, send) -> str
             if build.pending():
                 _report_examples(run, model_id, engine, build.examples_done())
                 return
-        finisher, measuring, me = f"finish-{shard}", f"{CURVATURE}{shard}", f"shard-{shard}"
+        finisher, measuring = f"finish-{shard}", f"{CURVATURE}{shard}"
         if advance(run.ctx, job_id, ENCODE, finisher) or phase_of(run.ctx, job_id) == finisher:
             engine.finish_build()
             send(BUILD_SPECTRUM, [job_id, model_id])
             advance(run.ctx, job_id, finisher, measuring)
-        if phase_of(run.ctx, job_id) in (measuring, MEASURED + me):
+        if phase_of(run.ctx, job_id) == measuring:
             engine.prepare()  # a redelivery on another worker loads what the finisher moved into place
-            _timed(run, "ekfac", lambda: engine.factors(on_progress=run.progress))
-            _finish_when_measured(run, model_id, engine, me)
+            _timed(run, "ekfac-bases", lambda: engine.fit_factor_bases(on_progress=run.progress))
+            for part in range(EIGENVALUE_PARTS):
+                send(BUILD_EIGENVALUES, [job_id, model_id, part])
 
     return run_shard(job_id, shard, "build", work, on_failure)
 
@@ -111,11 +118,25 @@ def build_spectrum(job_id: str, model_id: str, on_failure) -> str:
     return run_shard(job_id, 0, "spectrum", work, on_failure)
 
 
-def _finish_when_measured(run: JobRun, model_id: str, engine: InfluenceEngine, me: str) -> None:
-    """Of the two curvature tasks, the one that finds both parts saved finishes the build (again, when redelivered).
+def build_eigenvalues(job_id: str, model_id: str, part: int, on_failure) -> str:
+    """One part of the second pass of a build's EK-FAC fit, sent by its finishing shard once the bases are saved."""
 
-    Each saves its part before it looks, so the second to look sees both; the compare-and-set lets one of
-    them through if both do.
+    def work(run: JobRun) -> None:
+        engine = engine_for(_model(run, model_id), run.ctx.settings)
+        engine.prepare()
+        _timed(run, f"ekfac-eigenvalues-{part}", lambda: engine.fit_eigenvalue_part(part, on_progress=run.progress))
+        engine.combine_factors()
+        _finish_when_measured(run, model_id, engine, f"eigenvalues-{part}")
+
+    return run_shard(job_id, part, "eigenvalues", work, on_failure)
+
+
+def _finish_when_measured(run: JobRun, model_id: str, engine: InfluenceEngine, me: str) -> None:
+    """Of the curvature's tasks, the one that finds the spectrum and the factors saved finishes the build (again,
+    when redelivered).
+
+    Each saves its part before it looks, so the last to look sees all; the compare-and-set lets one of
+    them through if several do.
     """
     phase = phase_of(run.ctx, run.job_id) or ""
     if phase == MEASURED + me or (phase.startswith(CURVATURE) and engine.curvature_stored()
@@ -154,8 +175,12 @@ def _finish(run: JobRun, model_id: str, engine: InfluenceEngine) -> Items:
     # damping refers to, and the factors of the default solver (EK-FAC).
     spectrum = _timed(run, "spectrum", lambda: engine.spectrum("gauss-newton"))
     factors = _timed(run, "ekfac", lambda: engine.factors(on_progress=run.progress))
-    seconds = {part: float(run.ctx.redis.get(shard_state(run.job_id, "seconds", part)) or 0.0)
-               for part in ("spectrum", "ekfac")}
+    def seconds_of(*parts: str) -> float:
+        return sum(float(run.ctx.redis.get(shard_state(run.job_id, "seconds", part)) or 0.0) for part in parts)
+
+    # EK-FAC's: its one fit here, or its steps' on the shards' workers.
+    seconds = {"spectrum": seconds_of("spectrum"),
+               "ekfac": seconds_of("ekfac", "ekfac-bases", *(f"ekfac-eigenvalues-{p}" for p in range(EIGENVALUE_PARTS)))}
     curvature = {"spectra": {"gauss-newton": spectrum.to_dict()}, "ekfac_examples": factors.examples,
                  "ekfac_uncovered": factors.uncovered, "seconds": seconds}
     run.ctx.models.set_ready(model_id, engine.fingerprint, engine.num_train, engine.classifier.labels, curvature,

@@ -18,12 +18,12 @@ from celery.signals import (task_prerun, task_retry, task_success, worker_init, 
                             worker_shutdown)
 
 from records import inflight, keys
-from records.celery_app import BUILD_MODEL, BUILD_SHARD, BUILD_SPECTRUM, CORRECT, EXPLAIN, GRAPH, INFLUENCE, QUALITY, SELF_INFLUENCE, make_celery
+from records.celery_app import BUILD_EIGENVALUES, BUILD_MODEL, BUILD_SHARD, BUILD_SPECTRUM, CORRECT, EXPLAIN, GRAPH, INFLUENCE, QUALITY, SELF_INFLUENCE, make_celery
 from records.heartbeat import beat
 from records.settings import get_settings
 
 from . import applications, dataset, parallel, quality
-from .build import build_shard, build_spectrum, run_build
+from .build import build_eigenvalues, build_shard, build_spectrum, run_build
 from .context import context
 from .influence import run_influence
 from .results import ITEM_MODELS
@@ -80,6 +80,11 @@ def build_model_shard(job_id: str, model_id: str, shard: int) -> str:
 @celery_app.task(name=BUILD_SPECTRUM, **_RETRY)
 def build_model_spectrum(job_id: str, model_id: str) -> str:
     return build_spectrum(job_id, model_id, on_failure=partial(context().models.set_failed, model_id))
+
+
+@celery_app.task(name=BUILD_EIGENVALUES, **_RETRY)
+def build_model_eigenvalues(job_id: str, model_id: str, part: int) -> str:
+    return build_eigenvalues(job_id, model_id, part, on_failure=partial(context().models.set_failed, model_id))
 
 
 @celery_app.task(name=parallel.STEST_SHARD, **_RETRY)

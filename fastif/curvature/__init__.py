@@ -10,9 +10,9 @@
 
 from .iterative import Solution, conjugate_gradient, lissa, lissa_generator
 from .kfac import KroneckerFactors
-from .kfac_fit import fit_factors
+from .kfac_fit import EIGENVALUE_PARTS, FactorFit, combined_factors
 from .solvers import CurvatureSource, InverseSolver, solver_for
 from .spectrum import Spectrum, estimate_spectrum
 
-__all__ = ["CurvatureSource", "InverseSolver", "KroneckerFactors", "Solution", "Spectrum", "conjugate_gradient",
-           "estimate_spectrum", "fit_factors", "lissa", "lissa_generator", "solver_for"]
+__all__ = ["EIGENVALUE_PARTS", "CurvatureSource", "FactorFit", "InverseSolver", "KroneckerFactors", "Solution", "Spectrum",
+           "combined_factors", "conjugate_gradient", "estimate_spectrum", "lissa", "lissa_generator", "solver_for"]

@@ -50,12 +50,15 @@ damped identity; ``KroneckerFactors.uncovered`` names them.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 FACTORS_VERSION = 2
 
@@ -343,43 +346,63 @@ class KroneckerFactors:
 
     # -- storage: safetensors beside the other artefacts ---------------------------------
     def save(self, path: Path) -> None:
+        """Written whole beside ``path`` and renamed onto it: a reader never sees half a file, and two processes
+        saving the same factors at once (the sharded build's last two parts) each rename a whole one."""
         tensors: dict[str, torch.Tensor] = {}
         for position, block in self.kronecker.items():
             name = self.names[position]
             tensors.update({f"kron.{name}.q_a": block.q_a, f"kron.{name}.eig_a": block.eig_a,
-                            f"kron.{name}.q_g": block.q_g, f"kron.{name}.eig_g": block.eig_g,
-                            f"kron.{name}.corrected": block.corrected})
+                            f"kron.{name}.q_g": block.q_g, f"kron.{name}.eig_g": block.eig_g})
+            if block.corrected is not None:  # None: the bases of a fit under way (fastif/curvature/kfac_fit.py)
+                tensors[f"kron.{name}.corrected"] = block.corrected
         for position, values in self.diagonal.items():
             tensors[f"diag.{self.names[position]}"] = values
-        meta = {"version": FACTORS_VERSION, "names": self.names, "shapes": [list(s) for s in self.shapes],
+        meta = {"names": self.names, "shapes": [list(s) for s in self.shapes],
                 "examples": self.examples, "uncovered": self.uncovered,
                 "joined": {self.names[b]: self.names[w] for b, w in self.joined.items()}}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial), metadata={"fastif": json.dumps(meta)})
-        partial.replace(path)  # atomic: a reader never sees half a file
+        save_tensors(path, tensors, meta)
 
     @classmethod
     def load(cls, path: Path) -> KroneckerFactors | None:
         """The factors at ``path``, or None when absent or written by another version."""
-        if not path.is_file():
+        loaded = load_tensors(path)
+        if loaded is None:
             return None
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            meta = json.loads(handle.metadata()["fastif"])
-        if meta.get("version") != FACTORS_VERSION:
-            return None
-        tensors = load_file(str(path))
+        tensors, meta = loaded
         names = meta["names"]
         bias_of = {weight: names.index(bias) for bias, weight in meta.get("joined", {}).items()}
         kronecker, diagonal = {}, {}
         for position, name in enumerate(names):
             if f"kron.{name}.q_a" in tensors:
-                kronecker[position] = KroneckerBlock(*(tensors[f"kron.{name}.{part}"] for part in
-                                                       ("q_a", "eig_a", "q_g", "eig_g", "corrected")),
-                                                     bias=bias_of.get(name))
+                kronecker[position] = KroneckerBlock(*(tensors[f"kron.{name}.{part}"] for part in ("q_a", "eig_a", "q_g", "eig_g")),
+                                                     corrected=tensors.get(f"kron.{name}.corrected"), bias=bias_of.get(name))
             elif f"diag.{name}" in tensors:
                 diagonal[position] = tensors[f"diag.{name}"]
         return cls(names=names, shapes=[tuple(s) for s in meta["shapes"]], kronecker=kronecker, diagonal=diagonal,
                    examples=meta["examples"], uncovered=meta["uncovered"])
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """``tensors`` and ``meta`` (this module's version added) as one safetensors file, renamed onto ``path`` from a
+    file of this writer's own: concurrent writers of one path each rename a whole file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(prefix=path.name + ".", suffix=".partial", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, partial,
+                  metadata={"fastif": json.dumps({**meta, "version": FACTORS_VERSION})})
+        os.replace(partial, path)
+    finally:
+        Path(partial).unlink(missing_ok=True)
+
+
+def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """What ``save_tensors`` wrote at ``path``: None when absent (or removed meanwhile) or of another version."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = json.loads(handle.metadata()["fastif"])
+            if meta.get("version") != FACTORS_VERSION:
+                return None
+            return {key: handle.get_tensor(key) for key in handle.keys()}, meta
+    except FileNotFoundError:
+        return None

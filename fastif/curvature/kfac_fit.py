@@ -1,6 +1,6 @@
 """Fitting K-FAC's factors and EK-FAC's eigenvalues from a tape of each parameter's uses.
 
-``fit_factors`` runs the training set through the model twice with every use of an
+``FactorFit`` runs a sample of the training set through the model twice with every use of an
 influence parameter recorded on a ``Tape`` (fastif/tape.py). The expectation over labels
 is exact: Σ_c p_c ∇L_c ∇L_cᵀ = Jᵀ (diag p − p pᵀ) J for the logits' Jacobian J, and that
 C × C matrix has rank C − 1 (ones span its null space), so C − 1 backward passes of
@@ -11,13 +11,16 @@ Linear's inputs, the folded key's queries) is weighted as before. Pass 1 sums th
 covariances A (inputs) and G (output gradients) of each matrix block, joining a bias to
 its weight's block as a constant input column, and the exact diagonal of every other
 parameter; their eigendecompositions follow. Pass 2 sums the second moments of the
-per-example gradients in those eigenbases: EK-FAC's corrected eigenvalues. What the
-blocks approximate and how they are applied is in fastif/curvature/kfac.py.
+per-example gradients in those eigenbases: EK-FAC's corrected eigenvalues, in
+``EIGENVALUE_PARTS`` parts that processes may share (each part's sums are saved, and added
+in part order). What the blocks approximate and how they are applied is in
+fastif/curvature/kfac.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -135,85 +138,126 @@ def _rotated_second_moment(left: torch.Tensor, right: torch.Tensor, weight: torc
     return torch.einsum("n,nab->ab", weight, torch.einsum("nta,ntb->nab", left, right).square_())
 
 
-def fit_factors(
-    forward: Forward,
-    modules: Sequence[nn.Module],
-    names: Sequence[str],
-    params: Sequence[nn.Parameter],
-    batches: Callable[[], Iterable[tuple[Batch, torch.Tensor | None]]],
-    on_progress: Callable[[str, int, int], bool] | None = None,
-    total_batches: int = 0,
-) -> KroneckerFactors:
-    """Fit K-FAC's factors and EK-FAC's eigenvalues over ``batches()`` (called twice: covariances, then eigenvalues)."""
-    position = {id(p): i for i, p in enumerate(params)}
-    shapes = [tuple(p.shape) for p in params]
-    passes = _Pass(forward, modules, position)
-    a_cov: dict[int, torch.Tensor] = {}
-    g_cov: dict[int, torch.Tensor] = {}
-    diagonal: dict[int, torch.Tensor] = {}
-    kinds: dict[int, str] = {}
-    bias_of: dict[int, int] | None = None  # weight position -> its joined bias, decided on the first batch
-    count = 0
+EIGENVALUE_PARTS = 4
+"""Pass 2 runs in this many parts (each of every this-many-th batch), which processes may share (the sharded build:
+workers/build.py).
 
-    def report(stage: str, done: int) -> None:
-        if on_progress and on_progress(stage, done, total_batches):
-            raise CancelledError(f"cancelled while fitting the curvature ({stage})")
+A constant, not the number of workers: the parts' sums are added in part order, so the factors come out the same
+bit for bit whoever fitted which part. Four parts let two workers share the pass evenly after one of them
+fitted the bases while the other estimated the spectrum."""
 
-    # Pass 1: the covariances A and G of the matrix blocks; the exact diagonal of the others.
-    for number, (batch, hidden) in enumerate(batches()):
-        rows = torch.arange(len(batch), device=batch.input_ids.device)
-        for uses, grads, weight in passes.directions(batch, hidden):
-            if bias_of is None:
-                bias_of = _joined_biases(uses, position, shapes)
-            joined_biases = set(bias_of.values())
-            for pos, group in uses.items():
-                if pos in joined_biases:
-                    continue  # fitted as its weight's last input column
-                kind = kinds.setdefault(pos, "kron" if all(u.pairs is not None for u in group) and len(shapes[pos]) == 2 else "diag")
-                with torch.no_grad():
-                    if kind == "kron":
-                        left, right, tokens = _pairs(group, grads, rows, with_bias=pos in bias_of)
-                        a = _weighted_gram(right, weight)
-                        g = _weighted_gram(left, weight) / tokens
-                        a_cov[pos] = a_cov.get(pos, 0) + a.double()
-                        g_cov[pos] = g_cov.get(pos, 0) + g.double()
-                    else:
-                        per_example = _per_example_gradient(group, grads, shapes[pos], rows)
-                        diagonal[pos] = diagonal.get(pos, 0) + (weight[:, None] * per_example**2).sum(0).double()
-        count += len(batch)
-        report("curvature factors", number + 1)
-    if count == 0:
-        raise ValueError("no training examples to fit the curvature on")
 
-    kronecker: dict[int, KroneckerBlock] = {}
-    for pos in a_cov:
-        eig_a, q_a = torch.linalg.eigh(a_cov[pos] / count)
-        eig_g, q_g = torch.linalg.eigh(g_cov[pos] / count)
-        dtype = params[pos].dtype
-        # Row-major, as a stored file loads them (eigh's are column-major): the same products, bit for bit.
-        kronecker[pos] = KroneckerBlock(q_a=q_a.to(dtype).contiguous(), eig_a=eig_a.clamp_min(0).to(dtype),
-                                        q_g=q_g.to(dtype).contiguous(), eig_g=eig_g.clamp_min(0).to(dtype),
-                                        bias=(bias_of or {}).get(pos))
+class FactorFit:
+    """EK-FAC's fit over a fixed list of batches, in steps that may run in different processes.
 
-    # Pass 2: EK-FAC's eigenvalues, the second moments of the gradients in the Kronecker eigenbasis.
-    corrected: dict[int, torch.Tensor] = {pos: torch.zeros(len(b.q_g), len(b.q_a), dtype=torch.float64)
-                                          for pos, b in kronecker.items()}
-    if kronecker:
-        for number, (batch, hidden) in enumerate(batches()):
+    ``bases`` (pass 1: the covariances, their eigendecompositions and the diagonal blocks), then
+    ``eigenvalue_part`` for each of ``EIGENVALUE_PARTS`` shares of the batches (pass 2, given the bases),
+    then ``combined_factors``. One process that runs them all (fastif/curvature/training.py) takes the same sums
+    in the same order.
+    """
+
+    def __init__(self, forward: Forward, modules: Sequence[nn.Module], names: Sequence[str], params: Sequence[nn.Parameter],
+                 batch: Callable[[int], tuple[Batch, torch.Tensor | None]], num_batches: int):
+        """``batch(i)``: the i-th of ``num_batches`` batches, with its prefix activations (or None)."""
+        self.names, self.params = list(names), params
+        self.position = {id(p): i for i, p in enumerate(params)}
+        self.shapes = [tuple(p.shape) for p in params]
+        self.passes = _Pass(forward, modules, self.position)
+        self.batch, self.num_batches = batch, num_batches
+
+    def bases(self, on_progress: Callable[[str, int, int], bool] | None = None) -> KroneckerFactors:
+        """Pass 1: K-FAC's eigenbases of every matrix block (EK-FAC's eigenvalues not yet fitted: ``corrected`` None)
+        and the exact diagonal of every other parameter."""
+        a_cov: dict[int, torch.Tensor] = {}
+        g_cov: dict[int, torch.Tensor] = {}
+        diagonal: dict[int, torch.Tensor] = {}
+        kinds: dict[int, str] = {}
+        bias_of: dict[int, int] | None = None  # weight position -> its joined bias, decided on the first batch
+        count = 0
+        for number in range(self.num_batches):
+            batch, hidden = self.batch(number)
             rows = torch.arange(len(batch), device=batch.input_ids.device)
-            for uses, grads, weight in passes.directions(batch, hidden):
+            for uses, grads, weight in self.passes.directions(batch, hidden):
+                if bias_of is None:
+                    bias_of = _joined_biases(uses, self.position, self.shapes)
+                joined_biases = set(bias_of.values())
+                for pos, group in uses.items():
+                    if pos in joined_biases:
+                        continue  # fitted as its weight's last input column
+                    kind = kinds.setdefault(pos, "kron" if all(u.pairs is not None for u in group)
+                                            and len(self.shapes[pos]) == 2 else "diag")
+                    with torch.no_grad():
+                        if kind == "kron":
+                            left, right, tokens = _pairs(group, grads, rows, with_bias=pos in bias_of)
+                            a = _weighted_gram(right, weight)
+                            g = _weighted_gram(left, weight) / tokens
+                            a_cov[pos] = a_cov.get(pos, 0) + a.double()
+                            g_cov[pos] = g_cov.get(pos, 0) + g.double()
+                        else:
+                            per_example = _per_example_gradient(group, grads, self.shapes[pos], rows)
+                            diagonal[pos] = diagonal.get(pos, 0) + (weight[:, None] * per_example**2).sum(0).double()
+            count += len(batch)
+            _report(on_progress, "curvature factors", number + 1, self.num_batches)
+        if count == 0:
+            raise ValueError("no training examples to fit the curvature on")
+
+        kronecker: dict[int, KroneckerBlock] = {}
+        for pos in a_cov:
+            eig_a, q_a = torch.linalg.eigh(a_cov[pos] / count)
+            eig_g, q_g = torch.linalg.eigh(g_cov[pos] / count)
+            dtype = self.params[pos].dtype
+            # Row-major, as a stored file loads them (eigh's are column-major): the same products, bit for bit.
+            kronecker[pos] = KroneckerBlock(q_a=q_a.to(dtype).contiguous(), eig_a=eig_a.clamp_min(0).to(dtype),
+                                            q_g=q_g.to(dtype).contiguous(), eig_g=eig_g.clamp_min(0).to(dtype),
+                                            bias=(bias_of or {}).get(pos))
+        covered = set(kronecker) | set(diagonal) | {b.bias for b in kronecker.values() if b.bias is not None}
+        return KroneckerFactors(
+            names=self.names, shapes=self.shapes, kronecker=kronecker,
+            diagonal={pos: (values / count).to(self.params[pos].dtype).reshape(self.shapes[pos])
+                      for pos, values in diagonal.items()},
+            examples=count, uncovered=[n for i, n in enumerate(self.names) if i not in covered],
+        )
+
+    def part_batches(self, part: int) -> range:
+        """The batches of pass 2's part ``part``: every ``EIGENVALUE_PARTS``-th, so that the parts cost alike
+        (the batches are ordered by length)."""
+        if not 0 <= part < EIGENVALUE_PARTS:
+            raise ValueError(f"no eigenvalue part {part}: there are {EIGENVALUE_PARTS}")
+        return range(part, self.num_batches, EIGENVALUE_PARTS)
+
+    def eigenvalue_part(self, bases: KroneckerFactors, part: int,
+                        on_progress: Callable[[str, int, int], bool] | None = None) -> dict[int, torch.Tensor]:
+        """Pass 2 over part ``part`` of the batches: the sums (float64, not yet divided by the examples) of the
+        per-example gradients' second moments in each block's eigenbasis, by the block's position."""
+        numbers = self.part_batches(part)
+        sums = {pos: torch.zeros(len(b.q_g), len(b.q_a), dtype=torch.float64) for pos, b in bases.kronecker.items()}
+        if not bases.kronecker:
+            return sums
+        for done, number in enumerate(numbers, start=1):
+            batch, hidden = self.batch(number)
+            rows = torch.arange(len(batch), device=batch.input_ids.device)
+            for uses, grads, weight in self.passes.directions(batch, hidden):
                 with torch.no_grad():
-                    for pos, block in kronecker.items():
+                    for pos, block in bases.kronecker.items():
                         if pos not in uses:
                             continue
                         left, right, _ = _pairs(uses[pos], grads, rows, with_bias=block.bias is not None)
-                        corrected[pos] += _rotated_second_moment(left @ block.q_g, right @ block.q_a, weight).double().cpu()
-            report("curvature eigenvalues", number + 1)
-    for pos, block in kronecker.items():
-        block.corrected = (corrected[pos] / count).to(block.q_a.dtype)
-    covered = set(kronecker) | set(diagonal) | {b.bias for b in kronecker.values() if b.bias is not None}
-    return KroneckerFactors(
-        names=list(names), shapes=shapes, kronecker=kronecker,
-        diagonal={pos: (values / count).to(params[pos].dtype).reshape(shapes[pos]) for pos, values in diagonal.items()},
-        examples=count, uncovered=[n for i, n in enumerate(names) if i not in covered],
-    )
+                        sums[pos] += _rotated_second_moment(left @ block.q_g, right @ block.q_a, weight).double().cpu()
+            _report(on_progress, "curvature eigenvalues", done, len(numbers))
+        return sums
+
+
+def combined_factors(bases: KroneckerFactors, parts: Sequence[dict[int, torch.Tensor]]) -> KroneckerFactors:
+    """The factors: ``bases`` with EK-FAC's eigenvalues, the ``parts``' sums (in part order) over the examples."""
+    blocks = {}
+    for pos, block in bases.kronecker.items():
+        total = parts[0][pos].clone()
+        for part in parts[1:]:
+            total += part[pos]
+        blocks[pos] = replace(block, corrected=(total / bases.examples).to(block.q_a.dtype))
+    return replace(bases, kronecker=blocks)
+
+
+def _report(on_progress: Callable[[str, int, int], bool] | None, stage: str, done: int, total: int) -> None:
+    if on_progress and on_progress(stage, done, total):
+        raise CancelledError(f"cancelled while fitting the curvature ({stage})")

@@ -19,7 +19,7 @@ from ..objective import InfluenceObjective
 from ..progress import ProgressCallback
 from .iterative import HVP, FusedStep
 from .kfac import KroneckerFactors
-from .kfac_fit import fit_factors
+from .kfac_fit import EIGENVALUE_PARTS, FactorFit, combined_factors
 from .solvers import CurvatureSource
 from .spectrum import Spectrum, estimate_spectrum
 
@@ -40,6 +40,9 @@ class TrainingCurvature:
         self.factored = factored
         self._spectra: dict[str, Spectrum] = {}
         self._factors: KroneckerFactors | None = None
+        self._factor_fit: FactorFit | None = None
+        self._bases: KroneckerFactors | None = None  # EK-FAC's fit under way: its steps (``factor_bases``,
+        self._parts: dict[int, dict[int, torch.Tensor]] = {}  # ``fit_eigenvalue_part``) until combined
         self.source = CurvatureSource(
             num_train=len(batches), batch_product=self.batch_product, full_product=self.full_product,
             spectrum=self.spectrum, factors=self.factors, fused_step=self.fused_step,
@@ -94,29 +97,88 @@ class TrainingCurvature:
         return self._spectra[curvature]
 
     def factors(self, on_progress: ProgressCallback | None = None) -> KroneckerFactors:
-        """EK-FAC's factors of the Gauss-Newton matrix (fitted by fastif/curvature/kfac_fit.py) once and kept with the artefacts."""
+        """EK-FAC's factors of the Gauss-Newton matrix (fitted by fastif/curvature/kfac_fit.py) once and kept with the
+        artefacts; the fit's steps another process saved are loaded, not fitted again."""
         if self._factors is None:
-            self._factors = self.store.load_factors(self.objective.names) or self._fit_factors(on_progress)
+            self._factors = self.store.load_factors(self.objective.names)
+            if self._factors is None:
+                fit, before = self._fit(), 0
+                for part in range(EIGENVALUE_PARTS):
+                    self.fit_eigenvalue_part(part, _parts_as_one(on_progress, before, fit.num_batches))
+                    before += len(fit.part_batches(part))
+                self._factors = self.combine_factors()
+        return self._factors
+
+    def factor_bases(self, on_progress: ProgressCallback | None = None) -> KroneckerFactors:
+        """Pass 1 of EK-FAC's fit (the eigenbases and the diagonal blocks), fitted unless stored, and stored."""
+        if self._bases is None:
+            self._bases = self.store.load_factor_bases(self.objective.names)
+            if self._bases is None:
+                self._bases = self._fit().bases(on_progress)
+                self.store.save_factor_bases(self._bases)
+        return self._bases
+
+    def fit_eigenvalue_part(self, part: int, on_progress: ProgressCallback | None = None) -> None:
+        """Part ``part`` of pass 2 (fastif/curvature/kfac_fit.py ``EIGENVALUE_PARTS``), fitted unless stored, and stored:
+        processes that share the artefacts may each fit some parts (the sharded build's workers)."""
+        if part in self._parts or self._factors is not None:
+            return
+        self._factors = self.store.load_factors(self.objective.names)  # combined already: a late copy has nothing to do
+        if self._factors is None:
+            sums = self.store.load_eigenvalue_part(part, self.objective.names)
+            if sums is None:
+                sums = self._fit().eigenvalue_part(self.factor_bases(on_progress), part, on_progress)
+                self.store.save_eigenvalue_part(part, self.objective.names, sums)
+            self._parts[part] = sums
+
+    def combine_factors(self) -> KroneckerFactors | None:
+        """The factors once every part is fitted, by this process or another: combined in part order, saved, and
+        the steps' files removed; None while a part is missing."""
+        names = self.objective.names
+        if self._factors is None:
+            self._factors = self.store.load_factors(names)
+        if self._factors is None:
+            bases = self._bases or self.store.load_factor_bases(names)
+            parts = [self._parts[part] if part in self._parts else self.store.load_eigenvalue_part(part, names)
+                     for part in range(EIGENVALUE_PARTS)]
+            if bases is None or any(sums is None for sums in parts):
+                return self.store.load_factors(names)  # none yet, or another process combined them and removed the steps
+            self._factors = combined_factors(bases, parts)
+            self.store.save_factors(self._factors)
+            self.store.remove_factor_steps()
+            self._bases, self._parts = None, {}
         return self._factors
 
     def _require_fit(self) -> None:
         if not self.can_fit:
             raise RuntimeError("call prepare() before querying")
 
-    def _fit_factors(self, on_progress: ProgressCallback | None) -> KroneckerFactors:
+    def _fit(self) -> FactorFit:
+        """The fit's batches: a fixed sample of the training set, by length, in batches of 64 (whoever fits which step)."""
         self._require_fit()
-        sample = self.batches.sample(FIT_EXAMPLES)
-        chunks = [[sample[c] for c in chunk] for chunk in length_batches(self.batches.lengths(sample), 64)]
-        objective = self.objective
-        if self.factored is not None and self.batches.with_prefix:
-            def forward(batch, hidden, tape):
-                return objective.top(hidden, batch.attention_mask, tape)
-            modules = self.factored.modules
-        else:
-            def forward(batch, hidden, tape):
-                return objective.logits(batch, hidden)
-            modules = [m for _, m in objective.model.named_modules()]
-        factors = fit_factors(forward, modules, objective.names, objective.params,
-                              lambda: (self.batches(chunk) for chunk in chunks), on_progress, len(chunks))
-        self.store.save_factors(factors)
-        return factors
+        if self._factor_fit is None:
+            sample = self.batches.sample(FIT_EXAMPLES)
+            chunks = [[sample[c] for c in chunk] for chunk in length_batches(self.batches.lengths(sample), 64)]
+            objective = self.objective
+            if self.factored is not None and self.batches.with_prefix:
+                def forward(batch, hidden, tape):
+                    return objective.top(hidden, batch.attention_mask, tape)
+                modules = self.factored.modules
+            else:
+                def forward(batch, hidden, tape):
+                    return objective.logits(batch, hidden)
+                modules = [m for _, m in objective.model.named_modules()]
+            self._factor_fit = FactorFit(forward, modules, objective.names, objective.params,
+                                         lambda number: self.batches(chunks[number]), len(chunks))
+        return self._factor_fit
+
+
+def _parts_as_one(on_progress: ProgressCallback | None, before: int, total: int) -> ProgressCallback | None:
+    """A part's progress through pass 2 as the whole pass's, ``before`` of its ``total`` batches done by earlier parts."""
+    if on_progress is None:
+        return None
+
+    def report(stage: str, done: int, of: int) -> bool:
+        return on_progress(stage, before + done, total) if stage == "curvature eigenvalues" else on_progress(stage, done, of)
+
+    return report
