@@ -153,6 +153,11 @@ def _timed(run: JobRun, part: str, measure):
     return value
 
 
+def _seconds_of(run: JobRun, *parts: str) -> float:
+    """The seconds ``_timed`` kept of these parts of the build, added up (0 for none)."""
+    return sum(float(run.ctx.redis.get(shard_state(run.job_id, "seconds", part)) or 0.0) for part in parts)
+
+
 def _model(run: JobRun, model_id: str) -> Model:
     model = run.ctx.models.get(model_id)
     if model is None:
@@ -175,12 +180,10 @@ def _finish(run: JobRun, model_id: str, engine: InfluenceEngine) -> Items:
     # damping refers to, and the factors of the default solver (EK-FAC).
     spectrum = _timed(run, "spectrum", lambda: engine.spectrum("gauss-newton"))
     factors = _timed(run, "ekfac", lambda: engine.factors(on_progress=run.progress))
-    def seconds_of(*parts: str) -> float:
-        return sum(float(run.ctx.redis.get(shard_state(run.job_id, "seconds", part)) or 0.0) for part in parts)
-
-    # EK-FAC's: its one fit here, or its steps' on the shards' workers.
-    seconds = {"spectrum": seconds_of("spectrum"),
-               "ekfac": seconds_of("ekfac", "ekfac-bases", *(f"ekfac-eigenvalues-{p}" for p in range(EIGENVALUE_PARTS)))}
+    seconds = {"spectrum": _seconds_of(run, "spectrum"),
+               # EK-FAC's: its steps' on the workers where they ran there, else its one fit here.
+               "ekfac": _seconds_of(run, "ekfac-bases", *(f"ekfac-eigenvalues-{p}" for p in range(EIGENVALUE_PARTS)))
+               or _seconds_of(run, "ekfac")}
     curvature = {"spectra": {"gauss-newton": spectrum.to_dict()}, "ekfac_examples": factors.examples,
                  "ekfac_uncovered": factors.uncovered, "seconds": seconds}
     run.ctx.models.set_ready(model_id, engine.fingerprint, engine.num_train, engine.classifier.labels, curvature,
