@@ -66,3 +66,20 @@ def test_unknown_suite_and_missing_data_are_one_line_errors(tmp_path: Path) -> N
     done = subprocess.run([sys.executable, "-m", "fastif_cli.main", "bench", "recall", "--data",
                            str(tmp_path / "missing.tsv"), "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "not found" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_scale_suites_large_sets_are_distinct_texts_as_long_as_its_sentences() -> None:
+    """Above the sentences there are, ``fastif bench scale`` splices two: as many distinct texts as asked for, of about
+    a sentence's length (whole sentences joined doubled it, and with it a query's cost per candidate)."""
+    from bench.data import toy_rows
+    from bench.scale import training_rows
+
+    sentences = toy_rows(300, seed=1)
+    sentences += sentences[:10]  # a data set that repeats a few sentences, as SST-2 does
+    assert training_rows(sentences, 200) == training_rows(sentences, 200) and len(training_rows(sentences, 200)) == 200
+    rows = training_rows(sentences, 3_000)
+    assert len(rows) == len({row.text for row in rows}) == 3_000
+    originals = {row.text for row in sentences}
+    words = [len(row.text.split()) for row in rows if row.text not in originals]  # the splices
+    mean_sentence = sum(len(row.text.split()) for row in sentences) / len(sentences)
+    assert abs(sum(words) / len(words) - mean_sentence) <= 0.25 * mean_sentence
