@@ -139,8 +139,8 @@ def _rotated_second_moment(left: torch.Tensor, right: torch.Tensor, weight: torc
 
 
 EIGENVALUE_PARTS = 4
-"""Pass 2 runs in this many parts (each of every this-many-th batch), which processes may share (the sharded build:
-workers/build.py).
+"""Pass 2 runs in this many parts, part p over batches p, p + 4, p + 8, ..., which processes may share (the sharded
+build: workers/build.py).
 
 A constant, not the number of workers: the parts' sums are added in part order, so the factors come out the same
 bit for bit whoever fitted which part. Four parts let two workers share the pass evenly after one of them

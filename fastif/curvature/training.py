@@ -41,8 +41,9 @@ class TrainingCurvature:
         self._spectra: dict[str, Spectrum] = {}
         self._factors: KroneckerFactors | None = None
         self._factor_fit: FactorFit | None = None
-        self._bases: KroneckerFactors | None = None  # EK-FAC's fit under way: its steps (``factor_bases``,
-        self._parts: dict[int, dict[int, torch.Tensor]] = {}  # ``fit_eigenvalue_part``) until combined
+        # EK-FAC's fit under way, until ``combine_factors``: its bases and the parts of pass 2 fitted or loaded here.
+        self._bases: KroneckerFactors | None = None
+        self._parts: dict[int, dict[int, torch.Tensor]] = {}
         self.source = CurvatureSource(
             num_train=len(batches), batch_product=self.batch_product, full_product=self.full_product,
             spectrum=self.spectrum, factors=self.factors, fused_step=self.fused_step,
