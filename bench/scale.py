@@ -58,7 +58,7 @@ class ScaleConfig:
 
 
 DEFAULT = ScaleConfig(sizes=(10_000, 67_349, 500_000), speedup_size=67_349, ks=(1_000, 10_000), prefix_dtype="float16",
-                      shard_examples=1024, max_length=64, queries=3, spearman_inputs=5, build_timeout_s=4 * 3600)
+                      shard_examples=1024, max_length=64, queries=7, spearman_inputs=5, build_timeout_s=4 * 3600)
 QUICK = ScaleConfig(sizes=(200, 800, 3_200), speedup_size=800, ks=(50, 400), prefix_dtype="float16",
                     shard_examples=64, max_length=32, queries=2, spearman_inputs=2, build_timeout_s=600)
 

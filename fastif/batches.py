@@ -30,6 +30,11 @@ class TrainingBatches:
             return batch, self.prefix.gather_batch(indices, batch)
         return batch, self.recompute(batch) if self.recompute is not None else None
 
+    def will_need(self, indices: Sequence[int]) -> None:
+        """The stored activations of ``indices`` asked of the disk at once, ahead of the batches that read them."""
+        if self.prefix is not None:
+            self.prefix.will_need(indices)
+
     @property
     def with_prefix(self) -> bool:
         """Whether batches come with the frozen prefix's activations (the fast paths start from them)."""

@@ -44,6 +44,7 @@ from .prepared_model import PreparedModel
 from .progress import ProgressCallback, stage_callback
 from .query import (Candidates, Influence, Query, QueryPlan, Solver, SolvedTests, TensorCache, feature_distances,
                     group_key, influences_of, query_key, solver_config, through_cache)
+from .readahead import will_need_rows
 from .scoring import Scorer
 from .staged_build import StagedBuild
 from .stored_set import StoredSet, open_set, save_set, set_folder
@@ -278,6 +279,7 @@ class InfluenceEngine:
         if not k or k >= self.num_train:
             return Candidates(indices=np.arange(self.num_train), distances=None)
         indices = knn.search(self.index, query.key, k)
+        will_need_rows(self.features, indices)  # scattered rows of a mapped file: asked of the disk at once
         return Candidates(indices=indices, distances=feature_distances(self.features, indices, query.feature))
 
     def score(self, s_test: torch.Tensor, indices: Sequence[int], batch_size: int = 64,

@@ -24,6 +24,7 @@ from torch import nn
 
 from .encoding import Batch
 from .errors import DataError
+from .readahead import will_need
 
 
 def _hidden_of(output: object) -> torch.Tensor:
@@ -105,6 +106,11 @@ class PrefixStore:
             start, end = int(self.offsets[i]), int(self.offsets[i + 1])
             out[row, : end - start] = self._as_torch(self.flat[start:end])
         return out.to(device)
+
+    def will_need(self, indices: Sequence[int]) -> None:
+        """The activations of ``indices`` asked of the disk at once, where they are mapped from a file
+        (fastif/readahead.py): a query's candidates lie scattered over it."""
+        will_need(self.flat, ((self.offsets[i], self.offsets[i + 1]) for i in indices))
 
     def gather_batch(self, indices: Sequence[int], batch: Batch) -> torch.Tensor:
         return self.gather(indices, batch.input_ids.shape[1], batch.input_ids.device)

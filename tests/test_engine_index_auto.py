@@ -80,9 +80,10 @@ def test_auto_chooses_the_least_nprobe_that_meets_the_recall_target(space, small
     assert index.nprobe == built.nprobe  # stored with the index
     assert isinstance(index, faiss.IndexIVFFlat)
     assert index.nlist == knn.default_nlist(N) == min(N // 39, int(4 * math.sqrt(N))) == 512
-    assert index.metric_type == (faiss.METRIC_INNER_PRODUCT if space == "gradient" else faiss.METRIC_L2)
+    # L2 cells: of the features, or of the gradient keys lifted onto a sphere (one number more)
+    assert index.metric_type == faiss.METRIC_L2 and index.d == DIM + (space == "gradient")
     nprobe = index.nprobe
-    assert 1 < nprobe < index.nlist and nprobe & (nprobe - 1) == 0  # a power of two, neither end: the search did work
+    assert 1 < nprobe < index.nlist  # neither end: the search did work
 
     report = knn.index_report(index, data)
     assert (report.kind, report.nlist, report.nprobe, report.queries) == ("ivf", 512, nprobe, knn.RECALL_QUERIES)
@@ -95,9 +96,51 @@ def test_auto_chooses_the_least_nprobe_that_meets_the_recall_target(space, small
     assert recall(index, data, sample.keys, space) == pytest.approx(report.recall_at_1000, abs=2e-3)
     # held-out queries of the same distribution are found as well
     assert recall(index, data, clustered(40, seed=3, either_sign=space == "gradient"), space) >= 0.93
-    # and half the probes would not have been enough
-    index.nprobe = nprobe // 2
+    # and an eighth of a power of two fewer probes would not have been enough
+    granule = max(1, (1 << (nprobe - 1).bit_length()) // 8)
+    index.nprobe = nprobe - granule
     assert knn.measure_recall(index, data)[0] < 0.95
+
+
+def keys_of_varied_norms(n: int, seed: int) -> np.ndarray:
+    """Gradient keys as a trained model gives them: of either sign, their norms a thousandfold apart."""
+    rng = np.random.default_rng(seed)
+    return (clustered(n, seed, either_sign=True) * np.exp(rng.uniform(-3.5, 3.5, size=(n, 1)))).astype(np.float32)
+
+
+def test_the_lifted_keys_lie_on_a_sphere_and_keep_every_inner_product(monkeypatch):
+    monkeypatch.setattr(knn, "ADD_CHUNK", 97)  # the radius is found a chunk at a time
+    data = keys_of_varied_norms(1_000, seed=11)
+    lift = knn.SphereLift(data)
+    rows = lift[:]
+    assert rows.shape == lift.shape == (1_000, DIM + 1) and rows.dtype == np.float32
+    norms = np.linalg.norm(data.astype(np.float64), axis=1)
+    assert np.sqrt(lift.radius_squared) == pytest.approx(norms.max(), rel=1e-6)
+    assert np.allclose(np.linalg.norm(rows.astype(np.float64), axis=1), norms.max(), rtol=1e-5)
+    assert np.array_equal(rows[:, :DIM], data) and np.array_equal(lift[np.array([7, 3])], rows[[7, 3]])
+    query = knn.SphereLift.query(data[:2])
+    assert np.array_equal(query[:, :DIM], data[:2]) and (query[:, DIM] == 0).all()
+    # ‖q' − x'‖² = ‖q‖² + R² − 2⟨q, x⟩: the nearest lifted rows are the largest inner products
+    distances = ((rows[None, :, :].astype(np.float64) - query[:, None, :]) ** 2).sum(axis=2)
+    products = data[:2].astype(np.float64) @ data.T.astype(np.float64)
+    shift = (norms[:2] ** 2)[:, None] + lift.radius_squared
+    assert np.allclose(distances, shift - 2 * products, rtol=1e-5, atol=1e-3 * shift.max())
+
+
+def test_a_lifted_ivf_probing_every_cell_finds_the_largest_products_of_both_signs():
+    data = keys_of_varied_norms(3_000, seed=12)
+    index = knn.build_index(data, IndexConfig(kind="ivf", nlist=32, nprobe=32))
+    assert knn.lifted(index, DIM) and index.nprobe == index.nlist  # every cell: an exact search
+    for query in keys_of_varied_norms(10, seed=13):
+        found = knn.search(index, query, 100)
+        truth = exact(data, query, 100, "gradient")
+        assert np.intersect1d(found, truth).size >= 99  # float32 ties at the boundary at most
+        products = data[found].astype(np.float64) @ query
+        assert (products > 0).any() and (products < 0).any()
+        assert np.all(np.diff(np.abs(products)) <= 1e-4 * np.abs(products).max())  # strongest first
+        for side, sign in (("aligned", 1.0), ("opposed", -1.0)):
+            ids = knn.search(index, query, 50, side)
+            assert np.intersect1d(ids, np.argsort(-sign * (data.astype(np.float64) @ query))[:50]).size >= 49
 
 
 def test_the_recall_sample_holds_the_exact_neighbours_of_both_signs():

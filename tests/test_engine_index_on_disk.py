@@ -67,7 +67,9 @@ def test_an_ivf_index_built_on_disk_answers_as_one_built_in_memory(space, tmp_pa
     in_memory = knn.build_index(data, config)
     path = tmp_path / "index.faiss"
     on_disk = knn.write_index(on_disk_vectors(tmp_path / "keys.npy", data), config, path)
-    assert isinstance(faiss.downcast_InvertedLists(on_disk.invlists), faiss.OnDiskInvertedLists)
+    lists = faiss.downcast_InvertedLists(on_disk.invlists)
+    assert isinstance(lists, faiss.OnDiskInvertedLists)
+    assert lists.prefetch_nthread == 0  # no threads started per search (knn.load_index)
     assert knn.ivf_data_file(path).stat().st_size >= data.nbytes  # the vectors are in the lists file
     assert not path.with_name(path.name + ".partial").exists()
     assert (on_disk.ntotal, on_disk.nlist, on_disk.nprobe) == (5_000, 64, 8)

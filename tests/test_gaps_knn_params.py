@@ -80,7 +80,10 @@ def test_index_kinds_and_metrics(space):
     assert type(flat) is (faiss.IndexFlatIP if space == "gradient" else faiss.IndexFlatL2) and flat.ntotal == 600
     assert flat.metric_type == inner
     ivf = knn.build_index(data, IndexConfig(kind="ivf", space=space, nprobe=4))
-    assert isinstance(ivf, faiss.IndexIVFFlat) and ivf.metric_type == inner and ivf.ntotal == 600
+    assert isinstance(ivf, faiss.IndexIVFFlat) and ivf.ntotal == 600
+    # the gradient space's IVF holds its keys lifted onto a sphere, one number more, under L2 (knn.SphereLift)
+    assert ivf.metric_type == faiss.METRIC_L2 and ivf.d == 8 + (space == "gradient")
+    assert knn.inner_product(ivf, 8) == knn.inner_product(flat, 8) == (space == "gradient")
     assert ivf.nlist == max(1, min(600 // 39, int(4 * math.sqrt(600)))) == 15 and ivf.nprobe == 4
     wide = knn.build_index(data, IndexConfig(kind="ivf", space=space, nlist=3, nprobe=16))
     assert wide.nlist == 3 and wide.nprobe == 3  # never more probes than cells

@@ -24,15 +24,16 @@ from records.keys import PREFIX, cache_key
 
 INDEX = f"{PREFIX}:tensor-cache"
 
-# KEYS: the entry, the order of use (a sorted set), the sizes (a hash), the total. ARGV: the bytes, TTL, now, max bytes.
-_PUT = """
+# The entry's bytes are SET beside the script, in one transaction, not passed through it: Lua copies an argument
+# twice (into a Lua string, then out of it), and a put of MiniLM's 7.7 MB took 24 ms that way against 6 ms.
+# KEYS: the entry, the order of use (a sorted set), the sizes (a hash), the total. ARGV: the entry's size, now, max bytes.
+_INDEX_PUT = """
 local previous = tonumber(redis.call('HGET', KEYS[3], KEYS[1]) or '0')
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-redis.call('HSET', KEYS[3], KEYS[1], string.len(ARGV[1]))
-redis.call('ZADD', KEYS[2], ARGV[3], KEYS[1])
-local total = redis.call('INCRBY', KEYS[4], string.len(ARGV[1]) - previous)
+redis.call('HSET', KEYS[3], KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[2], KEYS[1])
+local total = redis.call('INCRBY', KEYS[4], tonumber(ARGV[1]) - previous)
 local evicted = 0
-while total > tonumber(ARGV[4]) do
+while total > tonumber(ARGV[3]) do
   local oldest = redis.call('ZPOPMIN', KEYS[2])
   if #oldest == 0 then break end
   total = redis.call('DECRBY', KEYS[4], tonumber(redis.call('HGET', KEYS[3], oldest[1]) or '0'))
@@ -53,7 +54,7 @@ class RedisTensorCache:
         self.ttl_s = ttl_s
         self.max_bytes = max_bytes
         self.order, self.sizes, self.total = (f"{INDEX}:{part}" for part in ("order", "sizes", "bytes"))
-        self._put = client.register_script(_PUT)
+        self._index_put = client.register_script(_INDEX_PUT)
 
     # A cache: while Redis is away it misses and forgets, and the job goes on computing.
 
@@ -70,8 +71,12 @@ class RedisTensorCache:
         data = save_tensors({"tensor": tensor.detach().to("cpu").contiguous()})
         if len(data) > self.max_bytes:
             return  # it would evict everything and still not fit
+        key = cache_key(self.model_fp, kind, payload)
         try:
-            self._put(keys=[cache_key(self.model_fp, kind, payload), self.order, self.sizes, self.total],
-                      args=[data, self.ttl_s, time.time(), self.max_bytes])
+            with self.client.pipeline(transaction=True) as pipe:
+                pipe.set(key, data, ex=self.ttl_s)
+                self._index_put(keys=[key, self.order, self.sizes, self.total],
+                                args=[len(data), time.time(), self.max_bytes], client=pipe)
+                pipe.execute()
         except redis.RedisError:
             pass
