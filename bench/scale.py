@@ -42,6 +42,7 @@ from .setup import DEFAULT_DATA, DEFAULT_WORKDIR, make_tiny_model
 
 NEEDS_SETUP = False
 LAYOUTS = ("float32", "float16", "bfloat16", "recompute")
+QUERY_STAGES = ("gradients", "s_test", "knn", "scoring")  # as a job's diagnostics name them, in the order they run
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,7 @@ def build(root: Path, state: Path, config: ScaleConfig, size: int, workers: int,
                       "index": model["index"], "curvature_seconds": model["curvature"]["seconds"], "model": model["id"],
                       "fingerprint": model["fingerprint"]}
             if queries is not None:
-                result["query_seconds"] = time_queries(client, model["id"], config, queries)
+                result["query_seconds"], result["query_stage_seconds"] = time_queries(client, model["id"], config, queries)
             result["layouts"] = {layout: register(client, registration(config, size, layout), config.build_timeout_s)[0]["fingerprint"]
                                  for layout in layouts}
             return result
@@ -215,15 +216,23 @@ def _seconds(model: dict) -> float:
     return (ready - created).total_seconds()
 
 
-def time_queries(client: httpx.Client, model_id: str, config: ScaleConfig, texts: list[str]) -> dict[int, float]:
-    """Median seconds of one-input queries at each k, after one query per worker has loaded the model."""
+def time_queries(client: httpx.Client, model_id: str, config: ScaleConfig,
+                 texts: list[str]) -> tuple[dict[int, float], dict[int, dict[str, float]]]:
+    """Median seconds of one-input queries at each k, after one query per worker has loaded the model; and the
+    median seconds of each stage the jobs' diagnostics report (read once the timing is done)."""
     fresh = iter(texts)
 
     def body(k: int) -> dict:
         return {"model_id": model_id, "inputs": [{"text": next(fresh)}], "k": k, "top": 10}
 
     throughput(client, [body(config.ks[0]) for _ in range(2)])  # sent at once: each worker loads the model
-    return {k: statistics.median(query_latency(client, body(k))[0] for _ in range(config.queries)) for k in config.ks}
+    seconds, stages = {}, {}
+    for k in config.ks:
+        timed = [query_latency(client, body(k)) for _ in range(config.queries)]
+        seconds[k] = statistics.median(latency for latency, _ in timed)
+        each = [client.get(f"/v1/jobs/{job['id']}/results").json()["items"][0]["diagnostics"]["seconds"] for _, job in timed]
+        stages[k] = {stage: statistics.median(row[stage] for row in each) for stage in each[0]}
+    return seconds, stages
 
 
 # -- layouts ------------------------------------------------------------------------------------------
@@ -354,6 +363,10 @@ def _markdown(config: ScaleConfig, headline: dict, runs: list[dict], layout_byte
                for layout, value in layout_bytes.items()]), "",
         f"float16 against float32, Spearman over every training example, per test input: "
         f"{', '.join(fmt(a, 5) for a in agreement)}", "",
+        "## Where a query's time goes (median seconds of each stage, from the jobs' diagnostics)", "",
+        table(["N", "k", *QUERY_STAGES],
+              [[f"{run['size']:,}", f"{k:,}", *(fmt(run["query_stage_seconds"][k].get(stage, 0.0), 3) for stage in QUERY_STAGES)]
+               for run in runs if "query_stage_seconds" in run for k in config.ks]), "",
         "## How it was measured", "",
         "- each row: a fresh stack (`fastif_cli.stack.start_stack`: embedded Redis, single-process Celery workers of one "
         "torch thread each, the API), `POST /v1/models`, build seconds from the record's `created_at` to `ready_at` "
