@@ -7,7 +7,7 @@ Each entry is as large as the influence parameters (8 MB on MiniLM's top), so a 
 would let a busy service fill Redis, where job records and results live too. Every entry is
 therefore also on a shared index (``fastif:tensor-cache:*``: the entries by last use, their sizes
 and their total), and a write that takes the total past ``max_bytes`` evicts the least recently used
-first, in one Lua script so that concurrent workers keep the total exact. An entry deleted some other
+first, in one transaction (the SET and a Lua script) so that concurrent workers keep the total exact. An entry deleted some other
 way (its TTL, a deleted model) stays counted until the index reaches it, then goes at no cost.
 """
 
