@@ -135,8 +135,8 @@ class SphereLift:
     def __init__(self, vectors: np.ndarray):
         self.vectors = vectors
         self.shape = (len(vectors), vectors.shape[1] + 1)
-        squares = [np.einsum("ij,ij->i", chunk, chunk) for chunk in map(self._keys, _chunks(len(vectors)))]
-        self.radius_squared = float(max((c.max() for c in squares if len(c)), default=0.0))
+        self.radius_squared = max((float(np.einsum("ij,ij->i", keys, keys).max())
+                                   for keys in map(self._keys, _chunks(len(vectors))) if len(keys)), default=0.0)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -181,8 +181,8 @@ def build_index(vectors: np.ndarray, config: IndexConfig) -> faiss.Index:
     builds one on disk.
     """
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    index = _trained(vectors, config)
-    index.add(np.asarray(_held(index, vectors)))
+    index, held = _trained(vectors, config)
+    index.add(np.asarray(held))
     _tune(index, vectors, config)
     return index
 
@@ -194,9 +194,9 @@ def write_index(vectors: np.ndarray, config: IndexConfig, path: Path) -> faiss.I
     their file (``_fill_lists_file``), so that its build holds a chunk of ``vectors`` in memory however
     large N is (500K MiniLM keys: 730 MiB). A Flat or HNSW index is built in memory and let go once written.
     """
-    index = _trained(vectors, config, scratch=path.with_name(path.name + ".sample.npy"))
+    index, held = _trained(vectors, config, scratch=path.with_name(path.name + ".sample.npy"))
     if isinstance(index, faiss.IndexIVF):
-        _fill_lists_file(index, _held(index, vectors), ivf_data_file(path))
+        _fill_lists_file(index, held, ivf_data_file(path))
     else:
         index.add(np.ascontiguousarray(vectors, dtype=np.float32))
     _tune(index, vectors, config)
@@ -255,8 +255,10 @@ def ivf_data_file(path: Path) -> Path:
     return path.with_name(path.name + ".ivfdata")
 
 
-def _trained(vectors: np.ndarray, config: IndexConfig, scratch: Path | None = None) -> faiss.Index:
-    """The empty index ``config`` asks for over ``vectors``, trained where it needs training (IVF's cells).
+def _trained(vectors: np.ndarray, config: IndexConfig,
+             scratch: Path | None = None) -> tuple[faiss.Index, np.ndarray | SphereLift]:
+    """The empty index ``config`` asks for over ``vectors``, trained where it needs training (IVF's cells), and the
+    rows it is to hold (``_held``: lifted once, so that the keys' norms are read once).
 
     ``scratch``: a file to hold ``auto``'s training sample while it trains, instead of memory (at 500K
     MiniLM keys the sample is 181K rows, 278 MiB).
@@ -268,7 +270,7 @@ def _trained(vectors: np.ndarray, config: IndexConfig, scratch: Path | None = No
     auto = config.kind == "auto"
     kind = ("flat" if n <= AUTO_FLAT_MAX_EXAMPLES else "ivf") if auto else config.kind
     if kind == "flat" or (kind == "ivf" and n < 256):
-        return flat(dim)
+        return flat(dim), vectors
     if kind == "ivf":
         nlist = config.nlist or default_nlist(n)
         if inner_product:  # L2 cells of the keys lifted onto a sphere (see the module's docstring)
@@ -285,9 +287,9 @@ def _trained(vectors: np.ndarray, config: IndexConfig, scratch: Path | None = No
         else:
             index.train(np.ascontiguousarray(held, dtype=np.float32))
         index.nprobe = min(config.nprobe, nlist)
-        return index
+        return index, held
     if kind == "hnsw":
-        return faiss.IndexHNSWFlat(dim, config.hnsw_m, metric)
+        return faiss.IndexHNSWFlat(dim, config.hnsw_m, metric), vectors
     raise ValueError(f"unknown index kind '{config.kind}'")
 
 

@@ -30,7 +30,7 @@ def covered_bytes(calls) -> set[int]:
     return {byte for _, offset, length, _ in calls for byte in range(offset, offset + length)}
 
 
-def row_bytes(path, array: np.memmap, start: int, end: int) -> range:
+def row_bytes(array: np.memmap, start: int, end: int) -> range:
     return range(array.offset + start * array.strides[0], array.offset + end * array.strides[0])
 
 
@@ -43,7 +43,7 @@ def test_the_advised_ranges_are_the_rows_bytes_in_the_file(tmp_path, advised, mo
     ranges = [(3000, 3002), (10, 11), (11, 13), (500, 500)]  # out of order, two touching, one empty
     assert readahead.will_need(array, ranges) == 2
     assert {call[0] for call in advised} == {str(path.resolve())} and {call[3] for call in advised} == {os.POSIX_FADV_WILLNEED}
-    wanted = set(row_bytes(path, array, 10, 13)) | set(row_bytes(path, array, 3000, 3002))
+    wanted = set(row_bytes(array, 10, 13)) | set(row_bytes(array, 3000, 3002))
     assert covered_bytes(advised) == wanted
     # read back from the file: the advised bytes are those rows' numbers
     raw = path.read_bytes()
@@ -59,7 +59,7 @@ def test_near_ranges_go_as_one_and_arrays_not_mapped_whole_go_not_at_all(tmp_pat
     np.save(path, np.zeros((4000, 8), dtype=np.float64))  # 64-byte rows
     array = np.load(path, mmap_mode="r")
     assert readahead.will_need_rows(array, [3000, 0, 2, 4]) == 2  # 0..4 lie within the gap; 3000 (192 KB on) does not
-    assert covered_bytes(advised) == set(row_bytes(path, array, 0, 5)) | set(row_bytes(path, array, 3000, 3001))
+    assert covered_bytes(advised) == set(row_bytes(array, 0, 5)) | set(row_bytes(array, 3000, 3001))
     advised.clear()
     assert readahead.will_need_rows(np.zeros((10, 8)), [1, 2]) == 0  # in memory
     assert readahead.will_need_rows(array[5:], [1, 2]) == 0  # a view: its offset is not its file's
@@ -76,5 +76,5 @@ def test_the_prefix_store_asks_for_its_examples_activations(tmp_path, advised, m
     loaded = PrefixStore.load(tmp_path, "float16")
     loaded.will_need([3, 0])
     offsets = loaded.offsets
-    assert covered_bytes(advised) == set(row_bytes(None, loaded.flat, offsets[0], offsets[1])) | set(
-        row_bytes(None, loaded.flat, offsets[3], offsets[4]))
+    assert covered_bytes(advised) == set(row_bytes(loaded.flat, offsets[0], offsets[1])) | set(
+        row_bytes(loaded.flat, offsets[3], offsets[4]))
